@@ -1,0 +1,5 @@
+import sys
+
+from trainformer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,84 @@
+"""What a task supplies to the one training loop.
+
+Translation, extraction and chat differ in data, model and loss — not in the
+loop. A task owns its data (tokenizer, splits, batches), builds its model,
+computes a summed loss with its token count (so gradient accumulation can
+normalise by the tokens of all micro-batches), and evaluates its metric.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from trainformer.config import Config
+
+Batch = dict[str, torch.Tensor]
+
+
+class StatefulBatches(Protocol):
+    """An endless (epoch after epoch) iterator of batches that can be checkpointed.
+
+    `state_dict()` is small (epoch, position, seed); `load_state_dict()` makes
+    the next batch exactly the one that would have come next — no replaying.
+    """
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Task(ABC):
+    """Base class for tasks. Subclasses set `main_metric` and `higher_is_better`."""
+
+    main_metric: str = "loss"
+    higher_is_better: bool = False
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    @abstractmethod
+    def setup(self, run_dir: Path | None, rank: int = 0, world_size: int = 1) -> None:
+        """Read data, train or load the tokenizer, make splits; set model sizes in cfg.model."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The task's model, randomly initialised (the trainer loads `init_from`)."""
+
+    @abstractmethod
+    def train_batches(self) -> StatefulBatches:
+        """Training batches for this rank (CPU tensors; the trainer moves them)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of per-token losses, number of tokens that carry loss) for one micro-batch."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:
+        """Metrics on a split; must include `main_metric`. Called on rank 0 in eval mode."""
+
+    def batch_tokens(self, batch: Batch) -> int:
+        """Non-padding tokens processed by a batch (for tokens/s). Default: every mask True."""
+        return int(sum(v.sum() for k, v in batch.items() if k.endswith("mask")))
+
+    def save_artifacts(self, model_dir: Path) -> None:
+        """Write what inference needs beside the weights (tokenizer.json, labels...)."""
+
+    def samples(self, model: nn.Module) -> list[str]:
+        """A few human-readable outputs printed at the end of a run."""
+        return []
+
+    def flops_per_token(self, model: nn.Module) -> float:
+        """Training FLOPs per token for MFU: 6 x parameters (Kaplan et al. 2020) by default."""
+        return 6.0 * sum(p.numel() for p in model.parameters())
+
+    def data_report(self) -> dict[str, Any]:
+        """Counts of skipped/malformed lines, split sizes, padding — logged to metrics."""
+        return {}
