@@ -40,7 +40,7 @@ def test_deeply_nested_key():
         ({"optim": {"lr": "fast"}}, r"optim\.lr: expected a number, got 'fast'"),
         ({"train": {"max_steps": 1.5}}, r"train\.max_steps: expected an integer"),
         ({"train": {"compile": "yes"}}, r"train\.compile: expected true or false"),
-        ({"model": {"position": "rotary"}}, r"model\.position: expected one of .*did you mean 'rope'"),
+        ({"model": {"position": "sinusodial"}}, r"model\.position: expected one of .*did you mean 'sinusoidal'"),
         ({"optim": {"betas": [0.9]}}, r"optim\.betas: expected a list of"),
         ({"model": "big"}, r"model: expected a mapping"),
     ],

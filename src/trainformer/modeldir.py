@@ -1,0 +1,132 @@
+"""The `model/` directory that every inference verb accepts.
+
+    model/
+      model.safetensors   weights under the model's own parameter names
+      config.json         the resolved training config (model shape, task, data settings)
+      tokenizer.json      the HF `tokenizers` file
+      labels.json         label names, for tagging / relation models
+      compression.json    present for pruned / quantized models (see trainformer.compression)
+
+Loading never executes code: weights come from safetensors, the rest is JSON.
+A run directory is accepted too (its `model/` is used).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trainformer.config import Config, from_dict, to_dict
+from trainformer.errors import UserError
+
+
+@dataclass
+class LoadedModel:
+    cfg: Config
+    model: nn.Module
+    path: Path
+    labels: list[str] = field(default_factory=list)
+    compression: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model keys without wrapper prefixes (`_orig_mod.` from compile, `module.` from DDP),
+    contiguous and detached so safetensors can write them; tied weights are stored once."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for key, value in state.items():
+        key = key.replace("_orig_mod.", "").replace("module.", "")
+        if not isinstance(value, torch.Tensor):
+            continue
+        ptr = value.data_ptr() if value.numel() else -1
+        if ptr in seen and ptr != -1 and value.device.type != "meta":
+            continue  # a tied parameter: `load_state_dict(strict=False)` + tying restores it
+        seen[ptr] = key
+        out[key] = value.detach().contiguous().cpu()
+    return out
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """MODEL_DIR or RUN_DIR -> the folder holding model.safetensors and config.json."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"model directory not found: {p}")
+    if (p / "model" / "config.json").is_file():
+        p = p / "model"
+    if not (p / "config.json").is_file():
+        raise UserError(f"{p}: not a model directory (expected config.json and model.safetensors)")
+    return p
+
+
+def save_model_dir(model: nn.Module | dict[str, torch.Tensor], cfg: Config, out: Path) -> Path:
+    """Write weights and config.json into `out` (created). Task artifacts are added by the task."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = model if isinstance(model, dict) else model.state_dict()
+    save_file(clean_state_dict(state), str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def read_model_config(path: str | Path) -> Config:
+    p = resolve_model_dir(path)
+    try:
+        data = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{p / 'config.json'}: unreadable ({e})") from None
+    return from_dict(data)
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Build the model described by `config.json` and load its weights (eval mode)."""
+    from trainformer.models import build_model
+
+    p = resolve_model_dir(path)
+    cfg = read_model_config(p)
+    compression = {}
+    if (p / "compression.json").is_file():
+        compression = json.loads((p / "compression.json").read_text(encoding="utf-8"))
+    if compression.get("quantized"):
+        from trainformer.compression.quantize import load_quantized
+
+        model = load_quantized(p, cfg, compression)
+    else:
+        model = build_model(cfg.model)
+        weights = p / "model.safetensors"
+        if not weights.is_file():
+            raise UserError(f"{p}: model.safetensors is missing")
+        state = load_file(str(weights))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {n for n, _ in _tied_names(model)}
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise UserError(
+                f"{weights}: weights do not match config.json "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        model.to(device)
+    model.eval()
+    labels = []
+    if (p / "labels.json").is_file():
+        labels = json.loads((p / "labels.json").read_text(encoding="utf-8"))
+    return LoadedModel(cfg=cfg, model=model, path=p, labels=labels, compression=compression)
+
+
+def _tied_names(model: nn.Module):
+    """Parameter names that share storage with an earlier parameter (dropped on save)."""
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        ptr = tensor.data_ptr()
+        if ptr in seen:
+            yield name, seen[ptr]
+        else:
+            seen[ptr] = name

@@ -1,0 +1,179 @@
+"""Translation: parallel text -> encoder-decoder -> sacreBLEU.
+
+Data: pairs read with the bad-line policy, exact duplicates removed, split
+by source sentence (so a sentence never appears in two splits, whatever its
+translations), one joint BPE vocabulary for both languages (embeddings and
+output head are shared), token-budget batches. Evaluation decodes with beam
+search and scores detokenised output with sacreBLEU and chrF against every
+reference of a source (multi-reference).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainformer.config import Config
+from trainformer.data.cache import file_hash, tokenize_cached
+from trainformer.data.readers import BadLines, Pair, filter_too_long
+from trainformer.data.registry import read_translation_pairs
+from trainformer.data.splits import group_references, make_splits
+from trainformer.data.tokenizer import TextTokenizer, load_or_train_tokenizer
+from trainformer.models import build_model
+from trainformer.tasks.base import Batch, StatefulBatches, Task
+from trainformer.tasks.translate_infer import Translator, score_translations
+from trainformer.training.loss import cross_entropy_sum
+
+_PUNCT = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def split_key(source: str) -> str:
+    """The grouping key of a source sentence: lowercased, punctuation and spaces removed.
+
+    Stricter than the exact sentence, so "Hi." and "Hi!" land in the same
+    split and near-identical pairs cannot leak from train into test.
+    """
+    return _PUNCT.sub(" ", source.lower()).strip()
+
+
+@dataclass
+class EvalSet:
+    sources: list[str]
+    references: list[list[str]]  # every reference of each source
+
+
+class TranslationTask(Task):
+    main_metric = "bleu"
+    higher_is_better = True
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.tokenizer: TextTokenizer | None = None
+        self.report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ data
+    def setup(self, run_dir: Path | None, rank: int = 0, world_size: int = 1) -> None:
+        d = self.cfg.data
+        result, data_file = read_translation_pairs(d)
+        pairs: list[Pair] = result.examples
+        bad: BadLines = result.bad
+        splits = make_splits(
+            rows=[(p.src, p.tgt) for p in pairs],
+            keys=[split_key(p.src) for p in pairs],
+            valid_size=d.valid_size,
+            test_size=d.test_size,
+            seed=d.split_seed,
+            group_rule="source sentence, lowercased, punctuation removed",
+        )
+        data_key = f"{file_hash(data_file)}:{d.split_seed}:{d.valid_size}:{d.test_size}"
+        train_rows = splits.train[: d.limit] if d.limit else splits.train
+        train = [pairs[i] for i in train_rows]
+        self.tokenizer = load_or_train_tokenizer(
+            lambda: (t for p in train for t in (p.src, p.tgt)), d.tokenizer, cache_key=data_key
+        )
+        store = tokenize_cached(
+            {"src": [p.src for p in train], "tgt": [p.tgt for p in train]},
+            self.tokenizer,
+            data_key=f"{data_key}:train:{d.limit}",
+        )
+        # +1 for </s> on the source and for <s>/</s> on the target side
+        lengths = np.stack([store["src"].lengths() + 1, store["tgt"].lengths() + 1], axis=1)
+        keep = filter_too_long(result, lengths, d.max_len, rows=train_rows)
+        self.store, self.train_index, self.lengths = store, keep, lengths[keep]
+        self.eval_sets = {
+            name: self._eval_set(pairs, splits[name]) for name in ("valid", "test")
+        }
+        self.rank, self.world_size = rank, world_size
+        self.cfg.model.vocab_size = self.tokenizer.vocab_size
+        self.report = {
+            "data_file": str(data_file),
+            "bad_lines": bad.report(),
+            "splits": splits.report(),
+            "train_pairs": int(len(keep)),
+            "eval_sources": {k: len(v.sources) for k, v in self.eval_sets.items()},
+        }
+        if run_dir is not None and rank == 0:
+            (run_dir / "data.json").write_text(json.dumps(self.report, indent=2) + "\n")
+
+    def _eval_set(self, pairs: list[Pair], index: np.ndarray) -> EvalSet:
+        grouped = group_references([p.src for p in pairs], [p.tgt for p in pairs], index)
+        return EvalSet([s for s, _ in grouped], [r for _, r in grouped])
+
+    def data_report(self) -> dict[str, Any]:
+        return self.report
+
+    def train_batches(self) -> StatefulBatches:
+        from trainformer.data.batching import PairBatches
+
+        assert self.tokenizer is not None, "setup() first"
+        return PairBatches(
+            self.store,
+            self.train_index,
+            self.lengths,
+            max_tokens=self.cfg.data.max_tokens,
+            seed=self.cfg.train.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            max_len=self.cfg.data.max_len,
+        )
+
+    # ----------------------------------------------------------------- model
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.model)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(batch["src"], batch["tgt_in"], batch["src_mask"])  # (B, T, V)
+        return cross_entropy_sum(logits, batch["tgt_out"], self.cfg.train.label_smoothing)
+
+    def batch_tokens(self, batch: Batch) -> int:
+        return int(batch["src_mask"].sum() + batch["tgt_mask"].sum())
+
+    # ------------------------------------------------------------ evaluation
+    def translator(self, model: nn.Module) -> Translator:
+        assert self.tokenizer is not None
+        return Translator(model, self.tokenizer, self.cfg)
+
+    def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:
+        data = self.eval_sets[split]
+        limit = self.cfg.eval.max_examples if split == "valid" else 0
+        sources = data.sources[:limit] if limit else data.sources
+        refs = data.references[: len(sources)]
+        translator = self.translator(model)
+        hyps = [n[0] for n in translator.translate(sources, beam=self.cfg.eval.beam)]
+        scores = score_translations(hyps, refs)
+        loss = translator.teacher_forced_loss(sources, [r[0] for r in refs])
+        return {"bleu": scores["bleu"], "chrf": scores["chrf"], "loss": loss, "sentences": len(sources)}
+
+    def samples(self, model: nn.Module) -> list[str]:
+        data = self.eval_sets["test"]
+        n = self.cfg.eval.samples
+        idx = np.linspace(0, len(data.sources) - 1, num=min(n, len(data.sources))).astype(int)
+        sources = [data.sources[i] for i in idx]
+        hyps = [h[0] for h in self.translator(model).translate(sources, beam=self.cfg.eval.beam)]
+        return [
+            f"EN:  {s}\nFR*: {h}\nREF: {data.references[i][0]}"
+            for s, h, i in zip(sources, hyps, idx)
+        ]
+
+    def save_artifacts(self, model_dir: Path) -> None:
+        assert self.tokenizer is not None
+        self.tokenizer.save(model_dir / "tokenizer.json")
+
+    def copy_tokenizer(self, run_dir: Path) -> None:
+        assert self.tokenizer is not None
+        self.tokenizer.save(run_dir / "tokenizer.json")
+
+
+def copy_model_files(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "labels.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
