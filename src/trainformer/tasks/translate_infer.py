@@ -8,7 +8,6 @@ reference of each source.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import nullcontext
 
@@ -18,7 +17,7 @@ from torch import nn
 
 from trainformer.config import Config
 from trainformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer
-from trainformer.generation import beam_search, greedy, sample_encdec
+from trainformer.generation import beam_translate, greedy_translate
 from trainformer.textio import warn
 from trainformer.training.loss import cross_entropy_sum
 
@@ -116,9 +115,7 @@ class Translator:
         with inference_autocast(self.device, self.precision):
             for batch in self._batches([len(e) for e in encoded], budget):
                 src, src_mask = self._pad([encoded[b] for b in batch])
-                limit = max_len or int(math.ceil(self.cfg.eval.max_len_a * src.size(1))) + self.cfg.eval.max_len_b
-                limit = min(limit, self.cfg.model.max_len - 1)
-                outs = self._decode(src, src_mask, beam, nbest, limit, sampling, generator)
+                outs = self._decode(src, src_mask, beam, nbest, max_len, sampling, generator)
                 for b, hyps in zip(batch, outs):
                     texts = [self.tokenizer.decode(h) for h in hyps]
                     results[todo[b]] = (texts + [""] * nbest)[:nbest]
@@ -128,18 +125,19 @@ class Translator:
         return results
 
     def _decode(self, src, src_mask, beam, nbest, limit, sampling, generator) -> list[list[list[int]]]:
+        common = dict(max_len=limit, max_len_a=self.cfg.eval.max_len_a, max_len_b=self.cfg.eval.max_len_b)
         if sampling is not None:
-            outs = sample_encdec(
-                self.model, src, src_mask, BOS_ID, EOS_ID, max_len=limit, generator=generator,
+            outs = greedy_translate(
+                self.model, src, src_mask, BOS_ID, EOS_ID, **common, generator=generator,
                 temperature=float(sampling.get("temperature", 1.0)),
                 top_k=int(sampling.get("top_k", 0)), top_p=float(sampling.get("top_p", 1.0)),
             )
             return [[o] for o in outs]
         if beam <= 1:
-            return [[o] for o in greedy(self.model, src, src_mask, BOS_ID, EOS_ID, max_len=limit)]
-        outs = beam_search(
-            self.model, src, src_mask, BOS_ID, EOS_ID, beam=beam, max_len=limit,
-            length_penalty=self.cfg.eval.length_penalty, nbest=nbest,
+            return [[o] for o in greedy_translate(self.model, src, src_mask, BOS_ID, EOS_ID, **common)]
+        outs = beam_translate(
+            self.model, src, src_mask, BOS_ID, EOS_ID, beam=beam, nbest=nbest,
+            length_penalty=self.cfg.eval.length_penalty, **common,
         )
         return [[ids for ids, _score in hyps] for hyps in outs]
 

@@ -101,6 +101,7 @@ class TranslationTask(Task):
             "eval_sources": {k: len(v.sources) for k, v in self.eval_sets.items()},
         }
         if run_dir is not None and rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "data.json").write_text(json.dumps(self.report, indent=2) + "\n")
 
     def _eval_set(self, pairs: list[Pair], index: np.ndarray) -> EvalSet:
@@ -132,6 +133,10 @@ class TranslationTask(Task):
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(batch["src"], batch["tgt_in"], batch["src_mask"])  # (B, T, V)
         return cross_entropy_sum(logits, batch["tgt_out"], self.cfg.train.label_smoothing)
+
+    def loss_tokens(self, batch: Batch) -> int:
+        """Target tokens carrying loss, counted before the forward pass (exact accumulation)."""
+        return int((batch["tgt_out"] != -100).sum())
 
     def batch_tokens(self, batch: Batch) -> int:
         return int(batch["src_mask"].sum() + batch["tgt_mask"].sum())

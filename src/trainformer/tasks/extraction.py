@@ -1,0 +1,369 @@
+"""Helpers shared by the information-extraction tasks (NER, relations, MLM pretraining).
+
+- BIO tags: normalising IOB1/BIOES input to BIO (IOB2), the label set, and a
+  constrained Viterbi decoder that never emits an invalid sequence.
+- Words with character offsets into the original text (`split_words`), so
+  extracted entities point back at the exact characters of the input line.
+- Entity markers (``<e1> </e1> <e2> </e2>``) as added special tokens, and the
+  positions of the start markers after tokenisation.
+- `inherit_pretrained`: a fine-tuning run takes the tokenizer and the network
+  shape of the model it starts from (`Config.init_from`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainformer.config import Config, DataConfig, ModelConfig, from_dict
+from trainformer.data.readers import ReadResult
+from trainformer.data.registry import read_dataset
+from trainformer.data.splits import make_splits
+from trainformer.data.tokenizer import TextTokenizer
+from trainformer.errors import ConfigError, UserError
+from trainformer.textio import warn
+
+OUTSIDE = "O"
+
+# ----------------------------------------------------------------------------
+# BIO tags
+# ----------------------------------------------------------------------------
+
+
+def tag_type(tag: str) -> str | None:
+    """``"B-PER"`` -> ``"PER"``; ``"O"`` -> None."""
+    return None if tag == OUTSIDE else tag[2:]
+
+
+def to_bio(tags: Sequence[str]) -> list[str]:
+    """Any of IOB1, IOB2 (BIO) or BIOES -> BIO.
+
+    ``S-X`` becomes ``B-X``, ``E-X`` becomes ``I-X``, and an ``I-X`` that does
+    not continue an entity of type X (IOB1 style, or a broken sequence)
+    becomes ``B-X``. A BIO sequence comes back unchanged.
+    """
+    out: list[str] = []
+    prev = OUTSIDE
+    for tag in tags:
+        kind, typ = (tag[0], tag[2:]) if tag != OUTSIDE else ("O", None)
+        if kind == "S":
+            kind = "B"
+        elif kind == "E":
+            kind = "I"
+        if kind == "I" and tag_type(prev) != typ:
+            kind = "B"
+        new = OUTSIDE if kind == "O" else f"{kind}-{typ}"
+        out.append(new)
+        prev = new
+    return out
+
+
+def bio_labels(types: Sequence[str]) -> list[str]:
+    """The label list: ``O`` first, then ``B-X``, ``I-X`` for each type in sorted order."""
+    return [OUTSIDE] + [f"{p}-{t}" for t in sorted(set(types)) for p in "BI"]
+
+
+def allowed_transitions(labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which BIO labels may start a sentence and follow one another.
+
+    Returns:
+        start (L,) bool: anything but ``I-X``.
+        trans (L, L) bool: trans[i, j] is True when label j may follow label i;
+        ``I-X`` may follow only ``B-X`` or ``I-X``.
+    """
+    types = [tag_type(t) for t in labels]
+    inside = [t.startswith("I-") for t in labels]
+    start = torch.tensor([not i for i in inside])
+    trans = torch.ones(len(labels), len(labels), dtype=torch.bool)
+    for j, (is_inside, typ) in enumerate(zip(inside, types)):
+        if is_inside:
+            trans[:, j] = torch.tensor([types[i] == typ for i in range(len(labels))])
+    return start, trans
+
+
+def viterbi_bio(
+    scores: torch.Tensor, lengths: torch.Tensor, labels: Sequence[str]
+) -> list[list[int]]:
+    """The best valid BIO label sequence of each sentence (constrained Viterbi).
+
+    The score of a sequence is the sum of its per-word scores (log-probabilities
+    of the first subword of each word); forbidden starts and transitions
+    (``I-X`` not after ``B-X``/``I-X``) score -inf, so the result is always a
+    valid BIO sequence. We decode instead of repairing the argmax afterwards:
+    repairing turns a stray ``I-X`` into ``B-X`` and splits entities, while
+    decoding picks the best sequence among the valid ones.
+
+    Args:
+        scores: (B, N, L) per-word label scores, N words at most.
+        lengths: (B,) number of real words of each sentence.
+        labels: the L label names (BIO).
+    Returns:
+        B lists of label ids, sentence b of length lengths[b].
+    """
+    start, trans = allowed_transitions(labels)
+    scores = scores.float()
+    b, n, n_labels = scores.shape
+    neg = torch.tensor(float("-inf"), device=scores.device)
+    start_pen = torch.where(start.to(scores.device), 0.0, neg)  # (L,)
+    trans_pen = torch.where(trans.to(scores.device), 0.0, neg)  # (L, L)
+    lengths = lengths.to(scores.device)
+    dp = scores[:, 0] + start_pen  # (B, L)
+    back = torch.zeros(b, max(n, 1), n_labels, dtype=torch.long, device=scores.device)
+    keep = torch.arange(n_labels, device=scores.device).expand(b, n_labels)
+    for t in range(1, n):
+        cand = dp[:, :, None] + trans_pen  # (B, L_prev, L_next)
+        best, arg = cand.max(dim=1)  # (B, L)
+        live = (t < lengths)[:, None]  # (B, 1): padding words carry the state through
+        dp = torch.where(live, best + scores[:, t], dp)
+        back[:, t] = torch.where(live, arg, keep)
+    last = dp.argmax(dim=1)  # (B,)
+    path = torch.zeros(b, max(n, 1), dtype=torch.long, device=scores.device)
+    path[:, n - 1] = last
+    for t in range(n - 1, 0, -1):
+        path[:, t - 1] = back[:, t].gather(1, path[:, t : t + 1]).squeeze(1)
+    rows = path.cpu().tolist()
+    return [row[: int(k)] for row, k in zip(rows, lengths.cpu().tolist())]
+
+
+def is_valid_bio(tags: Sequence[str]) -> bool:
+    """True when every ``I-X`` follows ``B-X`` or ``I-X`` (and the first tag is not ``I-``)."""
+    prev = OUTSIDE
+    for tag in tags:
+        if tag.startswith("I-") and tag_type(prev) != tag[2:]:
+            return False
+        prev = tag
+    return True
+
+
+def bio_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Entities of a valid BIO sequence: (type, first word, last word + 1)."""
+    spans: list[tuple[str, int, int]] = []
+    for i, tag in enumerate(tags):
+        if tag.startswith("B-"):
+            spans.append((tag[2:], i, i + 1))
+        elif tag.startswith("I-") and spans and spans[-1][2] == i and spans[-1][0] == tag[2:]:
+            spans[-1] = (spans[-1][0], spans[-1][1], i + 1)
+    return spans
+
+
+# ----------------------------------------------------------------------------
+# Words with character offsets
+# ----------------------------------------------------------------------------
+
+# CoNLL-2003-like word splitting on raw text: abbreviations (U.S.), a possessive
+# 's split off its word (Germany 's), words with inner apostrophes or hyphens
+# (O'Neill, Jean-Pierre), and every other non-space character on its own.
+_WORD = re.compile(
+    r"""
+      (?:[^\W\d_]\.){2,}          # U.S. e.g.
+    | \w+(?=['’][sS]\b)           # Germany  in  Germany's
+    | ['’][sS]\b                  # 's
+    | \w+(?:['’\-]\w+)*           # words, numbers, O'Neill, Jean-Pierre
+    | [^\w\s]                     # punctuation, symbols, emoji: one character each
+    """,
+    re.VERBOSE,
+)
+
+
+def split_words(text: str) -> list[tuple[str, int, int]]:
+    """Words of `text` and their character offsets: [(word, start, end)], text[start:end] == word."""
+    return [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text)]
+
+
+def entity_dicts(
+    text: str, words: Sequence[tuple[str, int, int]], tags: Sequence[str]
+) -> list[dict]:
+    """``{"type", "text", "start", "end"}`` per entity, offsets into `text` (end exclusive)."""
+    out = []
+    for typ, first, last in bio_spans(tags):
+        start, end = words[first][1], words[last - 1][2]
+        out.append({"type": typ, "text": text[start:end], "start": start, "end": end})
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Entity markers (relation classification)
+# ----------------------------------------------------------------------------
+
+MARKERS = ("<e1>", "</e1>", "<e2>", "</e2>")
+
+
+def add_marker_tokens(tokenizer: TextTokenizer) -> tuple[int, int]:
+    """Make the four entity markers unsplittable special tokens; returns the ids of ``<e1>``, ``<e2>``.
+
+    Adding a marker that is already there keeps its id, so a tokenizer
+    inherited from MLM pretraining (which adds them too) keeps its size.
+    """
+    missing = [m for m in MARKERS if tokenizer.token_to_id(m) is None]
+    if missing:
+        tokenizer.add_special_tokens(missing)
+    return tokenizer.token_to_id("<e1>"), tokenizer.token_to_id("<e2>")
+
+
+def marker_positions(ids: Sequence[int], e1_id: int, e2_id: int) -> tuple[int, int]:
+    """Indices of the ``<e1>`` and ``<e2>`` start markers in a token sequence (-1 when absent)."""
+    arr = np.asarray(ids)
+    p1, p2 = np.flatnonzero(arr == e1_id), np.flatnonzero(arr == e2_id)
+    return (int(p1[0]) if len(p1) else -1), (int(p2[0]) if len(p2) else -1)
+
+
+def fit_window(ids: list[int], limit: int, keep: Sequence[int]) -> tuple[list[int], int]:
+    """At most `limit` tokens of `ids`, a window that holds the positions in `keep` when it can.
+
+    Returns (window, start): window == ids[start:start + limit].
+    """
+    if len(ids) <= limit:
+        return ids, 0
+    lo = min((k for k in keep if k >= 0), default=0)
+    start = max(0, min(lo, len(ids) - limit))
+    return ids[start : start + limit], start
+
+
+# ----------------------------------------------------------------------------
+# Splits: official ones where the data set has them, carved from train otherwise
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class SplitData:
+    """The examples of one split: rows `index` of a reader's result."""
+
+    result: ReadResult[Any]
+    index: np.ndarray  # (K,) int64 rows of result.examples
+
+    @property
+    def examples(self) -> list[Any]:
+        return [self.result.examples[i] for i in self.index]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def dataset_splits(
+    cfg: DataConfig,
+    key: Callable[[Any], str],
+    row: Callable[[Any], Hashable],
+    group_rule: str,
+) -> tuple[dict[str, SplitData], dict[str, Any]]:
+    """train/valid/test of `cfg.dataset`: its official files, missing splits carved from train.
+
+    SemEval-2010 ships train and test only, a plain file only train: the
+    missing splits are taken from train by `make_splits` — whole groups by
+    `key` (e.g. the sentence without markers, lowercased), deterministic in
+    `cfg.split_seed`, exact duplicate `row`s removed. Official splits are
+    kept as they are. `cfg.limit` then cuts train.
+
+    Returns:
+        ({"train", "valid", "test"} -> SplitData, a report for data.json).
+    """
+    results = read_dataset(cfg)
+    train = results["train"]
+    out = {name: SplitData(r, np.arange(len(r.examples))) for name, r in results.items()}
+    missing = [s for s in ("valid", "test") if s not in results]
+    report: dict[str, Any] = {"files": {s: str(r.path) for s, r in results.items()}}
+    if missing:
+        sizes = {"valid": cfg.valid_size, "test": cfg.test_size}
+        splits = make_splits(
+            rows=[row(e) for e in train.examples],
+            keys=[key(e) for e in train.examples],
+            valid_size=sizes["valid"] if "valid" in missing else 0,
+            test_size=sizes["test"] if "test" in missing else 0,
+            seed=cfg.split_seed,
+            group_rule=group_rule,
+        )
+        out["train"] = SplitData(train, splits.train)
+        for name in missing:
+            out[name] = SplitData(train, splits[name])
+        report["carved_from_train"] = {"splits": missing, **splits.report()}
+    if cfg.limit:
+        out["train"].index = out["train"].index[: cfg.limit]
+    report["sizes"] = {name: len(s) for name, s in out.items()}
+    report["bad_lines"] = {name: r.bad.report() for name, r in results.items()}
+    return out, report
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning from a pretrained encoder
+# ----------------------------------------------------------------------------
+
+# What a fine-tuned model takes from the model it starts from: everything that
+# shapes the weights. The head, its label count and dropout are the task's own.
+_OWN_KEYS = {"head", "num_labels", "dropout", "preset"}
+
+
+def pretrained_dir(init_from: str) -> Path:
+    """The model/ folder of `init_from` (a model dir or a run dir), with a clear error."""
+    p = Path(init_from)
+    for candidate in (p / "model", p):
+        if (candidate / "config.json").is_file() and (candidate / "tokenizer.json").is_file():
+            return candidate
+    raise UserError(
+        f"init_from: {p} is not a trained model (expected config.json and tokenizer.json in it "
+        "or in its model/); train it first, e.g. trainformer train encoder-mlm --out runs/encoder-mlm"
+    )
+
+
+def inherit_pretrained(cfg: Config) -> Path | None:
+    """Point a fine-tuning config at its pretrained model's tokenizer and shape.
+
+    When `cfg.init_from` is set: ``data.tokenizer.path`` becomes its
+    tokenizer.json (the embedding rows only mean something with that
+    tokenizer), and every `ModelConfig` key that shapes the weights is copied
+    from its config.json — a recipe that disagrees would otherwise load only
+    the tensors whose shapes happen to match. Differences are printed.
+    Returns the pretrained model/ folder, or None without `init_from`.
+    """
+    if not cfg.init_from:
+        return None
+    src = pretrained_dir(cfg.init_from)
+    try:
+        pre = from_dict(json.loads((src / "config.json").read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{src / 'config.json'}: unreadable ({e})") from None
+    if pre.model.family != "encoder":
+        raise ConfigError(f"init_from: {src} holds a {pre.model.family} model; expected an encoder")
+    changed = []
+    for f in fields(ModelConfig):
+        if f.name in _OWN_KEYS:
+            continue
+        old, new = getattr(cfg.model, f.name), getattr(pre.model, f.name)
+        if old != new and not (f.name == "vocab_size" and old == 0):
+            changed.append(f"model.{f.name} {old} -> {new}")
+        setattr(cfg.model, f.name, new)
+    if changed:
+        warn(f"init_from {src}: taking the pretrained shape ({', '.join(changed)})")
+    cfg.data.tokenizer.path = str(src / "tokenizer.json")
+    return src
+
+
+# ----------------------------------------------------------------------------
+# Files beside a run and a model
+# ----------------------------------------------------------------------------
+
+
+def write_data_json(run_dir: Path | None, rank: int, report: dict[str, Any]) -> None:
+    """RUN_DIR/data.json: which data was used and what was dropped (rank 0 only)."""
+    if run_dir is not None and rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "data.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def save_labels(model_dir: Path, labels: Sequence[str]) -> None:
+    """model/labels.json: the label names in id order."""
+    (model_dir / "labels.json").write_text(json.dumps(list(labels), indent=1) + "\n", encoding="utf-8")
+
+
+def inference_batches(lengths: Sequence[int], budget: int) -> list[np.ndarray]:
+    """Indices grouped by similar length so that examples x longest <= `budget` (input order kept per length)."""
+    from trainformer.data.batching import length_sorted_batches
+
+    if not len(lengths):
+        return []
+    return length_sorted_batches(np.asarray(lengths), budget, np.arange(len(lengths)))

@@ -1,0 +1,304 @@
+"""Named-entity recognition: token classification on an encoder, scored with seqeval.
+
+Data: CoNLL-style files (CoNLL-2003, WNUT-17, or a path), tags normalised to
+BIO (`extraction.to_bio`), official splits where the data set has them.
+Fine-tuning starts from an MLM-pretrained encoder (`init_from`), whose
+tokenizer and shape are taken over (`extraction.inherit_pretrained`).
+
+Labelling: each word's label sits on its first subword; other subwords,
+padding and the ``<cls>``/``<sep>`` wrappers carry -100 (no loss).
+Decoding: constrained Viterbi over the first-subword log-probabilities
+(`extraction.viterbi_bio`), so the output is always valid BIO.
+Metric: entity-level precision / recall / F1 with seqeval (conlleval
+rules), micro-averaged and per type.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from seqeval.metrics import classification_report
+from torch import nn
+
+from trainformer.config import Config
+from trainformer.data.batching import StoreBatches, TokenBudgetSampler, collate_tagging
+from trainformer.data.cache import Ragged, TokenStore, texts_hash, tokenize_words_cached
+from trainformer.data.readers import BadLines, TaggedSentence, filter_too_long, read_conll
+from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, TextTokenizer, load_or_train_tokenizer
+from trainformer.errors import DataError, UserError
+from trainformer.models import build_model
+from trainformer.tasks.base import Batch, StatefulBatches, Task
+from trainformer.tasks.extraction import (
+    OUTSIDE,
+    bio_labels,
+    dataset_splits,
+    entity_dicts,
+    inference_batches,
+    inherit_pretrained,
+    save_labels,
+    split_words,
+    tag_type,
+    to_bio,
+    viterbi_bio,
+    write_data_json,
+)
+from trainformer.tasks.translate_infer import inference_autocast
+from trainformer.textio import warn
+from trainformer.training.loss import cross_entropy_sum
+
+
+def score_entities(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
+    """Entity-level P/R/F1 (seqeval, conlleval rules): micro and per type (``f1_PER``...), in %."""
+    report = classification_report(gold, pred, output_dict=True, zero_division=0)
+    micro = report["micro avg"]
+    out = {
+        "f1": round(100 * float(micro["f1-score"]), 2),
+        "precision": round(100 * float(micro["precision"]), 2),
+        "recall": round(100 * float(micro["recall"]), 2),
+    }
+    for typ, row in sorted(report.items()):
+        if typ.endswith(" avg"):
+            continue
+        out[f"f1_{typ}"] = round(100 * float(row["f1-score"]), 2)
+    out["entities"] = int(micro["support"])
+    return out
+
+
+def _collate(rows: dict[str, list[np.ndarray]]) -> Batch:
+    return collate_tagging(rows["ids"], rows["word_ids"], rows["tags"], PAD_ID, CLS_ID, SEP_ID)
+
+
+# ----------------------------------------------------------------------------
+# Inference
+# ----------------------------------------------------------------------------
+
+
+class Tagger:
+    """Batched BIO tagging of pre-split sentences with a trained tagging encoder.
+
+    Args:
+        model: an `Encoder` with a tagging head; tokenizer: its tokenizer.
+        labels: label names in id order (BIO).
+        max_len: the model's window; longer sentences are cut (their last words get ``O``).
+        batch_tokens: padded tokens per inference batch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: TextTokenizer,
+        labels: list[str],
+        max_len: int,
+        batch_tokens: int = 8000,
+        precision: str = "auto",
+    ):
+        self.model, self.tokenizer, self.labels = model, tokenizer, labels
+        self.limit = max_len - 2  # room for <cls> and <sep>
+        self.batch_tokens = batch_tokens
+        self.precision = precision
+        self.device = next(model.parameters()).device
+        self.truncated = 0
+
+    def _encode(self, sentences: list[list[str]]) -> list[tuple[list[int], list[int]]]:
+        """(ids, word index of each id) per sentence, cut to the window (counted)."""
+        out = []
+        for ids, word_ids in self.tokenizer.encode_words_batch(sentences):
+            if len(ids) > self.limit:
+                ids, word_ids = ids[: self.limit], word_ids[: self.limit]
+                self.truncated += 1
+            out.append((ids, word_ids))
+        return out
+
+    def _word_scores(self, encoded: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-word log-probabilities (B, N, L) from the first subwords, and words per sentence (B,)."""
+        n_words = [max(w, default=-1) + 1 for _, w in encoded]
+        # collate puts each word's index on its first subword (the "label"), -100 elsewhere
+        batch = collate_tagging(
+            [ids for ids, _ in encoded], [w for _, w in encoded],
+            [np.arange(n) for n in n_words], PAD_ID, CLS_ID, SEP_ID,
+        )
+        ids, mask, word_at = (batch[k].to(self.device) for k in ("ids", "mask", "labels"))
+        logp = F.log_softmax(self.model(ids, mask).float(), dim=-1)  # (B, S, L)
+        first = word_at >= 0  # (B, S)
+        rows = torch.arange(ids.shape[0], device=self.device)[:, None].expand_as(first)[first]
+        # a word with no subword at all (e.g. only a zero-width space) keeps score 0: no preference
+        scores = logp.new_zeros(ids.shape[0], max(max(n_words), 1), logp.shape[-1])  # (B, N, L)
+        scores[rows, word_at[first]] = logp[first]
+        return scores, torch.tensor(n_words)
+
+    @torch.inference_mode()
+    def tag(self, sentences: list[list[str]]) -> list[list[str]]:
+        """BIO tags of each sentence (a list of words), one per word, in input order."""
+        was_training = self.model.training
+        self.model.eval()
+        self.truncated = 0
+        out: list[list[str]] = [[OUTSIDE] * len(s) for s in sentences]
+        todo = [i for i, s in enumerate(sentences) if s]
+        encoded = self._encode([sentences[i] for i in todo])
+        with inference_autocast(self.device, self.precision):
+            for batch in inference_batches([len(e[0]) + 2 for e in encoded], self.batch_tokens):
+                scores, n_words = self._word_scores([encoded[b] for b in batch])
+                for b, path in zip(batch, viterbi_bio(scores, n_words, self.labels)):
+                    out[todo[b]][: len(path)] = [self.labels[k] for k in path]
+        self.model.train(was_training)
+        return out
+
+    def extract(self, lines: list[str]) -> list[dict[str, Any]]:
+        """``{"text", "entities": [{"type", "text", "start", "end"}]}`` per raw text line.
+
+        Words are split with `split_words`, so offsets index the original line.
+        """
+        words = [split_words(line) for line in lines]
+        tags = self.tag([[w for w, _, _ in ws] for ws in words])
+        if self.truncated:
+            warn(f"{self.truncated} line(s) longer than {self.limit} tokens were truncated "
+                 "(their last words are tagged O)")
+        return [{"text": line, "entities": entity_dicts(line, ws, t)} for line, ws, t in zip(lines, words, tags)]
+
+
+def load_tagger(model_dir: str | Path, device: str = "auto", precision: str = "auto") -> Tagger:
+    """A `Tagger` for a trained ``ner`` model directory."""
+    from trainformer.tasks.loading import load_for_task
+
+    loaded, tokenizer = load_for_task(model_dir, "ner", device)
+    if not loaded.labels:
+        raise UserError(f"{loaded.path}: labels.json is missing")
+    cfg = loaded.cfg
+    return Tagger(loaded.model, tokenizer, loaded.labels, cfg.model.max_len, cfg.eval.batch_tokens, precision)
+
+
+# ----------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------
+
+
+class TaggingTask(Task):
+    main_metric = "f1"
+    higher_is_better = True
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.tokenizer: TextTokenizer | None = None
+        self.labels: list[str] = []
+        self.report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ data
+    def setup(self, run_dir: Path | None, rank: int = 0, world_size: int = 1) -> None:
+        d = self.cfg.data
+        pretrained = inherit_pretrained(self.cfg)
+        splits, report = dataset_splits(
+            d, key=lambda s: " ".join(s.tokens).lower(), row=lambda s: (*s.tokens, "\t", *s.tags),
+            group_rule="sentence, lowercased",
+        )
+        train = splits["train"]
+        examples = train.examples
+        if not examples:
+            raise DataError(f"{train.result.path}: no usable sentences for training")
+        train_tags = [to_bio(s.tags) for s in examples]
+        self.labels = bio_labels([tag_type(t) for tags in train_tags for t in tags if t != OUTSIDE])
+        label_id = {t: i for i, t in enumerate(self.labels)}
+        self.tokenizer = load_or_train_tokenizer(
+            lambda: (" ".join(s.tokens) for s in examples), d.tokenizer,
+            cache_key=texts_hash(" ".join(s.tokens) for s in examples),
+        )
+        words = [s.tokens for s in examples]
+        store = tokenize_words_cached(words, self.tokenizer)
+        tags = Ragged.from_lists([[label_id[t] for t in tags] for tags in train_tags])
+        self.store = TokenStore({**store.fields, "tags": tags})
+        lengths = store["ids"].lengths() + 2  # + <cls> and <sep>
+        limit = min(d.max_len, self.cfg.model.max_len)
+        self.train_index = filter_too_long(train.result, lengths, limit, rows=train.index)
+        self.lengths = lengths[self.train_index]
+        self.eval_sets = {
+            name: [TaggedSentence(s.tokens, to_bio(s.tags), s.line) for s in splits[name].examples]
+            for name in ("valid", "test")
+        }
+        self.rank, self.world_size = rank, world_size
+        self.cfg.model.vocab_size = self.tokenizer.vocab_size
+        self.cfg.model.num_labels = len(self.labels)
+        self.cfg.model.head = "tagging"
+        self.report = {
+            "dataset": d.dataset,
+            "pretrained": str(pretrained) if pretrained else None,
+            **report,
+            "labels": self.labels,
+            "train_sentences": int(len(self.train_index)),
+            "train_dropped_too_long": int(len(train) - len(self.train_index)),
+        }
+        write_data_json(run_dir, rank, self.report)
+
+    def data_report(self) -> dict[str, Any]:
+        return self.report
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.eval_sets.get(split))
+
+    def train_batches(self) -> StatefulBatches:
+        sampler = TokenBudgetSampler(
+            self.lengths, self.cfg.data.max_tokens, self.cfg.train.seed, True, self.rank, self.world_size
+        )
+        return StoreBatches(sampler, self.store, _collate, self.train_index)
+
+    # ----------------------------------------------------------------- model
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.model)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(batch["ids"], batch["mask"])  # (B, S, L)
+        return cross_entropy_sum(logits, batch["labels"], self.cfg.train.label_smoothing)
+
+    # ------------------------------------------------------------ evaluation
+    def tagger(self, model: nn.Module) -> Tagger:
+        assert self.tokenizer is not None, "setup() first"
+        c = self.cfg
+        return Tagger(model, self.tokenizer, self.labels, c.model.max_len, c.eval.batch_tokens, c.train.precision)
+
+    def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:
+        data = self.eval_sets[split]
+        limit = self.cfg.eval.max_examples if split == "valid" else 0
+        data = data[:limit] if limit else data
+        if not data:
+            return {"f1": 0.0, "sentences": 0}
+        pred = self.tagger(model).tag([s.tokens for s in data])
+        return {**score_entities([s.tags for s in data], pred), "sentences": len(data)}
+
+    def samples(self, model: nn.Module) -> list[str]:
+        data = self.eval_sets["test"] or self.eval_sets["valid"]
+        n = min(self.cfg.eval.samples, len(data))
+        if not n:
+            return []
+        picks = [data[i] for i in np.linspace(0, len(data) - 1, num=n).astype(int)]
+        lines = [" ".join(s.tokens) for s in picks]
+        results = self.tagger(model).extract(lines)
+        return [f"TEXT: {r['text']}\nENTS: " + "; ".join(f"{e['type']}: {e['text']}" for e in r["entities"])
+                for r in results]
+
+    def save_artifacts(self, model_dir: Path) -> None:
+        assert self.tokenizer is not None
+        self.tokenizer.save(model_dir / "tokenizer.json")
+        save_labels(model_dir, self.labels)
+
+
+# ----------------------------------------------------------------------------
+# `trainformer evaluate` for ner models
+# ----------------------------------------------------------------------------
+
+
+def evaluate_file(cfg: Config, args) -> dict:
+    """seqeval P/R/F1 (micro and per type) of a ``ner`` model on a CoNLL-format file."""
+    path = Path(args.data)
+    if not path.is_file():
+        raise UserError(f"--data: file not found: {path}")
+    tagger = load_tagger(args.model_dir, args.device, getattr(args, "precision", "auto"))
+    result = read_conll(path, bad_lines=getattr(args, "bad_lines", "skip"))
+    if not result.examples:
+        raise UserError(f"{path}: no usable sentences (expected CoNLL: one 'token ... tag' per line)")
+    gold = [to_bio(s.tags) for s in result.examples]
+    pred = tagger.tag([s.tokens for s in result.examples])
+    bad: BadLines = result.bad
+    return {**score_entities(gold, pred), "sentences": len(gold), "bad_lines": bad.total,
+            "truncated": tagger.truncated}
