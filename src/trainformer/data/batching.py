@@ -347,6 +347,10 @@ class StoreBatches:
             rows = positions if self.index is None else self.index[positions]
             yield self.collate(self.store.take(rows))
 
+    def __len__(self) -> int:
+        """Batches per epoch for this rank (the trainer's epoch arithmetic uses it)."""
+        return len(self.sampler)
+
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
 

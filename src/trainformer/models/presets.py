@@ -18,6 +18,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-encdec": dict(family="encoder_decoder", d_model=32, n_heads=2, n_layers=1, d_ff=64, max_len=128),
     "small-encdec": dict(family="encoder_decoder", d_model=256, n_heads=4, n_layers=3, d_ff=1024),
     # Vaswani et al. 2017, Table 3: base 65M, big 213M at a 37k shared vocabulary (post-norm, ReLU).
+    # The architecture gives 63.1M for base (the paper's figure is rounded up) and 214.2M for big;
+    # both equal MarianMTModel at the same shape less its stored sinusoid tables.
     "transformer-base": dict(
         family="encoder_decoder", d_model=512, n_heads=8, n_layers=6, d_ff=2048, max_len=1024,
         activation="relu", norm_first=False, vocab_size=37000, dropout=0.1,
@@ -29,7 +31,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # --- encoder (BERT-style) ---
     "tiny-encoder": dict(family="encoder", d_model=32, n_heads=2, n_layers=2, d_ff=64, max_len=128, position="learned"),
     "small-encoder": dict(family="encoder", d_model=256, n_heads=4, n_layers=4, d_ff=1024, max_len=256, position="learned"),
-    # Devlin et al. 2019: BERT-base 110M at a 30,522 WordPiece vocabulary.
+    # Devlin et al. 2019: BERT-base 110M at a 30,522 WordPiece vocabulary. With the MLM head we
+    # count 109.51M = BertForMaskedLM less token-type embeddings and the embedding LayerNorm.
     "bert-base": dict(
         family="encoder", d_model=768, n_heads=12, n_layers=12, d_ff=3072, max_len=512,
         position="learned", norm_first=False, vocab_size=30522, norm_eps=1e-12, scale_embedding=False,
@@ -37,7 +40,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # --- decoder (GPT-style) ---
     "tiny-decoder": dict(family="decoder", d_model=32, n_heads=2, n_layers=2, d_ff=64, max_len=128, position="learned"),
     "small-decoder": dict(family="decoder", d_model=384, n_heads=6, n_layers=6, d_ff=1536, max_len=256, position="learned"),
-    # Radford et al. 2019: GPT-2 small 124M, medium 355M at a 50,257 vocabulary, context 1024.
+    # Radford et al. 2019: GPT-2 small 124M, medium 355M at a 50,257 vocabulary, context 1024
+    # (exactly GPT2LMHeadModel's 124,439,808 and 354,823,168).
     "gpt2-small": dict(
         family="decoder", d_model=768, n_heads=12, n_layers=12, d_ff=3072, max_len=1024,
         position="learned", vocab_size=50257, scale_embedding=False,

@@ -58,11 +58,28 @@ class Task(ABC):
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of per-token losses, number of tokens that carry loss) for one micro-batch."""
+        """(sum of per-token losses, number of tokens that carry loss) for one micro-batch.
+
+        Call the model as ``model(...)``: DDP and torch.compile wrap only `forward`.
+        """
 
     @abstractmethod
     def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:
-        """Metrics on a split; must include `main_metric`. Called on rank 0 in eval mode."""
+        """Metrics on a split; must include `main_metric`.
+
+        Runs on rank 0 (on every rank under FSDP) in eval mode, under no_grad and
+        autocast, with the RNG state saved and restored around it.
+        """
+
+    def loss_tokens(self, batch: Batch) -> int | None:
+        """Tokens that will carry loss, counted before the forward pass so gradient
+        accumulation divides by the exact total. None: the trainer rescales afterwards."""
+        labels = batch.get("labels")
+        return int((labels != -100).sum()) if labels is not None else None
+
+    def has_split(self, split: str) -> bool:
+        """Whether `evaluate(model, split)` has data (the trainer skips missing splits)."""
+        return split in ("valid", "test")
 
     def batch_tokens(self, batch: Batch) -> int:
         """Non-padding tokens processed by a batch (for tokens/s). Default: every mask True."""

@@ -1,0 +1,144 @@
+"""Batched beam search for the encoder-decoder, on the KV cache.
+
+Each source is encoded once; the first decoder step runs on one row per
+source (so the cross-attention K/V are computed once per source) and the
+cache is then expanded to `beam` rows. Every later step keeps the 2 x beam
+best extensions of each source: those ending in EOS among the top `beam`
+are finished hypotheses, the best `beam` others stay alive (as in fairseq).
+
+Scores are summed log-probabilities divided by the GNMT length penalty
+(Wu et al. 2016, eq. 14): ``lp(n) = ((5 + n) / 6) ** alpha`` with n the
+number of generated tokens including EOS and alpha = `length_penalty`;
+alpha = 0 ranks by raw log-probability, alpha = 1 is close to per-token
+averaging, larger alpha favours longer outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainformer.generation.greedy import length_limits
+from trainformer.generation.steppers import EncDecStepper, eval_mode
+
+Hypothesis = tuple[list[int], float]
+
+
+def length_penalty_factor(n: int, alpha: float) -> float:
+    """GNMT length penalty ((5 + n) / 6) ** alpha for n generated tokens."""
+    return ((5.0 + n) / 6.0) ** alpha
+
+
+class _Source:
+    """Finished hypotheses and stopping rule of one source sentence."""
+
+    def __init__(self, beam: int, limit: int, alpha: float, early_stopping: bool):
+        self.beam, self.limit, self.alpha, self.early = beam, limit, alpha, early_stopping
+        self.finished: list[Hypothesis] = []
+        self.done = False
+
+    def add(self, tokens: list[int], logprob: float, n: int) -> None:
+        """A finished hypothesis of n generated tokens (its EOS, if any, counted but not kept)."""
+        self.finished.append((tokens, logprob / length_penalty_factor(n, self.alpha)))
+
+    def update_done(self, best_alive: float, n: int) -> None:
+        """Stop when `beam` hypotheses are finished and (unless early) none alive can still win."""
+        if self.done or n >= self.limit:
+            self.done = True
+            return
+        if len(self.finished) < self.beam:
+            return
+        if self.early:
+            self.done = True
+            return
+        # Future log-probs only fall; the best the alive beam can reach is its
+        # current score over the largest penalty still possible.
+        lp = max(length_penalty_factor(n + 1, self.alpha), length_penalty_factor(self.limit, self.alpha))
+        worst_kept = sorted(s for _, s in self.finished)[-self.beam]
+        self.done = best_alive / lp <= worst_kept
+
+    def best(self, nbest: int) -> list[Hypothesis]:
+        return sorted(self.finished, key=lambda h: -h[1])[:nbest]
+
+
+def beam_translate(
+    model: nn.Module,
+    src: torch.Tensor,
+    src_mask: torch.Tensor | None,
+    bos_id: int,
+    eos_id: int,
+    beam: int = 4,
+    length_penalty: float = 1.0,
+    max_len: int | None = None,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    nbest: int = 1,
+    early_stopping: bool = True,
+    use_cache: bool = True,
+) -> list[list[Hypothesis]]:
+    """Beam-search translations.
+
+    Args:
+        model: an `EncoderDecoder`; src (B, S), src_mask (B, S) bool or None.
+        beam: beam width; nbest: hypotheses returned per source (<= beam).
+        length_penalty: GNMT alpha (see module docstring).
+        max_len: most target tokens (EOS included); None = ``max_len_a * src_len + max_len_b``.
+            A hypothesis still alive at its limit is finished as it is.
+        early_stopping: True stops a source once `beam` hypotheses have ended
+            (fairseq); False goes on until no alive hypothesis can beat them.
+        use_cache: False re-runs the whole prefix each step (slow; for tests).
+    Returns:
+        per source, up to `nbest` (tokens without BOS/EOS, normalised score), best first.
+    """
+    if not 1 <= nbest <= beam:
+        raise ValueError(f"nbest must be in [1, beam={beam}], got {nbest}")
+    limits = length_limits(src, src_mask, model.cfg.max_len, max_len, max_len_a, max_len_b)
+    sources = [_Source(beam, limit, length_penalty, early_stopping) for limit in limits]
+    with eval_mode(model):
+        _search(model, src, src_mask, bos_id, eos_id, beam, sources, use_cache)
+    return [s.best(nbest) for s in sources]
+
+
+def _search(model, src, src_mask, bos_id, eos_id, beam, sources, use_cache) -> None:
+    b, device = src.shape[0], src.device
+    stepper = EncDecStepper(model, src, src_mask, use_cache)
+    tokens = torch.full((b, 1), bos_id, dtype=torch.long, device=device)  # (B * k, t), k = 1 at first
+    scores = torch.zeros(b, 1, device=device)  # (B, k) summed log-probs of the alive beams
+    for n in range(1, max(s.limit for s in sources) + 1):  # n = tokens generated after this step
+        logp = torch.log_softmax(stepper.logits(tokens), dim=-1)  # (B * k, V)
+        k, vocab = scores.shape[1], logp.shape[-1]
+        cand = (scores[:, :, None] + logp.view(b, k, vocab)).view(b, k * vocab)  # (B, k V)
+        cand_scores, cand_idx = cand.topk(min(2 * beam, k * vocab), dim=1)  # (B, 2 beam)
+        origin, token = cand_idx // vocab, cand_idx % vocab  # beam of origin, new token
+        rows = origin + torch.arange(b, device=device)[:, None] * k  # (B, 2 beam) rows of `tokens`
+        _finish(sources, tokens, rows, token, cand_scores, eos_id, beam, n)
+        # The best `beam` candidates that do not end in EOS stay alive (stable order).
+        rank = torch.arange(token.shape[1], device=device)
+        keep = ((token == eos_id).long() * token.shape[1] + rank).argsort(dim=1)[:, :beam]  # (B, beam)
+        rows, token, scores = rows.gather(1, keep).view(-1), token.gather(1, keep), cand_scores.gather(1, keep)
+        tokens = torch.cat([tokens.index_select(0, rows), token.view(-1, 1)], dim=1)  # (B beam, t + 1)
+        stepper.select(rows, same_source=k == beam)
+        _finish_at_limit(sources, tokens, scores, n)
+        best_alive = scores[:, 0].tolist()
+        for s, alive in zip(sources, best_alive):
+            s.update_done(alive, n)
+        if all(s.done for s in sources):
+            return
+
+
+def _finish(sources, tokens, rows, token, cand_scores, eos_id, beam, n) -> None:
+    """Candidates ending in EOS among each source's top `beam` become finished hypotheses."""
+    ended = (token[:, :beam] == eos_id).nonzero().tolist()
+    for src_i, j in ended:
+        s = sources[src_i]
+        if not s.done and n <= s.limit:
+            s.add(tokens[rows[src_i, j], 1:].tolist(), float(cand_scores[src_i, j]), n)
+
+
+def _finish_at_limit(sources, tokens, scores, n) -> None:
+    """Sources that reached their length limit finish their alive beams as they are."""
+    beam = scores.shape[1]
+    for i, s in enumerate(sources):
+        if not s.done and n == s.limit:
+            for j in range(beam):
+                s.add(tokens[i * beam + j, 1:].tolist(), float(scores[i, j]), n)

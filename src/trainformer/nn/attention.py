@@ -1,0 +1,143 @@
+"""One multi-head attention module for self, causal and cross attention.
+
+It runs on `torch.nn.functional.scaled_dot_product_attention` in the
+(B, H, T, Dh) layout SDPA wants, with a fused QKV projection for
+self-attention (one GEMM instead of three), grouped-query heads
+(`n_kv_heads` < `n_heads`, SDPA's ``enable_gqa``), rotary positions and an
+incremental KV cache. Attention-probability dropout is deliberately absent:
+``dropout_p > 0`` pushes CPU SDPA onto a ~9x slower kernel, so dropout is
+applied to the residual branch instead (see `EncoderLayer`).
+
+`reference_attention` is the plain softmax(QK^T / sqrt(Dh)) V the tests
+compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainformer.nn.cache import LayerKV
+from trainformer.nn.embedding import apply_rotary
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention; ``cross=True`` attends from x to an encoder memory.
+
+    Parameters (checkpoint keys, see docs/parameter-names.md):
+        self-attention: ``qkv`` (Linear D -> (H + 2 KV) Dh; rows are q, then k, then v), ``out``.
+        cross-attention: ``q`` (D -> H Dh), ``kv`` (D -> 2 KV Dh; rows k then v), ``out``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        bias: bool = True,
+        cross: bool = False,
+    ):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.head_dim = d_model // n_heads
+        self.cross = cross
+        q_dim, kv_dim = n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if cross:
+            self.q = nn.Linear(d_model, q_dim, bias=bias)
+            self.kv = nn.Linear(d_model, 2 * kv_dim, bias=bias)
+        else:
+            self.qkv = nn.Linear(d_model, q_dim + 2 * kv_dim, bias=bias)
+        self.out = nn.Linear(q_dim, d_model, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        rope: Rope | None = None,
+        cache: LayerKV | None = None,
+    ) -> torch.Tensor:
+        """Attend from x (B, T, D); returns (B, T, D).
+
+        Args:
+            memory: (B, S, D) keys/values source for cross-attention (unused once `cache` holds them).
+            attn_mask: bool, broadcastable to (B, H, T, S); True = may attend.
+            is_causal: let SDPA apply the causal mask itself (no cache, no attn_mask).
+            rope: (cos, sin) from `RotaryEmbedding`, applied to q and k (self-attention only).
+            cache: self-attention: new k/v are appended and all cached ones used;
+                cross-attention: memory k/v are computed on first use and reused after.
+        """
+        if self.cross:
+            q, k, v = self._cross_qkv(x, memory, cache)
+        else:
+            q, k, v = self._self_qkv(x, rope, cache)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, Dh)
+        b, _, t, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, H*Dh) -> (B, T, D)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, n, self.head_dim).transpose(1, 2)  # (B, n, T, Dh), a view
+
+    def _self_qkv(self, x: torch.Tensor, rope: Rope | None, cache: LayerKV | None):
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)  # (B, T, *) views
+        q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, KV, P + T, Dh)
+        return q, k, v
+
+    def _cross_qkv(self, x: torch.Tensor, memory: torch.Tensor | None, cache: LayerKV | None):
+        q = self._heads(self.q(x), self.n_heads)  # (B, H, T, Dh)
+        if cache is not None and not cache.empty:
+            return q, cache.k, cache.v
+        if memory is None:
+            raise ValueError("cross-attention needs `memory` (or a cache that already holds it)")
+        k, v = self.kv(memory).chunk(2, dim=-1)  # (B, S, KV*Dh) each
+        k, v = self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)  # (B, KV, S, Dh)
+        if cache is not None:
+            cache.k, cache.v = k, v
+        return q, k, v
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Plain attention for tests: softmax(Q K^T / sqrt(Dh)) V with explicit masks.
+
+    Args:
+        q: (B, H, T, Dh); k, v: (B, KV, S, Dh) with H a multiple of KV (GQA: each
+            group of H / KV query heads shares one key/value head).
+        mask: bool broadcastable to (B, H, T, S), True = may attend.
+        causal: query i sees keys j <= i + (S - T) (queries are the last T positions).
+    Returns:
+        (B, H, T, Dh). Rows with nothing to attend to are NaN.
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # (B, H, S, Dh)
+    v = v.repeat_interleave(group, dim=1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    t, s = scores.shape[-2:]
+    if causal:
+        allowed = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v

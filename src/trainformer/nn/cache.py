@@ -1,0 +1,78 @@
+"""The incremental-decoding state (KV cache) of a decoder stack.
+
+One `KVCache` per generation call holds, for every decoder layer, the
+self-attention keys/values of the tokens seen so far (appended each step)
+and, for an encoder-decoder, the cross-attention keys/values of the encoder
+memory (computed on the first step, then reused). It also keeps the key
+padding mask of the cached tokens, so a left-padded prompt keeps masking its
+padding while generation continues.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerKV:
+    """Keys and values of one attention layer, (B, KV, S, Dh) each, or empty."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.k is None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new tokens' k, v (B, KV, T, Dh); return all of them (B, KV, P + T, Dh)."""
+        if self.k is not None:
+            k = torch.cat([self.k, k], dim=2)
+            v = torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep / reorder / repeat batch rows: row i becomes old row index[i]."""
+        if self.k is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+
+class KVCache:
+    """Decoding state of a stack of `n_layers` decoder layers.
+
+    Attributes:
+        self_kv: per layer, the self-attention K/V of the `length` tokens so far.
+        cross_kv: per layer, the cross-attention K/V of the encoder memory.
+        key_mask: (B, length) real-token mask of the cached tokens, or None if none was padded.
+        cross_mask: (B, S) real-token mask of the encoder memory, or None.
+        length: number of cached tokens.
+    """
+
+    def __init__(self, n_layers: int):
+        self.self_kv = [LayerKV() for _ in range(n_layers)]
+        self.cross_kv = [LayerKV() for _ in range(n_layers)]
+        self.key_mask: torch.Tensor | None = None
+        self.cross_mask: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def has_cross(self) -> bool:
+        return not self.cross_kv[0].empty if self.cross_kv else False
+
+    def select(self, index: torch.Tensor, cross: bool = True) -> None:
+        """Reorder the batch: row i becomes old row `index[i]` (beam search, batch expansion).
+
+        Beam search reorders beams of the same source only; their cross K/V are
+        identical, so it passes ``cross=False`` and skips that copy.
+        """
+        for kv in self.self_kv:
+            kv.select(index)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, index)
+        if cross:
+            for kv in self.cross_kv:
+                kv.select(index)
+            if self.cross_mask is not None:
+                self.cross_mask = self.cross_mask.index_select(0, index)

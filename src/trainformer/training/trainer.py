@@ -1,0 +1,682 @@
+"""The one training loop, shared by every task.
+
+One step, top to bottom: pull the step's micro-batches, count their loss
+tokens (all ranks), forward under autocast + backward of loss_sum / tokens for
+each micro-batch (gradient sync on the last only), clip, skip the step if
+anything is non-finite, optimizer, schedule. Then log / evaluate / checkpoint
+when due. `.item()` is called only on log steps (plus one host read per step
+for the non-finite check).
+
+    trainer = Trainer(cfg, task, RunDir(Path("runs/x")))
+    summary = trainer.fit()            # or fit(resume=True) to continue
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import signal
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainformer.config import Config, save_config, to_dict
+from trainformer.errors import ConfigError, UserError
+from trainformer.rundir import RunDir, atomic_write_text
+from trainformer.tasks.base import Batch, Task
+from trainformer.training import checkpoint as ckpt
+from trainformer.training import distributed as D
+from trainformer.training.device import setup_device
+from trainformer.training.loss import count_loss_tokens
+from trainformer.training.optim import build_optimizer, clip_gradients
+from trainformer.training.precision import build_precision
+from trainformer.training.progress import Progress
+from trainformer.training.schedule import build_scheduler
+from trainformer.training.throughput import eta_seconds, mfu, peak_flops
+from trainformer.training.wrapping import apply_activation_checkpointing, compile_model
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint (plain numbers only)."""
+
+    step: int = 0  # optimizer updates done (skipped non-finite steps do not count)
+    tokens: int = 0  # non-padding tokens processed, all ranks
+    elapsed_s: float = 0.0  # wall time of the run, across resumes
+    train_s: float = 0.0  # time inside training steps (excludes evaluation, checkpoints)
+    bad_steps: int = 0  # non-finite steps skipped in total
+    best_value: float | None = None
+    best_step: int = 0
+    evals_since_best: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class Trainer:
+    """Trains `task`'s model as `cfg` says, writing everything into `run_dir`.
+
+    Args:
+        cfg: the whole resolved config (the trainer reads `train`, `optim`, `parallel`).
+        task: data, model, loss and metric (see `trainformer.tasks.base.Task`).
+        run_dir: where config, metrics, checkpoints and the final model go.
+    """
+
+    def __init__(self, cfg: Config, task: Task, run_dir: RunDir):
+        self.cfg = cfg
+        self.task = task
+        self.env = D.env_from_torchrun()
+        self.device = setup_device(cfg.train, self.env.local_rank)
+        D.init_process_group(self.env, cfg.parallel, self.device)
+        # gloo reduces CPU tensors, NCCL device tensors
+        nccl = self.env.distributed and D.resolve_backend(cfg.parallel.backend, self.device) == "nccl"
+        self.comm_device = self.device if nccl else torch.device("cpu")
+        self.run_dir = run_dir
+        run_dir.is_main = self.env.is_main
+        self.precision = build_precision(cfg.train.precision, self.device)
+        if self.device.type == "cuda" and not cfg.train.deterministic:
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x fp32 on Ampere and later
+        self.state = TrainState()
+        self._signal: int | None = None
+        self._early_stop = False
+        self._last_ckpt_step = -1
+        self._last_eval_step = -1
+        self._bad_in_a_row = 0
+        self.valid_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------
+    # Set-up
+    # ------------------------------------------------------------------
+
+    def _prepare_run_dir(self, resume: bool) -> None:
+        """Write config.yaml (resolved after task.setup) and env.json; keep env.json on resume."""
+        if self.env.is_main:
+            if resume and (self.run_dir.path / "env.json").is_file():
+                self.run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
+                save_config(self.cfg, self.run_dir.path / "config.yaml")
+            else:
+                self.run_dir.create(self.cfg)
+        D.barrier(self.env)
+
+    def _build_model(self, resume: bool) -> None:
+        """Model on its device, optionally fine-tuned from `init_from`, then AC, DDP/FSDP, compile."""
+        cfg = self.cfg
+        model = self.task.build_model()
+        if cfg.init_from and not resume:
+            missing, skipped = ckpt.load_pretrained(model, Path(cfg.init_from))
+            self._print(f"init_from {cfg.init_from}: {len(missing)} new tensors, {len(skipped)} skipped")
+        model.to(self.device)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.flops_per_token = float(self.task.flops_per_token(model))
+        if cfg.train.activation_checkpointing and apply_activation_checkpointing(model) == 0:
+            warnings.warn("train.activation_checkpointing: the model has no `layers` to wrap", stacklevel=2)
+        wrapped = D.wrap_model(model, cfg.parallel, self.env, self.device, self.precision.name)
+        self.fsdp = self.env.distributed and cfg.parallel.strategy == "fsdp"
+        self.module: nn.Module = model  # own names; for FSDP2 the sharded root itself
+        self.sync_model = wrapped  # what gradient_sync talks to (DDP / FSDP)
+        self.model = compile_model(wrapped) if cfg.train.compile else wrapped
+
+    def _build_optimization(self) -> None:
+        self.optimizer = build_optimizer(self.module, self.cfg.optim)  # after FSDP: DTensor params
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.max_steps)
+        self.scaler = self.precision.grad_scaler()
+
+    def _setup(self, resume: bool) -> Path | None:
+        """Everything before the first step; returns the checkpoint resumed from, if any."""
+        self.task.setup(self.run_dir.path, self.env.rank, self.env.world_size)
+        self._prepare_run_dir(resume)
+        self._build_model(resume)
+        self._build_optimization()
+        self.batches = self.task.train_batches()
+        if self.cfg.train.max_epochs and self._epoch() is None:
+            raise ConfigError(
+                "train.max_epochs: this task's batches do not report an epoch; use train.max_steps"
+            )
+        latest = ckpt.latest_checkpoint(self.run_dir.checkpoints) if resume else None
+        if resume and latest is None:
+            self._print(f"resume: no complete checkpoint in {self.run_dir.checkpoints}; starting at step 0")
+        if latest is not None:
+            self._restore(latest)
+        self.peak = self._peak_flops() if self.env.is_main else None
+        return latest
+
+    def _peak_flops(self) -> float | None:
+        """The device's peak FLOP/s for MFU; a CPU measurement is cached in env.json."""
+        env_path = self.run_dir.path / "env.json"
+        try:
+            env = json.loads(env_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            env = {}
+        key = f"{self.device.type}-{self.precision.name}"
+        cached = env.get("peak_flops", {})
+        if key in cached:
+            return cached[key]
+        peak = peak_flops(self.device, self.precision.name, self.precision.dtype)
+        if env and peak:
+            env["peak_flops"] = {**cached, key: peak}
+            atomic_write_text(env_path, json.dumps(env, indent=2) + "\n")
+        return peak
+
+    # ------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------
+
+    def _restore(self, path: Path) -> None:
+        """Continue exactly from a checkpoint: weights, optimizer, schedule, data order, RNG."""
+        state = ckpt.load_state(path)
+        D.load_full_model_state(self.module, ckpt.load_weights(path / ckpt.WEIGHTS))
+        D.load_full_optimizer_state(self.module, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_lr_from_config()
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState.from_dict(state["train"])
+        self._last_ckpt_step = self.state.step  # (metrics are not saved: the end re-evaluates)
+        ranks = state["ranks"]
+        if len(ranks) != self.env.world_size:
+            self._print(f"resume: checkpoint written by {len(ranks)} process(es), now "
+                        f"{self.env.world_size}: data order and RNG do not continue exactly")
+        mine = ranks[self.env.rank % len(ranks)]
+        self.batches.load_state_dict(mine["batches"])
+        ckpt.restore_rng(mine["rng"])  # last: building the model above consumed random numbers
+        self._print(f"resumed from {path} (step {self.state.step})")
+
+    def _apply_lr_from_config(self) -> None:
+        """Let `optim.lr` overrides win on resume (LambdaLR restores the old base rates)."""
+        lr = self.cfg.optim.lr
+        self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
+        step = self.scheduler.last_epoch
+        for group, fn in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * fn(step)
+
+    def save_checkpoint(self) -> Path | None:
+        """Write checkpoints/step-N (every rank takes part; rank 0 writes). Returns its path on rank 0."""
+        model_state = D.full_model_state(self.module)
+        optim_state = D.full_optimizer_state(self.module, self.optimizer)
+        self._sync_elapsed()
+        mine = {"rng": ckpt.capture_rng(), "batches": ckpt.to_plain(self.batches.state_dict())}
+        ranks = D.all_gather_object(mine, self.env)
+        # Tokens of the unlogged window are counted too: a resumed run restarts the window.
+        pending = D.all_reduce(torch.tensor(float(self._window_tokens), device=self.comm_device), self.env)
+        path = None
+        if self.env.is_main:
+            state = {
+                "train": {**asdict(self.state), "tokens": self.state.tokens + int(pending.item())},
+                "optimizer": optim_state,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "ranks": ranks,
+                "world_size": self.env.world_size,
+            }
+            root = self.run_dir.checkpoints
+            path = ckpt.save_checkpoint(root, self.state.step, model_state, state, self.cfg)
+            protect = [root / ckpt.step_dir_name(self.state.best_step)] if self.state.best_value is not None else []
+            keep = max(self.cfg.train.keep_last, self.cfg.train.average_last)
+            ckpt.prune_checkpoints(root, keep, protect)
+        self._last_ckpt_step = self.state.step
+        self._last_ckpt_time = time.monotonic()
+        D.barrier(self.env)
+        return path
+
+    # ------------------------------------------------------------------
+    # One step
+    # ------------------------------------------------------------------
+
+    def _loss_tokens(self, batch: Batch) -> int | None:
+        """Tokens carrying loss in a batch, known before the forward pass (None if unknown)."""
+        counter = getattr(self.task, "loss_tokens", None)
+        if callable(counter):
+            return int(counter(batch))
+        labels = batch.get("labels")
+        return count_loss_tokens(labels) if labels is not None else None
+
+    def _global_loss_tokens(self, micro: list[Batch]) -> torch.Tensor | float | None:
+        """Loss tokens of the whole step on all ranks: the divisor that makes accumulation exact."""
+        counts = [self._loss_tokens(b) for b in micro]
+        if any(c is None for c in counts):
+            return None
+        if not self.env.distributed:
+            return float(max(1, sum(counts)))
+        total = torch.tensor(float(sum(counts)), device=self.comm_device)
+        D.all_reduce(total, self.env)  # stays on device: no host sync
+        return total.clamp_min(1.0).to(self.device)
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def _rescale_grads(self, local_tokens: torch.Tensor) -> None:
+        """Fallback when loss tokens cannot be counted up front: divide the summed gradients."""
+        total = local_tokens.detach().to(self.comm_device).clone()
+        D.all_reduce(total, self.env)
+        factor = self.env.world_size / max(1.0, total.item())  # a float also scales DTensor grads
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
+    def _forward_backward(self, micro: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate the gradients of a step; returns this rank's (loss sum, loss tokens).
+
+        Each micro-batch's summed loss is scaled by world_size / (tokens of the
+        step on all ranks): DDP/FSDP average over ranks, so the update equals one
+        big batch's token-mean loss whatever the split into micro-batches.
+        """
+        total = self._global_loss_tokens(micro)
+        scale = self.env.world_size / total if total is not None else 1.0
+        loss_sum = torch.zeros((), device=self.device)
+        n_tokens = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro):
+            self._window_tokens += self.task.batch_tokens(batch)  # CPU tensors: no device sync
+            batch = self._to_device(batch)
+            with D.gradient_sync(self.sync_model, enabled=i == len(micro) - 1):
+                with self.precision.autocast():
+                    part_sum, part_tokens = self.task.loss(self.model, batch)
+                loss = part_sum.float() * scale
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_sum += part_sum.detach().float()
+            n_tokens += part_tokens.detach().float()
+        if total is None:
+            self._rescale_grads(n_tokens)
+        return loss_sum, n_tokens
+
+    def _optimizer_step(self, loss_sum: torch.Tensor) -> tuple[bool, torch.Tensor]:
+        """Clip and step unless the loss or the gradients are non-finite; returns (stepped, norm)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = clip_gradients(self.module.parameters(), self.cfg.optim.clip_grad)
+        bad = (~(torch.isfinite(norm) & torch.isfinite(loss_sum))).float().to(self.comm_device)
+        D.all_reduce(bad, self.env, op="max")  # every rank skips, or none does
+        # The one host read per step: skipping must be decided on the host.
+        ok = not bool(bad)
+        if ok:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+        if self.scaler is not None:
+            self.scaler.update()  # lowers the loss scale after an overflow
+        self.optimizer.zero_grad(set_to_none=True)
+        return ok, norm
+
+    def train_step(self, micro: list[Batch]) -> bool:
+        """One optimizer step over `micro` (grad_accum micro-batches); False if it was skipped."""
+        self.model.train()
+        start = time.monotonic()
+        loss_sum, n_tokens = self._forward_backward(micro)
+        ok, norm = self._optimizer_step(loss_sum)
+        self._last_norm = norm.detach()
+        if ok:
+            self._window_loss += loss_sum
+            self._window_ntok += n_tokens
+            self._window_steps += 1
+        else:
+            self._last_bad = (loss_sum, n_tokens)
+        self.state.train_s += time.monotonic() - start
+        return ok
+
+    # ------------------------------------------------------------------
+    # Logging, evaluation, stopping
+    # ------------------------------------------------------------------
+
+    def _print(self, line: str) -> None:
+        if self.env.is_main:
+            progress = getattr(self, "progress", None)
+            if progress is not None and progress.enabled:
+                progress.print(line)
+            else:
+                print(line, flush=True)
+
+    def _sync_elapsed(self) -> None:
+        now = time.monotonic()
+        self.state.elapsed_s += now - self._clock
+        self._clock = now
+
+    def _epoch(self) -> int | None:
+        """Epochs completed = the epoch of the next batch, from the iterator's state.
+
+        An iterator that moves to the next epoch only when asked for its next
+        batch reports (epoch, position == batches per epoch) at an epoch's end;
+        that counts as done when the iterator has a length.
+        """
+        state = self.batches.state_dict()
+        epoch = state.get("epoch", getattr(self.batches, "epoch", None))
+        if epoch is None:
+            return None
+        position = state.get("position")
+        try:
+            per_epoch = len(self.batches)  # type: ignore[arg-type]
+        except TypeError:
+            per_epoch = 0
+        if position is not None and per_epoch and position >= per_epoch:
+            epoch += 1
+        return int(epoch)
+
+    def _reset_window(self) -> None:
+        self._window_loss = torch.zeros((), device=self.device)
+        self._window_ntok = torch.zeros((), device=self.device)
+        self._window_tokens = 0
+        self._window_steps = 0
+        self._window_start = time.monotonic()
+        self._window_paused = 0.0  # evaluation / checkpoint time inside the window
+
+    def _log_train(self) -> None:
+        """Reduce the window's sums over ranks, then log one record (the only .item() calls)."""
+        tokens = torch.tensor(float(self._window_tokens), device=self.device)
+        sums = torch.stack([self._window_loss, self._window_ntok, tokens]).to(self.comm_device)
+        loss_sum, n_tokens, tokens = D.all_reduce(sums, self.env).tolist()  # one host sync
+        seconds = max(1e-9, time.monotonic() - self._window_start - self._window_paused)
+        tokens_per_s = tokens / seconds
+        self.state.tokens += int(tokens)
+        self._sync_elapsed()
+        record = {
+            "event": "train",
+            "step": self.state.step,
+            "loss": loss_sum / max(n_tokens, 1.0),
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(self.flops_per_token, tokens_per_s / self.env.world_size, self.peak),
+            "grad_norm": self._last_norm.item(),
+            "elapsed_s": self.state.elapsed_s,
+            "eta_s": eta_seconds(self.state.step, self.cfg.train.max_steps,
+                                 seconds / max(1, self._window_steps), self.state.elapsed_s,
+                                 self.cfg.train.max_minutes),
+        }
+        epoch = self._epoch()
+        if epoch is not None:
+            record["epoch"] = epoch
+        self.progress.log(record)
+        self._reset_window()
+
+    def _log_bad_step(self) -> None:
+        """Record a skipped non-finite step; stop after `max_bad_steps` in a row."""
+        self._bad_in_a_row += 1
+        self.state.bad_steps += 1
+        loss_sum, n_tokens = self._last_bad
+        loss = (loss_sum / n_tokens.clamp_min(1.0)).item()
+        record = {"event": "bad_step", "step": self.state.step, "loss": loss,
+                  "grad_norm": self._last_norm.item(), "in_a_row": self._bad_in_a_row}
+        self.progress.log(record)
+        self._print(f"step {self.state.step}: non-finite loss/gradients (loss {loss}); step skipped")
+        if self._bad_in_a_row >= self.cfg.train.max_bad_steps:
+            last = ckpt.latest_checkpoint(self.run_dir.checkpoints)
+            where = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
+            raise UserError(
+                f"training diverged: {self._bad_in_a_row} non-finite steps in a row after step "
+                f"{self.state.step} (train.max_bad_steps); {where}. Lower optim.lr or raise "
+                f"optim.warmup_steps, then --resume {self.run_dir.path}"
+            )
+
+    def _on_eval_ranks(self, fn):
+        """Run `fn(model)` in eval mode where it must run (rank 0, or every rank under FSDP
+        whose forward needs all ranks), with RNG untouched; rank 0's answer on every rank.
+
+        Forking the RNG keeps training independent of how often we evaluate.
+        """
+        result = None
+        if self.fsdp or self.env.is_main:
+            rng = ckpt.capture_rng()
+            model = self.module
+            model.eval()
+            try:
+                with torch.no_grad(), self.precision.autocast():
+                    result = fn(model)
+            finally:
+                model.train()
+                ckpt.restore_rng(rng)
+        return D.broadcast_object(result, self.env)
+
+    def evaluate(self, split: str = "valid", **extra: Any) -> dict[str, float]:
+        """Evaluate on `split`, log it, and (for valid) track the best model and early stopping."""
+        start = time.monotonic()
+        metrics = self._on_eval_ranks(lambda m: self.task.evaluate(m, split))
+        main = self.task.main_metric
+        if main not in metrics:
+            raise RuntimeError(f"{type(self.task).__name__}.evaluate({split!r}) returned no {main!r}")
+        self._sync_elapsed()
+        record = {"event": "eval", "split": split, "step": self.state.step,
+                  "elapsed_s": self.state.elapsed_s, "main_metric": main, **extra, **metrics}
+        self.progress.log(record)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
+        self._print(f"{split} @ step {self.state.step}: {shown}")
+        if split == "valid" and not extra:
+            self._last_eval_step = self.state.step
+            self.valid_metrics = metrics
+            self._track_best(float(metrics[main]))
+        self._window_paused += time.monotonic() - start
+        return metrics
+
+    def _track_best(self, value: float) -> None:
+        s = self.state
+        better = s.best_value is None or (
+            value > s.best_value if self.task.higher_is_better else value < s.best_value
+        )
+        if math.isfinite(value) and better:
+            s.best_value, s.best_step, s.evals_since_best = value, s.step, 0
+            model_state = D.full_model_state(self.module)
+            if self.env.is_main:
+                info = {"step": s.step, "metric": self.task.main_metric, "value": value}
+                ckpt.save_best(self.run_dir.checkpoints, model_state, info)
+            D.barrier(self.env)
+            return
+        s.evals_since_best += 1
+        patience = self.cfg.train.early_stopping
+        if patience and s.evals_since_best >= patience:
+            self._early_stop = True
+            self._print(f"early stopping: {patience} evaluations without a better {self.task.main_metric}")
+
+    def _stop_reason(self) -> str | None:
+        """Why training should stop now (the same answer on every rank), or None."""
+        t = self.cfg.train
+        self._sync_elapsed()
+        local = [self._signal is not None, t.max_minutes > 0 and self.state.elapsed_s >= 60 * t.max_minutes]
+        signalled, out_of_time = self._agree(local)
+        if signalled:
+            return "signal"
+        if self.state.step >= t.max_steps:
+            return "max_steps"
+        if out_of_time:
+            return "max_minutes"
+        if t.max_epochs and (self._epoch() or 0) >= t.max_epochs:
+            return "max_epochs"
+        if self._early_stop:
+            return "early_stopping"
+        return None
+
+    def _agree(self, flags: list[bool]) -> list[bool]:
+        """Any rank's True is every rank's True (clocks and signals differ between processes)."""
+        if not self.env.distributed:
+            return flags
+        tensor = torch.tensor(flags, dtype=torch.float32, device=self.comm_device)
+        return [bool(v) for v in D.all_reduce(tensor, self.env, op="max").tolist()]
+
+    def _checkpoint_due(self) -> bool:
+        t = self.cfg.train
+        if t.ckpt_every and self.state.step % t.ckpt_every == 0:
+            return True
+        if t.ckpt_every_minutes > 0:
+            return self._agree([time.monotonic() - self._last_ckpt_time >= 60 * t.ckpt_every_minutes])[0]
+        return False
+
+    def _after_step(self) -> None:
+        t = self.cfg.train
+        step = self.state.step
+        if step % t.log_every == 0:
+            self._log_train()
+        if t.eval_every and step % t.eval_every == 0:
+            self.evaluate("valid")
+        if self._checkpoint_due():
+            start = time.monotonic()
+            self.save_checkpoint()
+            self._window_paused += time.monotonic() - start
+
+    # ------------------------------------------------------------------
+    # The run
+    # ------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self._signal = signum
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _train_loop(self) -> str:
+        """Steps until a stop condition; returns why it stopped."""
+        batches = iter(self.batches)
+        accum = self.cfg.train.grad_accum
+        first = True
+        while (reason := self._stop_reason()) is None:
+            try:
+                micro = [next(batches) for _ in range(accum)]
+            except StopIteration:
+                return "data_exhausted"
+            start = time.monotonic()
+            if not self.train_step(micro):
+                self._log_bad_step()
+                continue
+            if first and self.cfg.train.compile:
+                seconds = time.monotonic() - start
+                self.progress.log({"event": "compile", "step": self.state.step + 1, "compile_s": seconds})
+                self._print(f"torch.compile: first step took {seconds:.1f}s")
+                self._reset_window()  # keep compile time out of tokens/s
+            first = False
+            self._bad_in_a_row = 0
+            self.state.step += 1
+            self.progress.advance()
+            self._after_step()
+        return reason
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train until max_steps / max_minutes / max_epochs / early stopping / a signal.
+
+        Args:
+            resume: continue from the newest complete checkpoint in the run dir.
+
+        Returns:
+            The summary also written to summary.json.
+        """
+        self._setup(resume)
+        self._clock = self._last_ckpt_time = time.monotonic()
+        report = self.task.data_report()
+        t = self.cfg.train
+        self.progress = Progress(self.run_dir, t.max_steps, self.state.step, bar=t.progress,
+                                 enabled=self.env.is_main)
+        if report:
+            self.progress.log({"event": "data", "step": self.state.step, **report})
+        self._reset_window()
+        old_handlers = self._install_signal_handlers()
+        try:
+            reason = self._train_loop()
+            self.progress.end_bar()
+            return self._finish(reason)
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            self.progress.close()
+            self._release_wrappers()
+
+    def _release_wrappers(self) -> None:
+        """Drop the DDP / compile wrappers now, while the process group still exists:
+        a DDP module freed after `destroy_process_group` hangs its process at exit
+        (seen with gloo, PyTorch 2.13). `self.module` keeps the trained weights."""
+        self.model = self.sync_model = self.module
+        gc.collect()
+
+    # ------------------------------------------------------------------
+    # The end of a run
+    # ------------------------------------------------------------------
+
+    def _average_last(self) -> int:
+        """Load the mean of the last `train.average_last` checkpoints; returns how many."""
+        n = self.cfg.train.average_last
+        paths = ckpt.list_checkpoints(self.run_dir.checkpoints)[-n:] if n > 1 else []
+        if len(paths) < 2:
+            return 0
+        D.load_full_model_state(self.module, ckpt.average_checkpoints(paths))
+        self._print(f"averaged the weights of {len(paths)} checkpoints: {paths[0].name}..{paths[-1].name}")
+        return len(paths)
+
+    def _has_split(self, split: str) -> bool:
+        has = getattr(self.task, "has_split", None)
+        if callable(has):
+            return bool(has(split))
+        return split != "test" or self.cfg.data.test_size > 0
+
+    def _write_model_dir(self) -> None:
+        """model/: weights, config.json and the task's files, published in one rename."""
+        model_state = D.full_model_state(self.module)
+        if self.env.is_main:
+            final = self.run_dir.model_dir
+            tmp = ckpt.fresh_tmp_dir(final)
+            ckpt.save_weights(model_state, tmp / ckpt.WEIGHTS)
+            (tmp / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n", encoding="utf-8")
+            self.task.save_artifacts(tmp)
+            ckpt.publish_dir(tmp, final)
+        D.barrier(self.env)
+
+    def _summary(self, reason: str, valid: dict, test: dict, averaged: int) -> dict[str, Any]:
+        self._sync_elapsed()
+        s = self.state
+        return {
+            "name": self.cfg.name, "task": self.cfg.task, "stop_reason": reason,
+            "steps": s.step, "tokens": s.tokens, "wall_time_s": s.elapsed_s, "train_time_s": s.train_s,
+            "tokens_per_s": s.tokens / s.train_s if s.train_s else 0.0,
+            "mfu": mfu(self.flops_per_token, s.tokens / max(s.train_s, 1e-9) / self.env.world_size, self.peak),
+            "params": self.n_params, "precision": self.precision.name, "device": str(self.device),
+            "world_size": self.env.world_size, "bad_steps": s.bad_steps, "averaged_checkpoints": averaged,
+            "main_metric": self.task.main_metric, "best": {"step": s.best_step, "value": s.best_value},
+            "valid": valid, "test": test,
+        }
+
+    def _finish(self, reason: str) -> dict[str, Any]:
+        """Last checkpoint and evaluation, model/, summary.json, plots, samples."""
+        if self._window_steps:
+            self._log_train()
+        if reason == "signal":  # be quick: a scheduler's grace period is short
+            if self._last_ckpt_step != self.state.step:
+                self.save_checkpoint()
+            self._print(f"stopped by signal at step {self.state.step}; --resume {self.run_dir.path} continues")
+            summary = self._summary(reason, {}, {}, 0)
+            self.run_dir.write_summary(summary)
+            return summary
+        self._print(f"stopping at step {self.state.step}: {reason}")
+        if self._last_eval_step != self.state.step:
+            self.evaluate("valid")
+        if self._last_ckpt_step != self.state.step:
+            self.save_checkpoint()
+        valid = self.valid_metrics
+        averaged = self._average_last()
+        if averaged:
+            valid = self.evaluate("valid", averaged=averaged)
+        test = self.evaluate("test") if self._has_split("test") else {}
+        self._write_model_dir()
+        summary = self._summary(reason, valid, test, averaged)
+        self.run_dir.write_summary(summary)
+        self._plot()
+        for line in self._on_eval_ranks(self.task.samples) or []:
+            self._print(line)
+        return summary
+
+    def _plot(self) -> None:
+        if not self.env.is_main:
+            return
+        from trainformer.training.plots import plot_run
+
+        try:
+            plot_run(self.run_dir.path)
+        except Exception as e:  # a plotting problem must not cost a finished run its summary
+            self._print(f"plots: skipped ({type(e).__name__}: {e})")

@@ -1,0 +1,296 @@
+"""The shared blocks: attention against the plain reference, masks, positions, norms, FFN, init."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainformer.nn import (
+    DecoderLayer,
+    EncoderLayer,
+    FeedForward,
+    KVCache,
+    LearnedPositions,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    SinusoidalPositions,
+    TokenEmbedding,
+    init_weights,
+    key_padding_mask,
+    make_norm,
+    positions_for,
+    reference_attention,
+    scale_residual_projections,
+    self_attention_mask,
+)
+from trainformer.nn.cache import LayerKV
+
+B, T, D, H = 2, 7, 32, 4
+
+
+def _mha(n_kv=None, cross=False, seed=0):
+    torch.manual_seed(seed)
+    m = MultiHeadAttention(D, H, n_kv, cross=cross)
+    init_weights(m, 0.2)  # large weights: attention patterns far from uniform
+    return m.eval()
+
+
+def _split_heads(x, n):  # (B, T, n*Dh) -> (B, n, T, Dh)
+    return x.view(x.shape[0], x.shape[1], n, -1).transpose(1, 2)
+
+
+def _reference(m, x, memory=None, mask=None, causal=False, rope_pos=None):
+    """The module's projections done by hand, then `reference_attention`."""
+    dh, kv = D // H, m.n_kv_heads
+    if m.cross:
+        q = x @ m.q.weight.T + m.q.bias
+        wk, wv = m.kv.weight.split(kv * dh)
+        bk, bv = m.kv.bias.split(kv * dh)
+        k, v = memory @ wk.T + bk, memory @ wv.T + bv
+    else:
+        wq, wk, wv = m.qkv.weight.split([H * dh, kv * dh, kv * dh])
+        bq, bk, bv = m.qkv.bias.split([H * dh, kv * dh, kv * dh])
+        q, k, v = x @ wq.T + bq, x @ wk.T + bk, x @ wv.T + bv
+    q, k, v = _split_heads(q, H), _split_heads(k, kv), _split_heads(v, kv)
+    if rope_pos is not None:
+        q, k = _rope_by_pairs(q, rope_pos), _rope_by_pairs(k, rope_pos)
+    y = reference_attention(q, k, v, mask, causal)  # (B, H, T, Dh)
+    return y.transpose(1, 2).reshape(x.shape[0], x.shape[1], D) @ m.out.weight.T + m.out.bias
+
+
+def _rope_by_pairs(x, positions, theta=10000.0):
+    """RoPE written out: rotate the pair (i, i + Dh/2) by pos * theta^(-2i/Dh)."""
+    out = x.clone()
+    half = x.shape[-1] // 2
+    for t, pos in enumerate(positions.tolist()):
+        for i in range(half):
+            a = pos * theta ** (-2 * i / x.shape[-1])
+            x1, x2 = x[..., t, i], x[..., t, i + half]
+            out[..., t, i] = x1 * math.cos(a) - x2 * math.sin(a)
+            out[..., t, i + half] = x1 * math.sin(a) + x2 * math.cos(a)
+    return out
+
+
+def _padding(lengths, width):
+    return torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]  # (B, width)
+
+
+# ---------------------------------------------------------------------------- attention vs reference
+
+
+def test_self_attention_matches_reference():
+    m, x = _mha(), torch.randn(B, T, D)
+    torch.testing.assert_close(m(x), _reference(m, x), atol=1e-5, rtol=1e-4)
+
+
+def test_causal_attention_matches_reference():
+    m, x = _mha(), torch.randn(B, T, D)
+    mask, is_causal = self_attention_mask(T, 0, x.device)
+    assert mask is None and is_causal  # the fast SDPA path is taken
+    torch.testing.assert_close(m(x, is_causal=True), _reference(m, x, causal=True), atol=1e-5, rtol=1e-4)
+
+
+def test_padded_self_attention_matches_reference_on_real_tokens():
+    m, x = _mha(), torch.randn(B, T, D)
+    real = _padding([T, 4], T)
+    out = m(x, attn_mask=key_padding_mask(real))
+    ref = _reference(m, x, mask=real[:, None, None, :])
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-4)
+
+
+def test_padded_causal_attention_matches_reference():
+    m, x = _mha(), torch.randn(B, T, D)
+    real = _padding([T, 5], T)
+    mask, is_causal = self_attention_mask(T, 0, x.device, key_mask=real)
+    out = m(x, attn_mask=mask, is_causal=is_causal)
+    ref = _reference(m, x, mask=real[:, None, None, :], causal=True)
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-4)
+
+
+def test_cross_attention_matches_reference_with_padded_memory():
+    m, x, memory = _mha(cross=True), torch.randn(B, T, D), torch.randn(B, 5, D)
+    real = _padding([5, 2], 5)
+    out = m(x, memory, attn_mask=key_padding_mask(real))
+    torch.testing.assert_close(out, _reference(m, x, memory, mask=real[:, None, None, :]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2])
+def test_grouped_query_attention_matches_reference(n_kv):
+    m, x = _mha(n_kv=n_kv), torch.randn(B, T, D)
+    assert m.qkv.weight.shape[0] == (H + 2 * n_kv) * (D // H)
+    torch.testing.assert_close(m(x, is_causal=True), _reference(m, x, causal=True), atol=1e-5, rtol=1e-4)
+
+
+def test_rope_attention_matches_reference():
+    m, x = _mha(), torch.randn(B, T, D)
+    rope = RotaryEmbedding(D // H, max_len=32)
+    pos = torch.arange(3, 3 + T)  # an offset, as after a cache
+    out = m(x, is_causal=True, rope=rope(pos))
+    torch.testing.assert_close(out, _reference(m, x, causal=True, rope_pos=pos), atol=1e-5, rtol=1e-4)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rope, q, k = RotaryEmbedding(8, 64), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    from trainformer.nn import apply_rotary
+
+    def score(i, j):
+        return (apply_rotary(q, *rope(torch.tensor([i]))) * apply_rotary(k, *rope(torch.tensor([j])))).sum()
+
+    torch.testing.assert_close(score(5, 2), score(13, 10))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_sdpa_never_gets_attention_dropout(monkeypatch):
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("dropout_p", 0.0))
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    layer = DecoderLayer(D, H, 64, cross=True, dropout=0.3).train()
+    layer(torch.randn(B, T, D), is_causal=True, memory=torch.randn(B, 5, D))
+    assert seen == [0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------- cache and masks
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_cached_attention_with_causal_offset_equals_full(rope):
+    m, x = _mha(), torch.randn(B, 9, D)
+    real = _padding([9, 6], 9)  # the second row is right-padded (left part real)
+    real = real.flip(1)  # left padding: the harder case for positions and masks
+    rot = RotaryEmbedding(D // H, 32) if rope else None
+
+    def run(t0, t1, past, kv):
+        mask, causal = self_attention_mask(t1 - t0, past, x.device, key_mask=real[:, :t1])
+        pos = positions_for(t1 - t0, past, x.device, real[:, :t1])
+        return m(x[:, t0:t1], attn_mask=mask, is_causal=causal, rope=rot(pos) if rot else None, cache=kv)
+
+    full = run(0, 9, 0, None)
+    kv = LayerKV()
+    parts = [run(0, 4, 0, kv), run(4, 7, 4, kv), run(7, 8, 7, kv), run(8, 9, 8, kv)]  # P=4,T=3 then T=1
+    torch.testing.assert_close(torch.cat(parts, dim=1)[real], full[real], atol=1e-5, rtol=1e-4)
+
+
+def test_cross_attention_cache_computes_memory_kv_once():
+    m, memory = _mha(cross=True), torch.randn(B, 5, D)
+    calls = []
+    m.kv.register_forward_hook(lambda *a: calls.append(1))
+    kv = LayerKV()
+    first = m(torch.randn(B, 1, D), memory, cache=kv)
+    x = torch.randn(B, 1, D)
+    torch.testing.assert_close(m(x, None, cache=kv), m(x, memory))
+    assert first.shape == (B, 1, D) and len(calls) == 2  # once for the cache, once uncached
+
+
+def test_fully_masked_rows_are_finite():
+    m, x = _mha(), torch.randn(B, T, D)
+    real = torch.zeros(B, T, dtype=torch.bool)
+    real[0, 3:] = True  # row 0 left-padded: its first queries see no real key
+    for mask in (key_padding_mask(real), self_attention_mask(T, 0, x.device, key_mask=real)[0]):
+        assert torch.isfinite(m(x, attn_mask=mask)).all()
+
+
+def test_causal_mask_with_cache_is_offset():
+    mask, is_causal = self_attention_mask(2, 3, torch.device("cpu"), key_mask=torch.ones(1, 5, dtype=torch.bool))
+    assert not is_causal
+    assert mask[0, 0].tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    assert self_attention_mask(1, 3, torch.device("cpu")) == (None, False)  # one token sees all
+
+
+def test_doc_mask_is_block_diagonal_causal():
+    docs = torch.tensor([[0, 0, 1, 1, 1]])
+    mask, _ = self_attention_mask(5, 0, torch.device("cpu"), doc_ids=docs)
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]])
+    assert mask[0, 0].long().tolist() == expected.tolist()
+    assert positions_for(5, 0, docs.device, doc_ids=docs).tolist() == [[0, 1, 0, 1, 2]]
+
+
+def test_positions_count_real_tokens_only():
+    real = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    assert positions_for(4, 0, real.device, real).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    assert positions_for(2, 2, real.device, real).tolist() == [[0, 1], [2, 3]]  # last 2 of the 4
+    assert positions_for(3, 5, real.device).tolist() == [5, 6, 7]
+
+
+def test_kv_cache_select_reorders_rows():
+    cache = KVCache(1)
+    k = torch.arange(3.0).view(3, 1, 1, 1)
+    cache.self_kv[0].append(k, k)
+    cache.cross_kv[0].append(k, k)
+    cache.select(torch.tensor([2, 2, 0]), cross=False)
+    assert cache.self_kv[0].k.flatten().tolist() == [2, 2, 0]
+    assert cache.cross_kv[0].k.flatten().tolist() == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+def test_sinusoidal_positions_follow_the_formula_and_are_a_buffer():
+    pe = SinusoidalPositions(50, 16)
+    pos, i = 7, 3
+    assert pe.pe[pos, 2 * i].item() == pytest.approx(math.sin(pos / 10000 ** (2 * i / 16)), abs=1e-6)
+    assert pe.pe[pos, 2 * i + 1].item() == pytest.approx(math.cos(pos / 10000 ** (2 * i / 16)), abs=1e-6)
+    assert list(pe.parameters()) == [] and "pe" not in pe.state_dict()
+    torch.testing.assert_close(pe(torch.tensor([[7]]))[0, 0], pe.pe[7])
+
+
+def test_token_embedding_scale_and_learned_positions():
+    emb = TokenEmbedding(10, 16, scale=True)
+    ids = torch.tensor([[1, 2]])
+    torch.testing.assert_close(emb(ids), F.embedding(ids, emb.weight) * 4.0)
+    plain = TokenEmbedding(10, 16, scale=False)
+    torch.testing.assert_close(plain(ids), plain.weight[ids])
+    assert sum(p.numel() for p in LearnedPositions(12, 16).parameters()) == 12 * 16
+
+
+# ---------------------------------------------------------------------------- feed-forward, norms, layers
+
+
+def test_feedforward_activations():
+    x = torch.randn(2, 3, D)
+    for act, fn in (("gelu", F.gelu), ("relu", F.relu)):
+        ff = FeedForward(D, 64, act)
+        torch.testing.assert_close(ff(x), ff.down(fn(ff.up(x))))
+    ff = FeedForward(D, 64, "swiglu")
+    assert ff.up.weight.shape == (128, D)  # gate and value in one GEMM
+    gate, value = ff.up(x).chunk(2, dim=-1)
+    torch.testing.assert_close(ff(x), ff.down(F.silu(gate) * value))
+
+
+def test_norms_are_torch_modules_and_honour_bias():
+    assert isinstance(make_norm("rmsnorm", D), torch.nn.RMSNorm)
+    assert make_norm("layernorm", D, bias=False).bias is None
+    with pytest.raises(ValueError):
+        make_norm("batchnorm", D)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_encoder_layer_wiring(norm_first):
+    torch.manual_seed(0)
+    layer = EncoderLayer(D, H, 64, norm_first=norm_first).eval()
+    x = torch.randn(B, T, D)
+    attn, ffn = layer.self_attn, layer.ffn
+    if norm_first:  # x + f(norm(x))
+        h = x + attn(layer.attn_norm(x))
+        expected = h + ffn(layer.ffn_norm(h))
+    else:  # norm(x + f(x)), the 2017 layout
+        h = layer.attn_norm(x + attn(x))
+        expected = layer.ffn_norm(h + ffn(h))
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(EncoderLayer(256, 4, 1024) for _ in range(2))
+    init_weights(layers, 0.02)
+    scale_residual_projections(layers, 0.02, n_layers=2)
+    layer = layers[0]
+    assert layer.self_attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert layer.self_attn.out.weight.std().item() == pytest.approx(0.02 / 2, rel=0.05)
+    assert layer.ffn.down.weight.std().item() == pytest.approx(0.02 / 2, rel=0.05)
+    assert layer.ffn.up.bias.abs().sum() == 0 and (layer.attn_norm.weight == 1).all()
