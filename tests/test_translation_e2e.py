@@ -130,3 +130,11 @@ def test_multi_reference_scoring_uses_every_reference():
 def test_split_key_groups_near_duplicates():
     assert split_key("Hi.") == split_key("hi!") == split_key(" Hi ")
     assert split_key("Hi.") != split_key("Hello.")
+
+
+def test_sampling_is_reproducible_with_a_seed(trained):
+    _, run, env, _ = trained
+    args = ("translate", str(run), "--sampling", "--temperature", "1.5")
+    a = cli(env, *args, "--seed", "3", stdin="red cat .\nthe big dog .\nblue car .\n")
+    b = cli(env, *args, "--seed", "3", stdin="red cat .\nthe big dog .\nblue car .\n")
+    assert a.returncode == 0 and a.stdout == b.stdout and len(a.stdout.splitlines()) == 3

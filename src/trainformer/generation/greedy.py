@@ -1,10 +1,11 @@
-"""Batched greedy decoding for the encoder-decoder."""
+"""Batched greedy decoding (or ancestral sampling) for the encoder-decoder."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from trainformer.generation.sampling import sample_next
 from trainformer.generation.steppers import EncDecStepper, eval_mode
 
 
@@ -45,14 +46,20 @@ def greedy_translate(
     max_len_a: float = 1.2,
     max_len_b: int = 10,
     use_cache: bool = True,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> list[list[int]]:
-    """Greedy translations of a batch.
+    """Greedy translations of a batch (or sampled ones when temperature > 0).
 
     Args:
         model: an `EncoderDecoder`.
         src: (B, S) source ids; src_mask: (B, S) bool (True = real token) or None.
         max_len: most target tokens per sentence; None = ``max_len_a * src_len + max_len_b``.
         use_cache: False re-runs the whole prefix each step (slow; for tests).
+        temperature, top_k, top_p, generator: sampling (see `sample_next`); 0 = argmax.
     Returns:
         per sentence, the generated ids without BOS and EOS.
     """
@@ -63,7 +70,7 @@ def greedy_translate(
         tokens = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         for step in range(max(limits)):
-            nxt = stepper.logits(tokens).argmax(dim=-1)  # (B,)
+            nxt = sample_next(stepper.logits(tokens), temperature, top_k, top_p, generator)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             done |= (nxt == eos_id) | (step + 1 >= limit_t)

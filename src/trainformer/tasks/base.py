@@ -8,6 +8,7 @@ normalise by the tokens of all micro-batches), and evaluates its metric.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,16 @@ class Task(ABC):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.tokenizer: Any = None  # a trainformer.data.tokenizer.TextTokenizer after setup()
+        self.report: dict[str, Any] = {}  # what data was used and dropped; see write_data_report
+
+    def write_data_report(self, run_dir: Path | None, rank: int) -> None:
+        """RUN_DIR/data.json: `self.report` (data files, malformed lines, split sizes); rank 0 only."""
+        if run_dir is None or rank != 0:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.report, indent=2, ensure_ascii=False, default=str) + "\n"
+        (run_dir / "data.json").write_text(text, encoding="utf-8")
 
     @abstractmethod
     def setup(self, run_dir: Path | None, rank: int = 0, world_size: int = 1) -> None:
@@ -87,6 +98,7 @@ class Task(ABC):
 
     def save_artifacts(self, model_dir: Path) -> None:
         """Write what inference needs beside the weights (tokenizer.json, labels...)."""
+        return None
 
     def samples(self, model: nn.Module) -> list[str]:
         """A few human-readable outputs printed at the end of a run."""

@@ -5,7 +5,8 @@ Data: `DataConfig.dataset` names one source or several joined by ``+``
 named data set with official splits only the ``train`` file is read, so
 DailyDialog's validation and test dialogues — the chat task's evaluation
 data — never reach pretraining. A DailyDialog dialogue becomes one document
-(its utterances on separate lines, detokenised by `clean_dailydialog`).
+(its utterances on separate lines, detokenised by `clean_dailydialog`); a
+``.txt`` path whose lines end with ``__eou__`` is read as DailyDialog.
 
 Documents are deduplicated and split into train/valid/test by document
 (`data.splits.make_splits`, keyed on the lowercased text), shuffled once
@@ -22,7 +23,6 @@ its documents joined and cut into windows of ``seq_len``, the tail padded.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -88,6 +88,18 @@ def _as_text(example: Any) -> str:
     return "\n".join(clean_dailydialog(u) for u in example.utterances)  # a Dialogue
 
 
+def looks_like_dailydialog(path: Path, lines: int = 5) -> bool:
+    """True when the first non-blank lines of a file all end with ``__eou__``."""
+    seen = []
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                seen.append(raw.rstrip().endswith(readers.EOU.encode()))
+            if len(seen) >= lines:
+                break
+    return bool(seen) and all(seen)
+
+
 def read_documents(cfg: DataConfig) -> tuple[list[str], list[Path], dict[str, Any]]:
     """Documents of every source in `cfg.dataset` (train files only).
 
@@ -104,6 +116,8 @@ def read_documents(cfg: DataConfig) -> tuple[list[str], list[Path], dict[str, An
                 f"data.dataset: {name!r} is {fmt} data; language modelling reads text or dailydialog"
             )
         spec = DATASETS.get(name)
+        if spec is None and fmt == "text" and cfg.format is None and looks_like_dailydialog(paths["train"]):
+            fmt = "dailydialog"  # a .txt file in DailyDialog's format
         result = read_file(fmt, paths["train"], sub, **(spec.options if spec else {}))
         texts = [_as_text(e) for e in result.examples]
         docs += texts
@@ -365,11 +379,6 @@ class LanguageModelTask(Task):
     main_metric = "ppl"
     higher_is_better = False
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        self.tokenizer: TextTokenizer | None = None
-        self.report: dict[str, Any] = {}
-
     # ------------------------------------------------------------------ data
     def setup(self, run_dir: Path | None, rank: int = 0, world_size: int = 1) -> None:
         d = self.cfg.data
@@ -401,9 +410,7 @@ class LanguageModelTask(Task):
             "tokens": {k: int(v.lengths().sum()) for k, v in self.docs.items()},
             "vocab_size": self.tokenizer.vocab_size,
         }
-        if run_dir is not None and rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "data.json").write_text(json.dumps(self.report, indent=2) + "\n")
+        self.write_data_report(run_dir, rank)
 
     def _check_window(self) -> None:
         if self.cfg.data.seq_len > self.cfg.model.max_len:
@@ -470,6 +477,18 @@ class LanguageModelTask(Task):
 # ----------------------------------------------------------------------------
 
 
+def read_eval_file(args, read: Callable[[Path, str], readers.ReadResult], empty: str) -> readers.ReadResult:
+    """``read(path, bad_lines)`` of the CLI's ``--data`` file; a UserError when it is missing or
+    holds nothing usable (`empty` says what was expected)."""
+    path = Path(args.data)
+    if not path.is_file():
+        raise UserError(f"--data: file not found: {path}")
+    result = read(path, args.bad_lines)
+    if not result.examples:
+        raise UserError(f"{path}: {empty}")
+    return result
+
+
 def evaluate_file(cfg: Config, args) -> dict:
     """Perplexity of a plain-text file (documents separated by blank lines) under an LM.
 
@@ -479,12 +498,7 @@ def evaluate_file(cfg: Config, args) -> dict:
     """
     from trainformer.tasks.loading import load_for_task
 
-    path = Path(args.data)
-    if not path.is_file():
-        raise UserError(f"--data: file not found: {path}")
-    result = readers.read_text(path, "blank_line", args.bad_lines)
-    if not result.examples:
-        raise UserError(f"{path}: no text to score")
+    result = read_eval_file(args, lambda p, policy: readers.read_text(p, "blank_line", policy), "no text to score")
     loaded, tokenizer = load_for_task(args.model_dir, ("lm", "chat"), args.device)
     model, seq_len = loaded.model, loaded.cfg.data.seq_len
     docs = Ragged.from_lists(tokenizer.encode_batch([e.text for e in result.examples]))

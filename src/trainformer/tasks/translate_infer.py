@@ -9,7 +9,6 @@ reference of each source.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import nullcontext
 
 import sacrebleu
 import torch
@@ -38,13 +37,10 @@ def score_translations(hyps: list[str], refs: list[list[str]]) -> dict[str, floa
 
 
 def inference_autocast(device: torch.device, precision: str):
-    """bf16 autocast when asked for (or 'auto' on hardware that runs it fast), else nothing."""
-    from trainformer.training.precision import resolve_precision
+    """The autocast context of `precision` on `device` ('auto': bf16 only where it is fast)."""
+    from trainformer.training.precision import build_precision
 
-    dtype = resolve_precision(precision, device)
-    if dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    return nullcontext()
+    return build_precision(precision, device).autocast()
 
 
 class Translator:
@@ -111,7 +107,7 @@ class Translator:
         budget = max(self.cfg.eval.batch_tokens // max(beam, 1), 64)
         generator = None
         if sampling is not None:
-            generator = torch.Generator(device="cpu").manual_seed(int(sampling.get("seed", 0)))
+            generator = torch.Generator(device=self.device).manual_seed(int(sampling.get("seed", 0)))
         with inference_autocast(self.device, self.precision):
             for batch in self._batches([len(e) for e in encoded], budget):
                 src, src_mask = self._pad([encoded[b] for b in batch])

@@ -10,7 +10,6 @@ reference of a source (multi-reference).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -21,12 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainformer.config import Config
 from trainformer.data.cache import file_hash, tokenize_cached
 from trainformer.data.readers import BadLines, Pair, filter_too_long
 from trainformer.data.registry import read_translation_pairs
 from trainformer.data.splits import group_references, make_splits
-from trainformer.data.tokenizer import TextTokenizer, load_or_train_tokenizer
+from trainformer.data.tokenizer import load_or_train_tokenizer
 from trainformer.models import build_model
 from trainformer.tasks.base import Batch, StatefulBatches, Task
 from trainformer.tasks.translate_infer import Translator, score_translations
@@ -53,11 +51,6 @@ class EvalSet:
 class TranslationTask(Task):
     main_metric = "bleu"
     higher_is_better = True
-
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        self.tokenizer: TextTokenizer | None = None
-        self.report: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ data
     def setup(self, run_dir: Path | None, rank: int = 0, world_size: int = 1) -> None:
@@ -100,9 +93,7 @@ class TranslationTask(Task):
             "train_pairs": int(len(keep)),
             "eval_sources": {k: len(v.sources) for k, v in self.eval_sets.items()},
         }
-        if run_dir is not None and rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "data.json").write_text(json.dumps(self.report, indent=2) + "\n")
+        self.write_data_report(run_dir, rank)
 
     def _eval_set(self, pairs: list[Pair], index: np.ndarray) -> EvalSet:
         grouped = group_references([p.src for p in pairs], [p.tgt for p in pairs], index)

@@ -646,6 +646,8 @@ class Trainer:
         """Last checkpoint and evaluation, model/, summary.json, plots, samples."""
         if self._window_steps:
             self._log_train()
+        if self.env.is_main and getattr(self, "progress", None) is not None:
+            self.progress.end_bar()  # evaluation and samples print below a finished bar
         if reason == "signal":  # be quick: a scheduler's grace period is short
             if self._last_ckpt_step != self.state.step:
                 self.save_checkpoint()
