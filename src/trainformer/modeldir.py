@@ -98,9 +98,13 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     if compression.get("quantized"):
         from trainformer.compression.quantize import load_quantized
 
-        model = load_quantized(p, cfg, compression)
+        model = load_quantized(p, cfg, compression, device)
     else:
         model = build_model(cfg.model)
+        if compression.get("pruned"):  # per-layer head counts / FFN widths differ from the config
+            from trainformer.compression import apply_saved_shapes
+
+            apply_saved_shapes(model, compression)
         weights = p / "model.safetensors"
         if not weights.is_file():
             raise UserError(f"{p}: model.safetensors is missing")

@@ -1,0 +1,135 @@
+"""Structured pruning: physically remove attention heads and feed-forward neurons.
+
+Importance is a data-free weight score, an upper bound on how much a unit
+can write into the residual stream:
+
+- a key/value group of heads: ||W_v rows of the group||_F * ||W_out columns of its query heads||_F
+  (the head's output is W_out,h softmax(.) V_h, and ||softmax(.)|| <= 1 row-wise);
+- a feed-forward neuron i: ||W_up row i||_2 * ||W_down column i||_2 (SwiGLU: the gate
+  and value rows together).
+
+Scores are normalised per module (divided by their L2 norm, as Michel et al.
+2019, "Are Sixteen Heads Really Better than One?", do for head importance)
+and ranked globally, so layers may keep different numbers of heads / neurons;
+every module keeps at least one. The removed units' rows and columns are cut
+out of the Linear modules, so the result is a smaller dense model whose
+per-layer sizes are recorded by `trainformer.compression.shapes.model_shapes`.
+A first-order Taylor score would need data and gradients; this weight score
+needs neither and is what `trainformer prune` uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainformer.compression.shapes import (
+    attention_modules,
+    ffn_modules,
+    ffn_width,
+    group_size,
+    shrink_attention,
+    shrink_ffn,
+)
+from trainformer.nn.attention import MultiHeadAttention
+from trainformer.nn.feedforward import FeedForward
+
+SCORE = "weight norm: ||W_v group|| x ||W_out columns|| per head group, ||W_up row|| x ||W_down column|| per neuron"
+
+
+@torch.no_grad()
+def head_group_scores(attn: MultiHeadAttention) -> torch.Tensor:
+    """Importance of each key/value group of `attn`: (n_kv_heads,) float32."""
+    dh, kv, g = attn.head_dim, attn.n_kv_heads, group_size(attn)
+    if attn.cross:
+        v = attn.kv.weight[kv * dh:]  # (KV Dh, D)
+    else:
+        v = attn.qkv.weight[(attn.n_heads + kv) * dh:]  # (KV Dh, D)
+    v_norm = v.float().reshape(kv, dh, -1).pow(2).sum(dim=(1, 2)).sqrt()  # (KV,)
+    out = attn.out.weight.float().reshape(-1, kv, g * dh)  # (D, KV, g Dh): columns grouped by kv head
+    out_norm = out.pow(2).sum(dim=(0, 2)).sqrt()  # (KV,)
+    return v_norm * out_norm
+
+
+@torch.no_grad()
+def neuron_scores(ffn: FeedForward) -> torch.Tensor:
+    """Importance of each hidden neuron of `ffn`: (d_ff,) float32."""
+    width = ffn_width(ffn)
+    up = ffn.up.weight.float()  # (F, D) or (2F, D) for SwiGLU
+    up_sq = up.pow(2).sum(dim=1)
+    if ffn.activation == "swiglu":
+        up_sq = up_sq[:width] + up_sq[width:]  # gate and value rows of neuron i
+    down_norm = ffn.down.weight.float().pow(2).sum(dim=0).sqrt()  # (F,)
+    return up_sq.sqrt() * down_norm
+
+
+def select_units(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Which units to keep: remove round(sparsity x all units) of the lowest normalised scores.
+
+    Args:
+        scores: per module path, a (n_units,) importance vector.
+        sparsity: fraction of all units to remove, in [0, 1).
+    Returns:
+        per module path, the sorted indices of the kept units (at least one each).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    names = list(scores)
+    normalised = [scores[n] / scores[n].norm().clamp_min(1e-12) for n in names]
+    total = sum(s.numel() for s in normalised)
+    to_remove = round(sparsity * total)
+    flat = torch.cat(normalised)
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(normalised)])
+    local = torch.cat([torch.arange(s.numel()) for s in normalised])
+    left = [s.numel() for s in normalised]
+    removed: list[set[int]] = [set() for _ in names]
+    # stable sort: equal scores go in model order, so the choice is deterministic
+    for j in torch.argsort(flat, stable=True).tolist():
+        if to_remove == 0:
+            break
+        i = int(owner[j])
+        if left[i] > 1:
+            removed[i].add(int(local[j]))
+            left[i] -= 1
+            to_remove -= 1
+    return {
+        n: torch.tensor([u for u in range(s.numel()) if u not in removed[i]], dtype=torch.long)
+        for i, (n, s) in enumerate(zip(names, normalised))
+    }
+
+
+def structured_prune(
+    model: nn.Module, sparsity: float, heads: bool = True, ffn: bool = True
+) -> dict[str, Any]:
+    """Remove a fraction `sparsity` of the attention head groups and/or feed-forward neurons, in place.
+
+    Heads and neurons are ranked separately (each loses `sparsity` of its units).
+    Sparsity 0 leaves the model untouched.
+
+    Args:
+        model: any family's model (its `MultiHeadAttention` / `FeedForward` modules are pruned).
+        sparsity: fraction in [0, 1) of head groups and of neurons to remove.
+        heads / ffn: which kinds of unit to prune.
+    Returns:
+        a summary: heads and neurons before / after.
+    """
+    report: dict[str, Any] = {"score": SCORE}
+    if heads:
+        attns = dict(attention_modules(model))
+        before = sum(a.n_heads for a in attns.values())
+        keep = select_units({n: head_group_scores(a) for n, a in attns.items()}, sparsity)
+        for name, idx in keep.items():
+            if idx.numel() < attns[name].n_kv_heads:
+                shrink_attention(attns[name], idx)
+        report["heads"] = {"before": before, "after": sum(a.n_heads for a in attns.values())}
+    if ffn:
+        blocks = dict(ffn_modules(model))
+        before = sum(ffn_width(f) for f in blocks.values())
+        keep = select_units({n: neuron_scores(f) for n, f in blocks.items()}, sparsity)
+        for name, idx in keep.items():
+            if idx.numel() < ffn_width(blocks[name]):
+                shrink_ffn(blocks[name], idx)
+        report["neurons"] = {"before": before, "after": sum(ffn_width(f) for f in blocks.values())}
+    return report
