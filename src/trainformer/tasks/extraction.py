@@ -6,8 +6,12 @@
   extracted entities point back at the exact characters of the input line.
 - Entity markers (``<e1> </e1> <e2> </e2>``) as added special tokens, and the
   positions of the start markers after tokenisation.
+- Splits: official ones where a data set has them, the rest carved from train
+  (`dataset_splits`).
 - `inherit_pretrained`: a fine-tuning run takes the tokenizer and the network
   shape of the model it starts from (`Config.init_from`).
+- `FineTuneTask`: what the NER and relation tasks share (data set-up, batches,
+  model, artifacts); `read_eval_file` for their `trainformer evaluate`.
 """
 
 from __future__ import annotations
@@ -15,19 +19,24 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from trainformer.config import Config, DataConfig, ModelConfig, from_dict
-from trainformer.data.readers import ReadResult
+from trainformer.data.batching import StoreBatches, TokenBudgetSampler
+from trainformer.data.cache import TokenStore
+from trainformer.data.readers import ReadResult, filter_too_long
 from trainformer.data.registry import read_dataset
 from trainformer.data.splits import make_splits
 from trainformer.data.tokenizer import TextTokenizer
-from trainformer.errors import ConfigError, UserError
+from trainformer.errors import ConfigError, DataError, UserError
+from trainformer.models import build_model
+from trainformer.tasks.base import Batch, StatefulBatches, Task
 from trainformer.textio import warn
 
 OUTSIDE = "O"
@@ -110,12 +119,14 @@ def viterbi_bio(
     start, trans = allowed_transitions(labels)
     scores = scores.float()
     b, n, n_labels = scores.shape
+    if n == 0:
+        return [[] for _ in range(b)]
     neg = torch.tensor(float("-inf"), device=scores.device)
     start_pen = torch.where(start.to(scores.device), 0.0, neg)  # (L,)
     trans_pen = torch.where(trans.to(scores.device), 0.0, neg)  # (L, L)
     lengths = lengths.to(scores.device)
     dp = scores[:, 0] + start_pen  # (B, L)
-    back = torch.zeros(b, max(n, 1), n_labels, dtype=torch.long, device=scores.device)
+    back = torch.zeros(b, n, n_labels, dtype=torch.long, device=scores.device)
     keep = torch.arange(n_labels, device=scores.device).expand(b, n_labels)
     for t in range(1, n):
         cand = dp[:, :, None] + trans_pen  # (B, L_prev, L_next)
@@ -124,7 +135,7 @@ def viterbi_bio(
         dp = torch.where(live, best + scores[:, t], dp)
         back[:, t] = torch.where(live, arg, keep)
     last = dp.argmax(dim=1)  # (B,)
-    path = torch.zeros(b, max(n, 1), dtype=torch.long, device=scores.device)
+    path = torch.zeros(b, n, dtype=torch.long, device=scores.device)
     path[:, n - 1] = last
     for t in range(n - 1, 0, -1):
         path[:, t - 1] = back[:, t].gather(1, path[:, t : t + 1]).squeeze(1)
@@ -251,6 +262,7 @@ def dataset_splits(
     key: Callable[[Any], str],
     row: Callable[[Any], Hashable],
     group_rule: str,
+    default_format: str,
 ) -> tuple[dict[str, SplitData], dict[str, Any]]:
     """train/valid/test of `cfg.dataset`: its official files, missing splits carved from train.
 
@@ -258,12 +270,13 @@ def dataset_splits(
     missing splits are taken from train by `make_splits` — whole groups by
     `key` (e.g. the sentence without markers, lowercased), deterministic in
     `cfg.split_seed`, exact duplicate `row`s removed. Official splits are
-    kept as they are. `cfg.limit` then cuts train.
+    kept as they are. `cfg.limit` then cuts train. A file given by path is
+    read as `default_format` unless ``data.format`` says otherwise.
 
     Returns:
         ({"train", "valid", "test"} -> SplitData, a report for data.json).
     """
-    results = read_dataset(cfg)
+    results = read_dataset(cfg if cfg.format else replace(cfg, format=default_format))
     train = results["train"]
     out = {name: SplitData(r, np.arange(len(r.examples))) for name, r in results.items()}
     missing = [s for s in ("valid", "test") if s not in results]
@@ -348,13 +361,6 @@ def inherit_pretrained(cfg: Config) -> Path | None:
 # ----------------------------------------------------------------------------
 
 
-def write_data_json(run_dir: Path | None, rank: int, report: dict[str, Any]) -> None:
-    """RUN_DIR/data.json: which data was used and what was dropped (rank 0 only)."""
-    if run_dir is not None and rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "data.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-
-
 def save_labels(model_dir: Path, labels: Sequence[str]) -> None:
     """model/labels.json: the label names in id order."""
     (model_dir / "labels.json").write_text(json.dumps(list(labels), indent=1) + "\n", encoding="utf-8")
@@ -367,3 +373,100 @@ def inference_batches(lengths: Sequence[int], budget: int) -> list[np.ndarray]:
     if not len(lengths):
         return []
     return length_sorted_batches(np.asarray(lengths), budget, np.arange(len(lengths)))
+
+
+# ----------------------------------------------------------------------------
+# What the fine-tuning tasks (NER, relations) share
+# ----------------------------------------------------------------------------
+
+
+class FineTuneTask(Task):
+    """An encoder task with labels, fine-tuned from a pretrained encoder when `init_from` is set.
+
+    Subclasses read their data with `read_splits`, fill `tokenizer`, `labels`
+    and `eval_sets`, build a `TokenStore` of train rows (field ``ids`` without
+    ``<cls>``/``<sep>``) and call `finish_setup`; they supply `collate`,
+    `loss` and `evaluate`.
+    """
+
+    higher_is_better = True
+    head = ""  # the encoder head (`ModelConfig.head`)
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.labels: list[str] = []
+        self.eval_sets: dict[str, list[Any]] = {}
+
+    def read_splits(
+        self, key: Callable[[Any], str], row: Callable[[Any], Hashable], group_rule: str, default_format: str
+    ) -> tuple[dict[str, SplitData], dict[str, Any]]:
+        """Take over `init_from`'s tokenizer and shape, then read the splits (see `dataset_splits`)."""
+        pretrained = inherit_pretrained(self.cfg)
+        splits, report = dataset_splits(self.cfg.data, key, row, group_rule, default_format)
+        train = splits["train"]
+        if not len(train):
+            raise DataError(f"{train.result.path}: no usable examples for training")
+        return splits, {"dataset": self.cfg.data.dataset, "pretrained": str(pretrained) if pretrained else None,
+                        **report}
+
+    def finish_setup(self, run_dir: Path | None, rank: int, world_size: int, train: SplitData,
+                     store: TokenStore, report: dict[str, Any]) -> None:
+        """Keep the train rows that fit (counted as too long otherwise), set the model's sizes, write data.json."""
+        assert self.tokenizer is not None
+        lengths = store.lengths("ids") + 2  # + <cls> and <sep>
+        limit = min(self.cfg.data.max_len, self.cfg.model.max_len)
+        self.store = store
+        self.train_index = filter_too_long(train.result, lengths, limit, rows=train.index)
+        self.lengths = lengths[self.train_index]
+        self.rank, self.world_size = rank, world_size
+        m = self.cfg.model
+        m.vocab_size, m.num_labels, m.head = self.tokenizer.vocab_size, len(self.labels), self.head
+        self.report = {**report, "labels": self.labels, "train_examples": int(len(self.train_index)),
+                       "train_dropped_too_long": int(len(train) - len(self.train_index))}
+        self.write_data_report(run_dir, rank)
+
+    def collate(self, rows: dict[str, list[np.ndarray]]) -> Batch:
+        """A training batch from ``store.take(rows)``."""
+        raise NotImplementedError
+
+    def data_report(self) -> dict[str, Any]:
+        return self.report
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.eval_sets.get(split))
+
+    def train_batches(self) -> StatefulBatches:
+        c = self.cfg
+        sampler = TokenBudgetSampler(self.lengths, c.data.max_tokens, c.train.seed, True, self.rank, self.world_size)
+        return StoreBatches(sampler, self.store, self.collate, self.train_index)
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.model)
+
+    def eval_examples(self, split: str) -> list[Any]:
+        """The examples of `split`; valid is capped by ``eval.max_examples`` (periodic evaluation)."""
+        data = self.eval_sets[split]
+        limit = self.cfg.eval.max_examples if split == "valid" else 0
+        return data[:limit] if limit else data
+
+    def sample_examples(self) -> list[Any]:
+        """``eval.samples`` examples spread over test (or valid), for `samples`."""
+        data = self.eval_sets.get("test") or self.eval_sets.get("valid") or []
+        n = min(self.cfg.eval.samples, len(data))
+        return [data[i] for i in np.linspace(0, len(data) - 1, num=n).astype(int)] if n else []
+
+    def save_artifacts(self, model_dir: Path) -> None:
+        assert self.tokenizer is not None
+        self.tokenizer.save(model_dir / "tokenizer.json")
+        save_labels(model_dir, self.labels)
+
+
+def read_eval_file(args, reader: Callable[..., ReadResult[Any]], expected: str) -> ReadResult[Any]:
+    """`trainformer evaluate --data FILE` read with `reader` under ``--bad-lines``; an error if nothing is usable."""
+    path = Path(args.data)
+    if not path.is_file():
+        raise UserError(f"--data: file not found: {path}")
+    result = reader(path, bad_lines=getattr(args, "bad_lines", "skip"))
+    if not result.examples:
+        raise UserError(f"{path}: no usable examples (expected {expected})")
+    return result

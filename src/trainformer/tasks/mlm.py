@@ -27,7 +27,6 @@ over the predicted tokens).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -41,14 +40,29 @@ from trainformer.config import Config, DataConfig, load_recipe
 from trainformer.data.batching import IGNORE_INDEX, TokenBudgetSampler, pad_to_array
 from trainformer.data.cache import Ragged, texts_hash, tokenize_cached
 from trainformer.data.packing import pack_documents
-from trainformer.data.readers import Dialogue, Document, Pair, RelationExample, TaggedSentence, strip_entity_markers
+from trainformer.data.readers import (
+    Dialogue,
+    Document,
+    RelationExample,
+    TaggedSentence,
+    strip_entity_markers,
+)
 from trainformer.data.registry import DATASETS, read_file, read_translation_pairs, resolve_dataset
 from trainformer.data.splits import make_splits
-from trainformer.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, TextTokenizer, load_or_train_tokenizer
+from trainformer.data.tokenizer import (
+    CLS_ID,
+    MASK_ID,
+    PAD_ID,
+    SEP_ID,
+    SPECIAL_TOKENS,
+    TextTokenizer,
+    load_or_train_tokenizer,
+)
 from trainformer.errors import DataError, UserError
 from trainformer.models import Encoder, build_model
 from trainformer.tasks.base import Batch, StatefulBatches, Task
-from trainformer.tasks.extraction import MARKERS, add_marker_tokens, write_data_json
+from trainformer.tasks.extraction import MARKERS, add_marker_tokens
+from trainformer.tasks.lm import perplexity
 from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.tasks.translation import split_key
 from trainformer.textio import read_lines
@@ -69,8 +83,6 @@ def example_texts(example: Any) -> list[str]:
         return list(example.utterances)
     if isinstance(example, Document):
         return [example.text]
-    if isinstance(example, Pair):
-        return [example.src]
     raise TypeError(f"no text in a {type(example).__name__}")
 
 
@@ -98,7 +110,9 @@ def source_texts(name: str, cfg: DataConfig) -> tuple[list[str], dict[str, Any]]
         texts = tatoeba_train_english(one)
         return texts, {"file": str(files["train"]), "split": "train split of translate-en-fr", "texts": len(texts)}
     spec = DATASETS.get(name)
-    result = read_file(fmt, files["train"], one, **(spec.options if spec else {}))
+    # a text file given by path: one text per line (a named data set says how it is laid out)
+    options = spec.options if spec else {"doc_sep": "line"}
+    result = read_file(fmt, files["train"], one, **options)
     texts = [t for e in result.examples for t in example_texts(e)]
     return texts, {"file": str(files["train"]), "split": "train", "texts": len(texts), "bad_lines": result.bad.total}
 
@@ -176,7 +190,7 @@ def masked_batch(rows: list[np.ndarray], prob: float, lo: int, hi: int, rng: np.
 
 
 class MaskedBatches:
-    """`StatefulBatches` of masked rows: a sampler's batches, masked from (seed, epoch, position)."""
+    """`StatefulBatches` of masked rows: a sampler's batches, masked from (seed, rank, epoch, position)."""
 
     def __init__(self, sampler: TokenBudgetSampler, rows: Ragged, prob: float, lo: int, hi: int):
         self.sampler, self.rows = sampler, rows
@@ -185,7 +199,8 @@ class MaskedBatches:
     def __iter__(self) -> Iterator[Batch]:
         for idx in self.sampler:
             s = self.sampler
-            rng = np.random.default_rng([s.seed, s.epoch, s.position])  # position: already advanced
+            # position is already advanced past this batch; rank: ranks draw different masks
+            rng = np.random.default_rng([s.seed, s.rank, s.epoch, s.position])
             yield masked_batch(self.rows.take(idx), self.prob, self.lo, self.hi, rng)
 
     def state_dict(self) -> dict[str, Any]:
@@ -218,23 +233,27 @@ def masked_lm_scores(
     lo, hi = regular_id_range(tokenizer)
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
-    loss_sum, correct, count = 0.0, 0, 0
+    batches = (
+        masked_batch(rows.take(range(i, min(i + batch_rows, len(rows)))), prob, lo, hi, rng)
+        for i in range(0, len(rows), batch_rows)
+    )
+    correct = 0
+
+    def score(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal correct
+        chosen = batch["labels"] != IGNORE_INDEX
+        logits = mlm_logits(model, batch["ids"], batch["mask"], chosen).float()  # (N, V)
+        target = batch["labels"][chosen]
+        correct += int((logits.argmax(-1) == target).sum())
+        return cross_entropy_sum(logits, target)
+
     was_training = model.training
     model.eval()
     with inference_autocast(device, precision):
-        for start in range(0, len(rows), batch_rows):
-            batch = masked_batch(rows.take(range(start, min(start + batch_rows, len(rows)))), prob, lo, hi, rng)
-            ids, mask, labels = (batch[k].to(device) for k in ("ids", "mask", "labels"))
-            chosen = labels != IGNORE_INDEX
-            logits = mlm_logits(model, ids, mask, chosen).float()  # (N, V)
-            part, n = cross_entropy_sum(logits, labels[chosen])
-            loss_sum += float(part)
-            correct += int((logits.argmax(-1) == labels[chosen]).sum())
-            count += int(n)
+        out = perplexity(score, batches, device)
     model.train(was_training)
-    loss = loss_sum / max(count, 1)
-    return {"ppl": round(math.exp(min(loss, 50.0)), 3), "accuracy": round(100.0 * correct / max(count, 1), 2),
-            "loss": round(loss, 4), "masked_tokens": count}
+    return {"ppl": round(out["ppl"], 3), "accuracy": round(100.0 * correct / max(out["tokens"], 1), 2),
+            "loss": round(out["loss"], 4), "masked_tokens": out["tokens"]}
 
 
 # ----------------------------------------------------------------------------
@@ -245,11 +264,6 @@ def masked_lm_scores(
 class MaskedLMTask(Task):
     main_metric = "ppl"
     higher_is_better = False
-
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        self.tokenizer: TextTokenizer | None = None
-        self.report: dict[str, Any] = {}
 
     def setup(self, run_dir: Path | None, rank: int = 0, world_size: int = 1) -> None:
         d = self.cfg.data
@@ -281,7 +295,7 @@ class MaskedLMTask(Task):
             "packed": d.pack,
             "seq_len": d.seq_len,
         }
-        write_data_json(run_dir, rank, self.report)
+        self.write_data_report(run_dir, rank)
 
     def _rows(self, texts: list[str]) -> Ragged:
         assert self.tokenizer is not None

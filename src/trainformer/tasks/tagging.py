@@ -25,26 +25,29 @@ from seqeval.metrics import classification_report
 from torch import nn
 
 from trainformer.config import Config
-from trainformer.data.batching import StoreBatches, TokenBudgetSampler, collate_tagging
+from trainformer.data.batching import collate_tagging
 from trainformer.data.cache import Ragged, TokenStore, texts_hash, tokenize_words_cached
-from trainformer.data.readers import BadLines, TaggedSentence, filter_too_long, read_conll
-from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, TextTokenizer, load_or_train_tokenizer
-from trainformer.errors import DataError, UserError
-from trainformer.models import build_model
-from trainformer.tasks.base import Batch, StatefulBatches, Task
+from trainformer.data.readers import TaggedSentence, read_conll
+from trainformer.data.tokenizer import (
+    CLS_ID,
+    PAD_ID,
+    SEP_ID,
+    TextTokenizer,
+    load_or_train_tokenizer,
+)
+from trainformer.errors import UserError
+from trainformer.tasks.base import Batch
 from trainformer.tasks.extraction import (
     OUTSIDE,
+    FineTuneTask,
     bio_labels,
-    dataset_splits,
     entity_dicts,
     inference_batches,
-    inherit_pretrained,
-    save_labels,
+    read_eval_file,
     split_words,
     tag_type,
     to_bio,
     viterbi_bio,
-    write_data_json,
 )
 from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.textio import warn
@@ -66,10 +69,6 @@ def score_entities(gold: list[list[str]], pred: list[list[str]]) -> dict[str, fl
         out[f"f1_{typ}"] = round(100 * float(row["f1-score"]), 2)
     out["entities"] = int(micro["support"])
     return out
-
-
-def _collate(rows: dict[str, list[np.ndarray]]) -> Batch:
-    return collate_tagging(rows["ids"], rows["word_ids"], rows["tags"], PAD_ID, CLS_ID, SEP_ID)
 
 
 # ----------------------------------------------------------------------------
@@ -176,111 +175,53 @@ def load_tagger(model_dir: str | Path, device: str = "auto", precision: str = "a
 # ----------------------------------------------------------------------------
 
 
-class TaggingTask(Task):
+class TaggingTask(FineTuneTask):
     main_metric = "f1"
-    higher_is_better = True
+    head = "tagging"
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        self.tokenizer: TextTokenizer | None = None
-        self.labels: list[str] = []
-        self.report: dict[str, Any] = {}
-
-    # ------------------------------------------------------------------ data
     def setup(self, run_dir: Path | None, rank: int = 0, world_size: int = 1) -> None:
-        d = self.cfg.data
-        pretrained = inherit_pretrained(self.cfg)
-        splits, report = dataset_splits(
-            d, key=lambda s: " ".join(s.tokens).lower(), row=lambda s: (*s.tokens, "\t", *s.tags),
-            group_rule="sentence, lowercased",
+        splits, report = self.read_splits(
+            key=lambda s: " ".join(s.tokens).lower(), row=lambda s: (*s.tokens, "\t", *s.tags),
+            group_rule="sentence, lowercased", default_format="conll",
         )
         train = splits["train"]
-        examples = train.examples
-        if not examples:
-            raise DataError(f"{train.result.path}: no usable sentences for training")
-        train_tags = [to_bio(s.tags) for s in examples]
-        self.labels = bio_labels([tag_type(t) for tags in train_tags for t in tags if t != OUTSIDE])
+        examples = [TaggedSentence(s.tokens, to_bio(s.tags), s.line) for s in train.examples]
+        self.labels = bio_labels([tag_type(t) for s in examples for t in s.tags if t != OUTSIDE])
+        texts = [" ".join(s.tokens) for s in examples]
+        self.tokenizer = load_or_train_tokenizer(lambda: iter(texts), self.cfg.data.tokenizer,
+                                                 cache_key=texts_hash(texts))
+        store = tokenize_words_cached([s.tokens for s in examples], self.tokenizer)
         label_id = {t: i for i, t in enumerate(self.labels)}
-        self.tokenizer = load_or_train_tokenizer(
-            lambda: (" ".join(s.tokens) for s in examples), d.tokenizer,
-            cache_key=texts_hash(" ".join(s.tokens) for s in examples),
-        )
-        words = [s.tokens for s in examples]
-        store = tokenize_words_cached(words, self.tokenizer)
-        tags = Ragged.from_lists([[label_id[t] for t in tags] for tags in train_tags])
-        self.store = TokenStore({**store.fields, "tags": tags})
-        lengths = store["ids"].lengths() + 2  # + <cls> and <sep>
-        limit = min(d.max_len, self.cfg.model.max_len)
-        self.train_index = filter_too_long(train.result, lengths, limit, rows=train.index)
-        self.lengths = lengths[self.train_index]
+        tags = Ragged.from_lists([[label_id[t] for t in s.tags] for s in examples])
         self.eval_sets = {
             name: [TaggedSentence(s.tokens, to_bio(s.tags), s.line) for s in splits[name].examples]
             for name in ("valid", "test")
         }
-        self.rank, self.world_size = rank, world_size
-        self.cfg.model.vocab_size = self.tokenizer.vocab_size
-        self.cfg.model.num_labels = len(self.labels)
-        self.cfg.model.head = "tagging"
-        self.report = {
-            "dataset": d.dataset,
-            "pretrained": str(pretrained) if pretrained else None,
-            **report,
-            "labels": self.labels,
-            "train_sentences": int(len(self.train_index)),
-            "train_dropped_too_long": int(len(train) - len(self.train_index)),
-        }
-        write_data_json(run_dir, rank, self.report)
+        self.finish_setup(run_dir, rank, world_size, train, TokenStore({**store.fields, "tags": tags}), report)
 
-    def data_report(self) -> dict[str, Any]:
-        return self.report
-
-    def has_split(self, split: str) -> bool:
-        return bool(self.eval_sets.get(split))
-
-    def train_batches(self) -> StatefulBatches:
-        sampler = TokenBudgetSampler(
-            self.lengths, self.cfg.data.max_tokens, self.cfg.train.seed, True, self.rank, self.world_size
-        )
-        return StoreBatches(sampler, self.store, _collate, self.train_index)
-
-    # ----------------------------------------------------------------- model
-    def build_model(self) -> nn.Module:
-        return build_model(self.cfg.model)
+    def collate(self, rows: dict[str, list[np.ndarray]]) -> Batch:
+        return collate_tagging(rows["ids"], rows["word_ids"], rows["tags"], PAD_ID, CLS_ID, SEP_ID)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(batch["ids"], batch["mask"])  # (B, S, L)
         return cross_entropy_sum(logits, batch["labels"], self.cfg.train.label_smoothing)
 
-    # ------------------------------------------------------------ evaluation
     def tagger(self, model: nn.Module) -> Tagger:
         assert self.tokenizer is not None, "setup() first"
         c = self.cfg
         return Tagger(model, self.tokenizer, self.labels, c.model.max_len, c.eval.batch_tokens, c.train.precision)
 
     def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:
-        data = self.eval_sets[split]
-        limit = self.cfg.eval.max_examples if split == "valid" else 0
-        data = data[:limit] if limit else data
+        data = self.eval_examples(split)
         if not data:
             return {"f1": 0.0, "sentences": 0}
         pred = self.tagger(model).tag([s.tokens for s in data])
         return {**score_entities([s.tags for s in data], pred), "sentences": len(data)}
 
     def samples(self, model: nn.Module) -> list[str]:
-        data = self.eval_sets["test"] or self.eval_sets["valid"]
-        n = min(self.cfg.eval.samples, len(data))
-        if not n:
-            return []
-        picks = [data[i] for i in np.linspace(0, len(data) - 1, num=n).astype(int)]
-        lines = [" ".join(s.tokens) for s in picks]
-        results = self.tagger(model).extract(lines)
+        lines = [" ".join(s.tokens) for s in self.sample_examples()]
         return [f"TEXT: {r['text']}\nENTS: " + "; ".join(f"{e['type']}: {e['text']}" for e in r["entities"])
-                for r in results]
-
-    def save_artifacts(self, model_dir: Path) -> None:
-        assert self.tokenizer is not None
-        self.tokenizer.save(model_dir / "tokenizer.json")
-        save_labels(model_dir, self.labels)
+                for r in self.tagger(model).extract(lines)]
 
 
 # ----------------------------------------------------------------------------
@@ -290,15 +231,9 @@ class TaggingTask(Task):
 
 def evaluate_file(cfg: Config, args) -> dict:
     """seqeval P/R/F1 (micro and per type) of a ``ner`` model on a CoNLL-format file."""
-    path = Path(args.data)
-    if not path.is_file():
-        raise UserError(f"--data: file not found: {path}")
     tagger = load_tagger(args.model_dir, args.device, getattr(args, "precision", "auto"))
-    result = read_conll(path, bad_lines=getattr(args, "bad_lines", "skip"))
-    if not result.examples:
-        raise UserError(f"{path}: no usable sentences (expected CoNLL: one 'token ... tag' per line)")
+    result = read_eval_file(args, read_conll, "CoNLL: one 'token ... tag' per line, blank lines between sentences")
     gold = [to_bio(s.tags) for s in result.examples]
     pred = tagger.tag([s.tokens for s in result.examples])
-    bad: BadLines = result.bad
-    return {**score_entities(gold, pred), "sentences": len(gold), "bad_lines": bad.total,
+    return {**score_entities(gold, pred), "sentences": len(gold), "bad_lines": result.bad.total,
             "truncated": tagger.truncated}

@@ -236,7 +236,8 @@ class Trainer:
         """Tokens carrying loss in a batch, known before the forward pass (None if unknown)."""
         counter = getattr(self.task, "loss_tokens", None)
         if callable(counter):
-            return int(counter(batch))
+            n = counter(batch)
+            return None if n is None else int(n)
         labels = batch.get("labels")
         return count_loss_tokens(labels) if labels is not None else None
 

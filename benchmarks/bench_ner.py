@@ -1,0 +1,201 @@
+"""CoNLL-2003 NER under a wall-clock budget: our pipeline against a Hugging Face peer.
+
+Ours: ``trainformer train encoder-mlm`` (MLM pretraining on train text only)
+for ``--mlm-minutes``, then ``trainformer train ner-conll2003`` from it for
+``--ner-minutes``; test F1 comes from the run's summary.json (constrained
+Viterbi decoding, seqeval).
+
+Peer: ``BertForTokenClassification`` of the same size (4 layers, d 256, 4
+heads, d_ff 1024), randomly initialised — no pretraining, so it gets the
+whole pipeline's minutes (``--peer-minutes``, default mlm + ner) — trained
+with the usual Hugging Face recipe: AdamW, linear schedule with warmup,
+fixed-size padded batches (``--peer-batch`` sentences x ``--peer-len``
+tokens), first-subword labels, the same WordPiece tokenizer (ours, from the
+MLM run), argmax decoding, seqeval on the test split.
+
+Writes OUT/bench_ner.json and OUT/bench_ner.md.
+
+    python benchmarks/bench_ner.py --mlm-minutes 35 --ner-minutes 22 --out runs/bench-ner
+    python benchmarks/bench_ner.py --mlm-minutes 5 --ner-minutes 5 --out /tmp/bench-ner \
+        --set-ner optim.schedule=inverse_sqrt   # short: the recipe's linear decay assumes 22 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainformer.config import DataConfig, load_recipe
+from trainformer.data.batching import IGNORE_INDEX, first_subword_labels
+from trainformer.data.registry import read_dataset
+from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, TextTokenizer
+from trainformer.tasks.extraction import OUTSIDE, bio_labels, tag_type, to_bio
+from trainformer.tasks.tagging import score_entities
+
+
+def train_ours(out: Path, recipe: str, minutes: float, overrides: list[str]) -> dict:
+    """One `trainformer train` run; returns its summary.json."""
+    cmd = [sys.executable, "-m", "trainformer", "train", recipe, "--out", str(out),
+           "--set", f"train.max_minutes={minutes}", "--set", "train.progress=false", *sum((["--set", o] for o in overrides), [])]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return json.loads((out / "summary.json").read_text())
+
+
+# ----------------------------------------------------------------------------
+# The peer
+# ----------------------------------------------------------------------------
+
+
+def encode(tok: TextTokenizer, sentences, label_id: dict[str, int], length: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Fixed-length rows ``<cls> subwords <sep> <pad>...`` (B, length) and first-subword labels."""
+    ids = np.full((len(sentences), length), PAD_ID, dtype=np.int64)
+    labels = np.full((len(sentences), length), IGNORE_INDEX, dtype=np.int64)
+    cut = 0
+    for row, (sub, words) in enumerate(tok.encode_words_batch([s.tokens for s in sentences])):
+        tags = [label_id.get(t, 0) for t in to_bio(sentences[row].tags)]
+        lab = first_subword_labels(words, tags) if sub else np.zeros(0, dtype=np.int64)
+        if len(sub) > length - 2:
+            sub, lab, cut = sub[: length - 2], lab[: length - 2], cut + 1
+        ids[row, : len(sub) + 2] = [CLS_ID, *sub, SEP_ID]
+        labels[row, 1 : len(sub) + 1] = lab
+    return ids, labels, cut
+
+
+def hf_model(vocab: int, n_labels: int, length: int):
+    from transformers import BertConfig, BertForTokenClassification
+
+    cfg = BertConfig(vocab_size=vocab, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=1024, max_position_embeddings=max(length, 256), num_labels=n_labels,
+                     pad_token_id=PAD_ID)
+    return BertForTokenClassification(cfg)
+
+
+def train_peer(tok_path: Path, minutes: float, batch: int, length: int, lr: float, warmup: int, seed: int) -> dict:
+    """HF BertForTokenClassification from scratch for `minutes`, then seqeval on test."""
+    torch.manual_seed(seed)
+    data = read_dataset(DataConfig(dataset="conll2003"))
+    tok = TextTokenizer.load(tok_path)
+    train = data["train"].examples
+    labels = bio_labels([tag_type(t) for s in train for t in to_bio(s.tags) if t != OUTSIDE])
+    label_id = {t: i for i, t in enumerate(labels)}
+    ids, lab, cut = encode(tok, train, label_id, length)
+    model = hf_model(tok.vocab_size, len(labels), length)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
+    total = [10**9]  # steps of the linear decay: set once the step time is known
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total[0] - s) / max(1, total[0] - warmup))))
+    rng = np.random.default_rng(seed)
+    start, step, epoch = time.monotonic(), 0, 0
+    model.train()
+    while time.monotonic() - start < 60 * minutes:
+        for b in np.array_split(rng.permutation(len(ids)), math.ceil(len(ids) / batch)):
+            x, y = torch.from_numpy(ids[b]), torch.from_numpy(lab[b])
+            loss = model(input_ids=x, attention_mask=x != PAD_ID, labels=y).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step == 20:  # the schedule ends where the budget will
+                total[0] = max(warmup + 1, int(60 * minutes / ((time.monotonic() - start) / step)))
+            if step % 100 == 0:
+                print(f"peer step {step} loss {loss.item():.4f}", flush=True)
+            if time.monotonic() - start >= 60 * minutes:
+                break
+        epoch += 1
+    train_s = time.monotonic() - start
+    scores = evaluate_peer(model, tok, data["test"].examples, labels, label_id, length)
+    params = sum(p.numel() for p in model.parameters())
+    return {"test": scores, "steps": step, "epochs_started": epoch, "train_time_s": train_s,
+            "params": params, "train_truncated": cut, "batch": batch, "length": length, "lr": lr}
+
+
+@torch.inference_mode()
+def evaluate_peer(model, tok, sentences, labels, label_id, length) -> dict:
+    model.eval()
+    ids, lab, _ = encode(tok, sentences, label_id, length)
+    pred_tags = []
+    for i in range(0, len(ids), 128):
+        x = torch.from_numpy(ids[i : i + 128])
+        logits = model(input_ids=x, attention_mask=x != PAD_ID).logits  # (B, S, L)
+        best = logits.argmax(-1).numpy()
+        for row, y in zip(best, lab[i : i + 128]):
+            pred_tags.append([labels[k] for k in row[y != IGNORE_INDEX]])
+    gold = [to_bio(s.tags) for s in sentences]
+    pred = [p + [OUTSIDE] * (len(g) - len(p)) for p, g in zip(pred_tags, gold)]  # truncated words: O
+    return score_entities(gold, pred)
+
+
+# ----------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------
+
+
+def markdown(result: dict) -> str:
+    ours, peer = result["ours"], result["peer"]
+    types = sorted(k for k in ours["test"] if k.startswith("f1_"))
+    head = "| system | minutes | steps | params | test F1 | P | R | " + " | ".join(types) + " |"
+    rows = [head, "|" + "---|" * (7 + len(types))]
+    for name, r, minutes in (("trainformer MLM -> NER", ours, result["args"]["mlm_minutes"] + result["args"]["ner_minutes"]),
+                             ("HF BertForTokenClassification (scratch)", peer, result["args"]["peer_minutes"])):
+        t = r["test"]
+        rows.append(f"| {name} | {minutes:g} | {r['steps']} | {r['params'] / 1e6:.2f}M | {t['f1']} | {t['precision']} | "
+                    f"{t['recall']} | " + " | ".join(str(t.get(k, '-')) for k in types) + " |")
+    notes = [
+        "", f"CoNLL-2003 test (eng.testb), entity-level seqeval F1 (%). Host: {result['host']}.",
+        f"Ours: MLM {result['args']['mlm_minutes']} min ({ours['mlm_steps']} steps, valid ppl {ours['mlm_ppl']}), "
+        f"then NER {result['args']['ner_minutes']} min; constrained Viterbi decoding.",
+        "Peer: same size, random init, AdamW + linear schedule, fixed-size padded batches, argmax decoding.",
+    ]
+    return "\n".join(rows + notes) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mlm-minutes", type=float, default=35.0)
+    p.add_argument("--ner-minutes", type=float, default=22.0)
+    p.add_argument("--peer-minutes", type=float, default=None, help="default: mlm + ner minutes")
+    p.add_argument("--peer-batch", type=int, default=32)
+    p.add_argument("--peer-len", type=int, default=128)
+    p.add_argument("--peer-lr", type=float, default=5e-4)
+    p.add_argument("--peer-warmup", type=int, default=200)
+    p.add_argument("--set-mlm", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set-ner", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-ner"))
+    args = p.parse_args()
+    args.peer_minutes = args.peer_minutes or args.mlm_minutes + args.ner_minutes
+    args.out.mkdir(parents=True, exist_ok=True)
+    mlm_dir, ner_dir = args.out / "ours-mlm", args.out / "ours-ner"
+    mlm = train_ours(mlm_dir, "encoder-mlm", args.mlm_minutes, args.set_mlm)
+    ner_set = [f"init_from={mlm_dir}", *args.set_ner]
+    ner = train_ours(ner_dir, "ner-conll2003", args.ner_minutes, ner_set)
+    ours = {"test": ner["test"], "valid": ner["valid"], "steps": ner["steps"], "params": ner["params"],
+            "mlm_steps": mlm["steps"], "mlm_ppl": mlm["valid"].get("ppl"), "mlm_accuracy": mlm["valid"].get("accuracy"),
+            "ner_train_time_s": ner["train_time_s"], "mlm_train_time_s": mlm["train_time_s"]}
+    peer = {"test": {"f1": None, "precision": None, "recall": None}, "steps": 0, "params": 0}
+    if not args.skip_peer:
+        peer = train_peer(mlm_dir / "model" / "tokenizer.json", args.peer_minutes, args.peer_batch,
+                          args.peer_len, args.peer_lr, args.peer_warmup, seed=0)
+    result = {"args": vars(args) | {"out": str(args.out)}, "host": f"{platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+              "recipes": {"mlm": load_recipe("encoder-mlm").description, "ner": load_recipe("ner-conll2003").description},
+              "ours": ours, "peer": peer}
+    (args.out / "bench_ner.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (args.out / "bench_ner.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

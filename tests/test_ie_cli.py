@@ -1,0 +1,208 @@
+"""IE end to end on tiny synthetic data: MLM -> NER (init_from) and relations, then extract / evaluate.
+
+The tagging data: random filler words, two-word person names (B-PER I-PER) and
+cities after "in" (B-LOC). The relation data: "The <e1>a</e1> caused the
+<e2>b</e2> ." with the markers in either order, so direction must be read.
+"""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from trainformer.cli import main
+from trainformer.data.readers import strip_entity_markers
+
+FIRST = ["Zoë", "Anna", "Jean-Pierre", "Omar", "Li", "Maria", "Kofi", "Sven"]
+LAST = ["Müller", "Smith", "O'Neill", "Dubois", "Chen", "Garcia", "Mensah", "Berg"]
+CITIES = ["Paris", "Berlin", "Lagos", "Tokyo", "Lima", "Oslo", "Cairo", "Quito"]
+FILLER = ["the", "a", "report", "said", "today", "that", "met", "with", "visited", "friends",
+          "new", "old", "team", "and", "later", "went", "home", ",", "!"]
+NOUNS = ["storm", "flood", "engine", "car", "wheel", "tree", "leaf", "virus", "fever", "door"]
+VERBS = {"caused": "Cause-Effect", "is part of": "Component-Whole", "is next to": "Other"}
+
+
+def tagged_sentence(rng: random.Random) -> tuple[list[str], list[str]]:
+    words, tags = [], []
+    for _ in range(rng.randint(3, 8)):
+        r = rng.random()
+        if r < 0.2:
+            words += [rng.choice(FIRST), rng.choice(LAST)]
+            tags += ["B-PER", "I-PER"]
+        elif r < 0.35:
+            words += ["in", rng.choice(CITIES)]
+            tags += ["O", "B-LOC"]
+        else:
+            words.append(rng.choice(FILLER))
+            tags.append("O")
+    return words + ["."], tags + ["O"]
+
+
+def conll_text(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    blocks = []
+    for _ in range(n):
+        words, tags = tagged_sentence(rng)
+        blocks.append("".join(f"{w}\t{t}\n" for w, t in zip(words, tags)))
+    return "\n".join(blocks)
+
+
+def relation_rows(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        verb = rng.choice(list(VERBS))
+        a, b = rng.sample(NOUNS, 2)
+        first, second = ("e1", "e2") if rng.random() < 0.5 else ("e2", "e1")
+        text = f"The <{first}>{a}</{first}> {verb} the <{second}>{b}</{second}> ."
+        rel = VERBS[verb]
+        rows.append((text, rel if rel == "Other" else f"{rel}({first},{second})"))
+    return rows
+
+
+def semeval_text(rows: list[tuple[str, str]]) -> str:
+    return "id\tsentence\trelation\n" + "".join(f"{i}\t{s}\t{r}\n" for i, (s, r) in enumerate(rows, 1))
+
+
+TRAIN = "{precision: fp32, device: cpu, threads: 1, progress: false, log_every: 20, eval_every: 0, ckpt_every: 0, label_smoothing: 0.0, max_steps: %d}"
+MODEL = "{family: encoder, d_model: 32, n_heads: 2, n_layers: 1, d_ff: 64, max_len: 64, position: learned, dropout: 0.0, head: %s}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ie")
+    rng = random.Random(7)
+    rel_rows = relation_rows(400, 1)
+    text = [" ".join(tagged_sentence(rng)[0]) for _ in range(300)]
+    text += [strip_entity_markers(s)[0] for s, _ in rel_rows]
+    (root / "text.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
+    (root / "train.conll").write_text(conll_text(500, 0), encoding="utf-8")
+    (root / "rel.tsv").write_text(semeval_text(rel_rows), encoding="utf-8")
+    recipes = {
+        "mlm": f"task: mlm\ndescription: tiny\nmodel: {MODEL % 'mlm'}\n"
+               f"data: {{dataset: {root / 'text.txt'}, tokenizer: {{kind: wordpiece, vocab_size: 200, min_frequency: 1}},"
+               " seq_len: 32, max_tokens: 512, valid_size: 40}\n"
+               f"optim: {{lr: 0.003, warmup_steps: 5}}\ntrain: {TRAIN % 10}\n",
+        "ner": f"task: ner\ndescription: tiny\ninit_from: {root / 'mlm'}\nmodel: {MODEL % 'tagging'}\n"
+               f"data: {{dataset: {root / 'train.conll'}, max_tokens: 512, valid_size: 40, test_size: 60}}\n"
+               f"optim: {{lr: 0.005, warmup_steps: 5, schedule: linear}}\ntrain: {TRAIN % 70}\n",
+        "rel": f"task: relations\ndescription: tiny\ninit_from: {root / 'mlm'}\nmodel: {MODEL % 'relation'}\n"
+               f"data: {{dataset: {root / 'rel.tsv'}, max_tokens: 512, valid_size: 40, test_size: 40}}\n"
+               f"optim: {{lr: 0.005, warmup_steps: 5, schedule: linear}}\ntrain: {TRAIN % 20}\n",
+    }
+    for name, recipe in recipes.items():
+        (root / f"{name}.yaml").write_text(recipe, encoding="utf-8")
+        assert main(["train", str(root / f"{name}.yaml"), "--out", str(root / name)]) == 0
+    return root
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([*args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_runs_leave_their_files(runs):
+    for name in ("mlm", "ner", "rel"):
+        for f in ("data.json", "summary.json", "model/model.safetensors", "model/tokenizer.json"):
+            assert (runs / name / f).is_file(), f"{name}/{f}"
+    mlm = json.loads((runs / "mlm" / "data.json").read_text())
+    assert "no valid or test file" in mlm["text_used"] and mlm["sources"]
+    labels = json.loads((runs / "ner" / "model" / "labels.json").read_text())
+    assert labels == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert len(json.loads((runs / "rel" / "model" / "labels.json").read_text())) == 5
+    # fine-tuning used the MLM tokenizer: identical files, markers included
+    mlm_tok = (runs / "mlm" / "model" / "tokenizer.json").read_text()
+    assert (runs / "ner" / "model" / "tokenizer.json").read_text() == mlm_tok
+    assert (runs / "rel" / "model" / "tokenizer.json").read_text() == mlm_tok and "<e1>" in mlm_tok
+
+
+def test_tiny_encoder_learns_synthetic_ner(runs):
+    summary = json.loads((runs / "ner" / "summary.json").read_text())
+    assert summary["test"]["f1"] >= 90, summary["test"]
+    assert summary["test"]["f1_PER"] >= 90 and summary["test"]["f1_LOC"] >= 90
+
+
+def test_extract_ner_json_offsets(runs, tmp_path, capsys):
+    lines = ["Zoë Müller met friends in Paris and in Paris .", "", "later, in Oslo, Kofi Chen said!"]
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dst = tmp_path / "out.jsonl"
+    code, _, err = cli(capsys, "extract", str(runs / "ner"), "--input", str(src), "--output", str(dst))
+    assert code == 0, err
+    results = [json.loads(x) for x in dst.read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in results] == lines
+    assert results[1] == {"text": "", "entities": []}
+    for r in results:
+        for e in r["entities"]:
+            assert set(e) == {"type", "text", "start", "end"}
+            assert r["text"][e["start"] : e["end"]] == e["text"]
+    got = [(e["type"], e["text"], e["start"]) for e in results[0]["entities"]]
+    assert got == [("PER", "Zoë Müller", 0), ("LOC", "Paris", 26), ("LOC", "Paris", 39)]
+    assert [(e["type"], e["text"]) for e in results[2]["entities"]] == [("LOC", "Oslo"), ("PER", "Kofi Chen")]
+
+
+def test_extract_through_the_real_command(runs):
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainformer", "extract", str(runs / "ner" / "model")],
+        input="Anna Smith went home .\n", capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (result,) = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert result["entities"] == [{"type": "PER", "text": "Anna Smith", "start": 0, "end": 10}]
+
+
+def test_extract_bad_input(runs, tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"Anna Smith .\n\xff\xfe broken\n")
+    code, out, err = cli(capsys, "extract", str(runs / "ner"), "--input", str(bad))
+    assert code == 2 and "bad.txt:2" in err and "UTF-8" in err and out == ""
+    long = tmp_path / "long.txt"
+    long.write_text("in Paris " * 200 + "\n", encoding="utf-8")
+    code, out, err = cli(capsys, "extract", str(runs / "ner"), "--input", str(long))
+    assert code == 0 and "truncated" in err
+    (result,) = [json.loads(x) for x in out.splitlines()]
+    assert all(result["text"][e["start"] : e["end"]] == e["text"] for e in result["entities"])
+    code, _, err = cli(capsys, "extract", str(runs / "mlm"), "--input", str(long))
+    assert code == 2 and "'mlm' model" in err
+
+
+def test_extract_relation_json(runs, tmp_path, capsys):
+    labels = json.loads((runs / "rel" / "model" / "labels.json").read_text())
+    lines = ["The <e1>storm</e1> caused the <e2>flood</e2> .", "", "A <e2>leaf</e2> is part of a <e1>tree</e1>."]
+    src = tmp_path / "rel.txt"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, out, err = cli(capsys, "extract", str(runs / "rel"), "--input", str(src))
+    assert code == 0, err
+    results = [json.loads(x) for x in out.splitlines()]
+    assert [r["text"] for r in results] == lines
+    assert results[1] == {"text": "", "relation": None, "score": None}
+    for r in (results[0], results[2]):
+        assert set(r) == {"text", "relation", "score"} and r["relation"] in labels and 0 < r["score"] <= 1
+    src.write_text("The <e1>storm</e1> caused the <e2>flood</e2> .\nno markers here\n", encoding="utf-8")
+    code, _, err = cli(capsys, "extract", str(runs / "rel"), "--input", str(src))
+    assert code == 2 and "rel.txt:2" in err and "<e1>" in err
+
+
+def test_evaluate_each_task(runs, tmp_path, capsys):
+    conll = tmp_path / "eval.conll"
+    conll.write_text(conll_text(40, 99), encoding="utf-8")
+    code, out, err = cli(capsys, "evaluate", str(runs / "ner"), "--data", str(conll), "--json")
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["sentences"] == 40 and m["f1"] >= 90 and {"f1_PER", "f1_LOC", "precision", "recall"} <= set(m)
+    sem = tmp_path / "eval.tsv"
+    sem.write_text(semeval_text(relation_rows(30, 5)), encoding="utf-8")
+    code, out, err = cli(capsys, "evaluate", str(runs / "rel"), "--data", str(sem), "--json")
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["examples"] == 30 and 0 <= m["macro_f1"] <= 100 and "f1_Cause-Effect" in m
+    text = tmp_path / "eval.txt"
+    rng = random.Random(3)
+    text.write_text("".join(" ".join(tagged_sentence(rng)[0]) + "\n\n" for _ in range(20)), encoding="utf-8")
+    code, out, err = cli(capsys, "evaluate", str(runs / "mlm"), "--data", str(text), "--json")
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["texts"] == 20 and m["masked_tokens"] > 0 and m["ppl"] > 1 and 0 <= m["accuracy"] <= 100

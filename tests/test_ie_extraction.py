@@ -1,0 +1,178 @@
+"""IE helpers without training: BIO decoding, word offsets, entity markers, the SemEval score."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from trainformer.config import TokenizerConfig
+from trainformer.data.tokenizer import train_tokenizer
+from trainformer.tasks.extraction import (
+    add_marker_tokens,
+    bio_labels,
+    bio_spans,
+    entity_dicts,
+    fit_window,
+    is_valid_bio,
+    marker_positions,
+    split_words,
+    to_bio,
+    viterbi_bio,
+)
+from trainformer.tasks.relations import (
+    collate_relations,
+    relation_labels,
+    relation_type,
+    semeval_scores,
+)
+
+LABELS = bio_labels(["PER", "LOC"])  # O, B-LOC, I-LOC, B-PER, I-PER
+
+
+# ----------------------------------------------------------------------------
+# BIO
+# ----------------------------------------------------------------------------
+
+
+def test_to_bio_repairs_iob1_and_bioes():
+    assert to_bio(["I-PER", "I-PER", "O", "I-LOC"]) == ["B-PER", "I-PER", "O", "B-LOC"]  # IOB1
+    assert to_bio(["B-PER", "I-LOC"]) == ["B-PER", "B-LOC"]  # a type change starts an entity
+    assert to_bio(["S-PER", "B-LOC", "E-LOC"]) == ["B-PER", "B-LOC", "I-LOC"]  # BIOES
+    bio = ["O", "B-PER", "I-PER", "B-PER", "O"]
+    assert to_bio(bio) == bio
+
+
+def _score(scores: torch.Tensor, path: list[int]) -> float:
+    return float(sum(scores[t, k] for t, k in enumerate(path)))
+
+
+def test_viterbi_is_valid_and_optimal_on_adversarial_logits():
+    """Logits that push I- tags everywhere: the decoder returns the best *valid* sequence."""
+    gen = torch.Generator().manual_seed(0)
+    n_words, n_labels = 5, len(LABELS)
+    valid = [p for p in itertools.product(range(n_labels), repeat=n_words)
+             if is_valid_bio([LABELS[k] for k in p])]
+    inside = torch.tensor([lab.startswith("I-") for lab in LABELS])
+    for trial in range(20):
+        scores = torch.randn(1, n_words, n_labels, generator=gen) * 3
+        scores[..., inside] += 4.0  # argmax is almost always an invalid I- tag
+        path = viterbi_bio(scores, torch.tensor([n_words]), LABELS)[0]
+        assert is_valid_bio([LABELS[k] for k in path])
+        best = max(_score(scores[0], p) for p in valid)  # exhaustive search
+        assert _score(scores[0], path) == pytest.approx(best, abs=1e-4), trial
+    argmax = scores[0].argmax(-1).tolist()
+    assert not is_valid_bio([LABELS[k] for k in argmax])  # the test really was adversarial
+
+
+def test_viterbi_padding_does_not_change_a_sentence():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(3, 7, len(LABELS), generator=gen)
+    lengths = torch.tensor([7, 3, 1])
+    batched = viterbi_bio(scores, lengths, LABELS)
+    for b in range(3):
+        alone = viterbi_bio(scores[b : b + 1, : lengths[b]], lengths[b : b + 1], LABELS)[0]
+        assert batched[b] == alone and len(alone) == lengths[b]
+
+
+def test_bio_spans():
+    tags = ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC"]
+    assert bio_spans(tags) == [("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 6)]
+
+
+# ----------------------------------------------------------------------------
+# Words and character offsets
+# ----------------------------------------------------------------------------
+
+
+def test_split_words_offsets_on_tricky_text():
+    text = "Zoë Müller (U.S.) met O'Neill, Jean-Pierre & Germany's team… 🙂 twice!"
+    words = split_words(text)
+    assert all(text[s:e] == w for w, s, e in words)
+    got = [w for w, _, _ in words]
+    assert got == ["Zoë", "Müller", "(", "U.S.", ")", "met", "O'Neill", ",", "Jean-Pierre", "&",
+                   "Germany", "'s", "team", "…", "🙂", "twice", "!"]
+
+
+def test_entity_offsets_point_into_the_original_line():
+    text = "Paris and Paris, said Zoë  Müller."  # repeated string, punctuation, unicode, two spaces
+    words = split_words(text)
+    tags = ["B-LOC", "O", "B-LOC", "O", "O", "B-PER", "I-PER", "O"]
+    assert len(words) == len(tags)
+    ents = entity_dicts(text, words, tags)
+    assert [(e["type"], e["text"], e["start"], e["end"]) for e in ents] == [
+        ("LOC", "Paris", 0, 5), ("LOC", "Paris", 10, 15), ("PER", "Zoë  Müller", 22, 33)]
+    assert all(text[e["start"] : e["end"]] == e["text"] for e in ents)
+
+
+# ----------------------------------------------------------------------------
+# Entity markers and relation labels
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["The storm caused the flood .", "The wheel is part of the car ."] * 20
+    return train_tokenizer(texts, TokenizerConfig(kind="wordpiece", vocab_size=80, min_frequency=1))
+
+
+def test_markers_are_single_tokens_found_after_tokenisation(tokenizer):
+    size = tokenizer.vocab_size
+    e1, e2 = add_marker_tokens(tokenizer)
+    assert tokenizer.vocab_size == size + 4
+    assert add_marker_tokens(tokenizer) == (e1, e2) and tokenizer.vocab_size == size + 4  # idempotent
+    ids = tokenizer.encode("The<e2>wheel</e2> is part of the <e1>car</e1>.")  # no spaces around some
+    p1, p2 = marker_positions(ids, e1, e2)
+    assert p2 < p1  # e2 comes first here
+    assert tokenizer.id_to_token(ids[p2 + 1]) == "wheel" and tokenizer.id_to_token(ids[p1 + 1]) == "car"
+    assert tokenizer.id_to_token(ids[p1 + 2]) == "</e1>"
+    assert marker_positions([1, 2, 3], e1, e2) == (-1, -1)
+
+
+def test_relation_batch_points_at_the_start_markers(tokenizer):
+    e1, e2 = add_marker_tokens(tokenizer)
+    sentences = ["The <e1>storm</e1> caused the <e2>flood</e2> .", "The <e2>wheel</e2> is part of the <e1>car</e1> ."]
+    rows = {"ids": [np.asarray(tokenizer.encode(s)) for s in sentences], "label": [np.array([3]), np.array([0])]}
+    batch = collate_relations(rows, e1, e2)  # <cls> is prepended: positions shift by one
+    rows_idx = torch.arange(2)
+    assert (batch["ids"][rows_idx, batch["e1_pos"]] == e1).all()
+    assert (batch["ids"][rows_idx, batch["e2_pos"]] == e2).all()
+    assert batch["e1_pos"][0] < batch["e2_pos"][0] and batch["e2_pos"][1] < batch["e1_pos"][1]
+    assert batch["labels"].tolist() == [3, 0] and batch["mask"].sum(1).tolist() == [len(r) + 2 for r in rows["ids"]]
+
+
+def test_fit_window_keeps_the_markers():
+    ids = list(range(100))
+    window, start = fit_window(ids, 10, keep=[60, 65])
+    assert window == ids[start : start + 10] and 60 - start >= 0 and 65 - start < 10
+    assert fit_window(ids[:8], 10, keep=[3]) == (ids[:8], 0)
+
+
+def test_relation_labels_have_both_directions():
+    labels = relation_labels(["Cause-Effect(e2,e1)", "Other", "Component-Whole(e1,e2)"])
+    assert labels == ["Other", "Cause-Effect(e1,e2)", "Cause-Effect(e2,e1)",
+                      "Component-Whole(e1,e2)", "Component-Whole(e2,e1)"]
+    assert relation_type("Cause-Effect(e2,e1)") == "Cause-Effect" and relation_type("Other") == "Other"
+
+
+def test_semeval_macro_f1_on_a_hand_example():
+    CE12, CE21, CW12 = "Cause-Effect(e1,e2)", "Cause-Effect(e2,e1)", "Component-Whole(e1,e2)"
+    MC12 = "Member-Collection(e1,e2)"
+    gold = [CE12, CE12, CE21, CW12, CW12, "Other", "Other"]
+    pred = [CE12, CE21, CE21, "Other", CW12, CW12, MC12]
+    s = semeval_scores(gold, pred)
+    # Cause-Effect: correct 2 (type and direction), proposed 3 (the wrong direction counts
+    # against precision), actual 3 -> P = R = F1 = 2/3.
+    assert s["f1_Cause-Effect"] == pytest.approx(66.67)
+    # Component-Whole: correct 1, proposed 2, actual 2 -> 1/2.
+    assert s["f1_Component-Whole"] == pytest.approx(50.0)
+    # Member-Collection is not in the gold labels: not averaged (as in the official scorer).
+    assert "f1_Member-Collection" not in s
+    assert s["macro_f1"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2, abs=0.01)
+    assert s["micro_precision"] == pytest.approx(100 * 3 / 5) and s["micro_recall"] == pytest.approx(60.0)
+    assert s["accuracy"] == pytest.approx(100 * 3 / 7, abs=0.01)
+    perfect = semeval_scores(gold, gold)
+    assert perfect["macro_f1"] == 100.0
+    # direction matters: flipping every direction scores zero
+    flipped = [g.replace("e1,e2", "x").replace("e2,e1", "e1,e2").replace("x", "e2,e1") for g in gold]
+    assert semeval_scores(gold, flipped)["macro_f1"] == 0.0
