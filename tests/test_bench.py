@@ -1,0 +1,196 @@
+"""The performance suite's pure pieces: FLOP/MFU arithmetic, timing helpers, report writer, CLI smoke."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainformer.bench.decode import source_batches
+from trainformer.bench.memory import PeakMemory, RssProbe
+from trainformer.bench.models import Shape, bench_family, ours, train_flops
+from trainformer.bench.peak import gemm_flops, mfu_peak
+from trainformer.bench.report import markdown, write_report
+from trainformer.bench.suite import SECTIONS, parse_only
+from trainformer.bench.timing import interleaved, summarize
+from trainformer.cli import main
+from trainformer.errors import UserError
+from trainformer.models import count_parameters
+from trainformer.training.precision import cpu_has_fast_bf16
+from trainformer.training.throughput import mfu
+
+
+def test_train_flops_decoder_counts_6nd_plus_attention():
+    # Training FLOPs = 6 x (non-embedding matmul params + LM head) per token + attention (PaLM app. B).
+    s = Shape(layers=2, d=32, heads=2, d_ff=64, vocab=100, batch=3, seq=16)
+    model = ours("decoder", s)
+    layer_matmul = 4 * s.d * s.d + 2 * s.d * s.d_ff  # q, k, v, out + two FFN matrices
+    head = s.d * s.vocab
+    per_token = 6 * (s.layers * layer_matmul + head) + 3 * s.layers * 4 * s.seq * s.d
+    assert train_flops("decoder", s) == pytest.approx(per_token * s.batch * s.seq)
+    # the counted matmul weights are (almost) all of the model's non-embedding parameters
+    weights = count_parameters(model, exclude_embeddings=True)
+    assert s.layers * layer_matmul <= weights < s.layers * layer_matmul * 1.1
+
+
+def test_train_flops_encoder_decoder_exceeds_two_stacks():
+    s = Shape(layers=1, d=16, heads=2, d_ff=32, vocab=50, batch=2, seq=8)
+    enc_dec, dec = train_flops("encoder_decoder", s), train_flops("decoder", s)
+    # encoder + decoder + cross-attention > the decoder stack alone plus another one without head
+    assert enc_dec > 2 * dec - 3 * 2 * s.d * s.vocab * s.batch * s.seq
+    assert train_flops("encoder", s) == pytest.approx(dec + 3 * s.batch * s.seq * 2 * s.d * s.d)
+
+
+def test_mfu_arithmetic_and_peak_choice():
+    # 1e9 FLOPs per token at 50 tokens/s on a 100 GFLOP/s peak = 50% MFU
+    assert mfu(1e9, 50.0, 100e9) == pytest.approx(0.5)
+    assert mfu(1e9, 50.0, None) is None
+    measured = {"measured": {"bf16": 2e12, "fp32": 1e12}}
+    assert mfu_peak(measured, "fp32") == 1e12
+    # a known GPU's spec sheet wins over the measured GEMM
+    assert mfu_peak({**measured, "spec": {"bf16": 989e12, "fp32": None}}, "bf16") == 989e12
+    assert mfu_peak({**measured, "spec": {"bf16": 989e12, "fp32": None}}, "fp32") == 1e12
+
+
+def test_bench_family_figures_are_consistent():
+    s = Shape(layers=1, d=32, heads=2, d_ff=64, vocab=128, batch=2, seq=16)
+    r = bench_family("decoder", s, steps=2, warmup=1, device=torch.device("cpu"), precision="fp32", peak=1e9)
+    for k in ("ours", "hf"):
+        side = r[k]
+        assert len(side["steps_s"]) == 2 and side["min_s"] <= side["median_s"] <= side["max_s"]
+        assert side["tokens_per_s"] == pytest.approx(s.batch * s.seq / side["median_s"])
+        assert side["mfu"] == pytest.approx(train_flops("decoder", s) / side["median_s"] / 1e9)
+        assert "peak_mem_mb" not in side  # memory=False: not measured, not invented
+    assert r["speedup"] == pytest.approx(r["hf"]["median_s"] / r["ours"]["median_s"])
+    assert r["ours"]["params"] == count_parameters(ours("decoder", s))
+
+
+def test_gemm_flops_positive_for_non_square():
+    assert gemm_flops(torch.device("cpu"), 64, 32, 48, torch.float32, reps=2) > 0
+
+
+def test_interleaved_alternates_and_drops_warmup():
+    calls: list[str] = []
+
+    def run(name: str, value: float):
+        def f() -> float:
+            calls.append(name)
+            return value + len(calls)
+        return f
+
+    times = interleaved({"a": run("a", 0.0), "b": run("b", 100.0)}, steps=2, warmup=1)
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert times == {"a": [3.0, 5.0], "b": [104.0, 106.0]}  # warm-up calls (1, 2) dropped
+    assert summarize([3.0, 1.0, 2.0]) == {"median_s": 2.0, "min_s": 1.0, "max_s": 3.0}
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+class _FakeProbe:
+    def start(self) -> float:
+        return 100.0
+
+    def peak(self) -> float:
+        return 164.0
+
+
+def test_peak_memory_uses_rss_only_in_fresh_process():
+    with PeakMemory(torch.device("cpu"), _FakeProbe()) as mem:
+        pass
+    assert mem.mb == 64.0
+    with PeakMemory(torch.device("cpu"), None) as mem:
+        pass
+    assert mem.mb is None  # not measurable in a shared process: reported as n/a
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_rss_probe_sees_a_large_allocation():
+    probe = RssProbe()
+    with PeakMemory(torch.device("cpu"), probe) as mem:
+        x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MB, touched
+        del x
+    assert 48 <= mem.mb < 1024  # the high-water mark rose by about the tensor's size
+
+
+def test_source_batches_are_sorted_padded_and_masked():
+    batches = source_batches(10, 4, vocab=50, seed=1)
+    assert [b[0].shape[0] for b in batches] == [4, 4, 2]
+    lengths = [int(m.sum(1).max()) for _, m in batches]
+    assert lengths == sorted(lengths) and all(6 <= n <= 24 for n in lengths)
+    for ids, mask in batches:
+        assert ids.shape == mask.shape
+        assert (ids[~mask] == 0).all() and (ids[mask] >= 2).all()
+
+
+def test_parse_only():
+    assert parse_only(None) == SECTIONS
+    assert parse_only("peak, train") == ("peak", "train")
+    with pytest.raises(UserError, match="peek"):
+        parse_only("peak,peek")
+
+
+def _fake_results() -> dict:
+    side = {"median_s": 0.5, "min_s": 0.4, "max_s": 0.6, "tokens_per_s": 2048.0, "mfu": 0.25, "params": 10}
+    return {
+        "env": {"date": "2026-01-01", "device": "cpu", "precision": "fp32", "threads": 2, "git_commit": "abc",
+                "hardware": {"cpu": "Test CPU", "cpu_count": 2}, "versions": {"torch": "9.9"}},
+        "notes": ["a note"],
+        "peak": {"gemms": [{"precision": "fp32", "shape": "square 8", "m": 8, "k": 8, "n": 8, "flops": 5e10}],
+                 "measured": {"fp32": 5e10}, "notes": []},
+        "train": [{"family": "decoder", "ours": {**side, "peak_mem_mb": 123.0},
+                   "hf": {**side, "median_s": 1.0, "mfu": 0.125}, "speedup": 2.0}],
+        "realdata": {"skipped": "shared data absent"},
+        "decode": {"error": "RuntimeError: boom"},
+        "scaling": {"seq": [{"seq": q, "batch": 1, "checkpointing": c, "tokens_per_s": 100.0 / q,
+                             "peak_mem_mb": None if c else float(q)} for q in (64, 128) for c in (False, True)],
+                    "batch": [{"seq": 64, "batch": b, "checkpointing": False, "tokens_per_s": 10.0 * b,
+                               "peak_mem_mb": None} for b in (1, 2)]},
+    }
+
+
+def test_report_writes_json_markdown_and_plots(tmp_path):
+    results = _fake_results()
+    paths = write_report(results, tmp_path / "out")
+    assert json.loads(paths["json"].read_text()) == results
+    md = paths["markdown"].read_text()
+    assert "2026-01-01" in md and "Test CPU" in md and "torch 9.9" in md and "a note" in md
+    assert "| fp32 | square 8 | 50.0 |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| decoder"))
+    assert "2.00x" in row and "25.0%" in row and "12.5%" in row and "123" in row and "n/a" in row
+    assert "skipped: shared data absent" in md
+    assert "failed: RuntimeError: boom" in md
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert pngs == ["scaling_batch.png", "scaling_seq.png"]
+    assert all((tmp_path / "out" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_markdown_has_no_section_for_what_was_not_run():
+    results = _fake_results()
+    for k in ("train", "realdata", "decode", "scaling"):
+        del results[k]
+    md = markdown(results)
+    assert "Matmul peak" in md and "Training step" not in md and "Decoding" not in md
+
+
+def test_cli_quick_peak_writes_sane_json(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--only", "peak", "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert set(data) >= {"env", "peak", "notes"} and "train" not in data
+    peak = data["peak"]
+    assert {g["precision"] for g in peak["gemms"]} == {"fp32", "bf16"}
+    assert all(g["flops"] > 1e6 for g in peak["gemms"])  # at least a MFLOP/s: a real measurement
+    for prec in ("fp32", "bf16"):
+        assert peak["measured"][prec] == max(g["flops"] for g in peak["gemms"] if g["precision"] == prec)
+    if not cpu_has_fast_bf16():
+        assert data["env"]["precision"] == "fp32"
+        assert any("bf16" in n for n in data["notes"])
+    assert "Matmul peak" in (out / "bench.md").read_text()
+    assert "Matmul peak" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_section(tmp_path, capsys):
+    assert main(["bench", "--only", "peek", "--out", str(tmp_path)]) == 2
+    assert "--only" in capsys.readouterr().err
