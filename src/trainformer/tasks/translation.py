@@ -132,6 +132,17 @@ class TranslationTask(Task):
     def batch_tokens(self, batch: Batch) -> int:
         return int(batch["src_mask"].sum() + batch["tgt_mask"].sum())
 
+    def flops_per_token(self, model: nn.Module) -> float:
+        """Training FLOPs per (source or target) token: 6 x the weights that token passes through.
+
+        A source token passes the encoder, a target token the decoder and the output
+        head; batches hold about as many of each, so the mean of the two is used.
+        """
+        enc = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers."))
+        dec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder_layers."))
+        head = self.cfg.model.vocab_size * self.cfg.model.d_model
+        return 6.0 * (enc + dec + head) / 2
+
     # ------------------------------------------------------------ evaluation
     def translator(self, model: nn.Module) -> Translator:
         assert self.tokenizer is not None

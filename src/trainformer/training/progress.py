@@ -36,7 +36,7 @@ def describe(record: dict[str, Any]) -> str:
 class Progress:
     """The run's display and metric log. Does nothing on ranks other than 0."""
 
-    def __init__(self, run_dir: RunDir, total_steps: int, initial_step: int, bar: bool, enabled: bool):
+    def __init__(self, run_dir: RunDir, total_steps: int | None, initial_step: int, bar: bool, enabled: bool):
         self.run_dir = run_dir
         self.enabled = enabled
         self.bar = None

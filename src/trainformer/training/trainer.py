@@ -574,7 +574,10 @@ class Trainer:
         self._clock = self._last_ckpt_time = time.monotonic()
         report = self.task.data_report()
         t = self.cfg.train
-        self.progress = Progress(self.run_dir, t.max_steps, self.state.step, bar=t.progress,
+        # Under a wall-clock budget the step count is unknown: the bar counts steps without a
+        # total (tqdm's own ETA would assume max_steps) and the postfix shows the budget's ETA.
+        total = None if t.max_minutes else t.max_steps
+        self.progress = Progress(self.run_dir, total, self.state.step, bar=t.progress,
                                  enabled=self.env.is_main)
         if report:
             self.progress.log({"event": "data", "step": self.state.step, **report})
