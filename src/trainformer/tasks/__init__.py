@@ -19,16 +19,21 @@ TASKS = {
 }
 
 
-def build_task(cfg: Config) -> Task:
-    """The `Task` for `cfg.task`, constructed on `cfg` (call `setup` next)."""
-    target = TASKS.get(cfg.task)
+def load_target(table: dict[str, str], task: str, what: str, error: type[Exception] = ConfigError):
+    """Import ``table[task]`` ("module:attr") lazily; `error` naming `what` when absent."""
+    target = table.get(task)
     if target is None:
-        raise ConfigError(f"task: unknown task {cfg.task!r} (known: {', '.join(TASKS)})")
-    module_name, cls_name = target.split(":")
+        raise error(f"{what}: unknown task {task!r} (known: {', '.join(table)})")
+    module_name, attr = target.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name == module_name:
-            raise ConfigError(f"task: {cfg.task!r} is not available in this version") from None
+            raise error(f"{what}: {task!r} is not available in this version") from None
         raise
-    return getattr(module, cls_name)(cfg)
+    return getattr(module, attr)
+
+
+def build_task(cfg: Config) -> Task:
+    """The `Task` for `cfg.task`, constructed on `cfg` (call `setup` next)."""
+    return load_target(TASKS, cfg.task, "task")(cfg)

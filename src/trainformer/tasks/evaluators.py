@@ -7,8 +7,6 @@ flat dict of metrics.
 
 from __future__ import annotations
 
-import importlib
-
 from trainformer.config import Config
 from trainformer.errors import UserError
 
@@ -22,14 +20,6 @@ EVALUATORS = {
 
 
 def evaluate_file(cfg: Config, args) -> dict:
-    target = EVALUATORS.get(cfg.task)
-    if target is None:
-        raise UserError(f"evaluate: no evaluator for {cfg.task!r} models")
-    module_name, fn = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            raise UserError(f"evaluate: {cfg.task!r} models are not supported in this version") from None
-        raise
-    return getattr(module, fn)(cfg, args)
+    from trainformer.tasks import load_target
+
+    return load_target(EVALUATORS, cfg.task, "evaluate", UserError)(cfg, args)
