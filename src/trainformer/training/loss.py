@@ -31,8 +31,3 @@ def cross_entropy_sum(
     )
     n_tokens = (flat_labels != IGNORE_INDEX).sum().float()
     return loss_sum, n_tokens
-
-
-def count_loss_tokens(labels: torch.Tensor) -> int:
-    """Tokens of a label tensor that carry loss (not -100)."""
-    return int((labels != IGNORE_INDEX).sum())

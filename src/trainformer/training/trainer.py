@@ -34,7 +34,6 @@ from trainformer.tasks.base import Batch, Task
 from trainformer.training import checkpoint as ckpt
 from trainformer.training import distributed as D
 from trainformer.training.device import setup_device
-from trainformer.training.loss import count_loss_tokens
 from trainformer.training.optim import build_optimizer, clip_gradients
 from trainformer.training.precision import build_precision
 from trainformer.training.progress import Progress
@@ -234,12 +233,8 @@ class Trainer:
 
     def _loss_tokens(self, batch: Batch) -> int | None:
         """Tokens carrying loss in a batch, known before the forward pass (None if unknown)."""
-        counter = getattr(self.task, "loss_tokens", None)
-        if callable(counter):
-            n = counter(batch)
-            return None if n is None else int(n)
-        labels = batch.get("labels")
-        return count_loss_tokens(labels) if labels is not None else None
+        n = self.task.loss_tokens(batch)  # Task's default counts `labels` != -100
+        return None if n is None else int(n)
 
     def _global_loss_tokens(self, micro: list[Batch]) -> torch.Tensor | float | None:
         """Loss tokens of the whole step on all ranks: the divisor that makes accumulation exact."""
