@@ -19,6 +19,7 @@ from trainformer.cli import main
 from trainformer.errors import UserError
 from trainformer.models import count_parameters
 from trainformer.training.precision import cpu_has_fast_bf16
+from trainformer.training import throughput
 from trainformer.training.throughput import mfu
 
 
@@ -65,6 +66,18 @@ def test_bench_family_figures_are_consistent():
         assert "peak_mem_mb" not in side  # memory=False: not measured, not invented
     assert r["speedup"] == pytest.approx(r["hf"]["median_s"] / r["ours"]["median_s"])
     assert r["ours"]["params"] == count_parameters(ours("decoder", s))
+
+
+def test_cpu_peak_keeps_the_best_reading_across_runs(monkeypatch):
+    """A start-up disturbed by another process must not lower the MFU denominator."""
+    readings = iter([50e9, 20e9, 80e9])
+    monkeypatch.setattr(throughput, "measure_matmul_flops", lambda dtype, threads, seconds: next(readings))
+    assert throughput.cpu_peak_flops(torch.float32, 2) == 50e9
+    assert throughput.cpu_peak_flops(torch.float32, 2) == 50e9  # the disturbed 20e9 is ignored
+    assert throughput.cpu_peak_flops(torch.float32, 2) == 80e9
+    monkeypatch.setattr(throughput, "measure_matmul_flops", lambda dtype, threads, seconds: 10e9)
+    assert throughput.cpu_peak_flops(torch.float32, 1) == 10e9  # keyed by thread count
+    assert throughput.cpu_peak_flops(torch.bfloat16, 2) == 10e9  # and by dtype
 
 
 def test_gemm_flops_positive_for_non_square():

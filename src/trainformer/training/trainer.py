@@ -131,6 +131,8 @@ class Trainer:
 
     def _setup(self, resume: bool) -> Path | None:
         """Everything before the first step; returns the checkpoint resumed from, if any."""
+        # The CPU peak is measured first, while no tokenizer or loader threads are busy.
+        peak = peak_flops(self.device, self.precision.name, self.precision.dtype) if self.env.is_main else None
         self.task.setup(self.run_dir.path, self.env.rank, self.env.world_size)
         self._prepare_run_dir(resume)
         self._build_model(resume)
@@ -145,23 +147,19 @@ class Trainer:
             self._print(f"resume: no complete checkpoint in {self.run_dir.checkpoints}; starting at step 0")
         if latest is not None:
             self._restore(latest)
-        self.peak = self._peak_flops() if self.env.is_main else None
+        self.peak = self._record_peak(peak) if self.env.is_main else None
         return latest
 
-    def _peak_flops(self) -> float | None:
-        """The device's peak FLOP/s for MFU; a CPU measurement is cached in env.json."""
+    def _record_peak(self, peak: float | None) -> float | None:
+        """Write the MFU denominator into env.json (one key per device and precision)."""
         env_path = self.run_dir.path / "env.json"
         try:
             env = json.loads(env_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
-            env = {}
+            return peak
         key = f"{self.device.type}-{self.precision.name}"
-        cached = env.get("peak_flops", {})
-        if key in cached:
-            return cached[key]
-        peak = peak_flops(self.device, self.precision.name, self.precision.dtype)
-        if env and peak:
-            env["peak_flops"] = {**cached, key: peak}
+        if peak and env.get("peak_flops", {}).get(key) != peak:
+            env["peak_flops"] = {**env.get("peak_flops", {}), key: peak}
             atomic_write_text(env_path, json.dumps(env, indent=2) + "\n")
         return peak
 
