@@ -381,15 +381,36 @@ def test_bf16_autocast_and_checkpoints_by_the_minute(tmp_path):
     assert all(v.dtype == torch.float32 for v in weights.values())  # master weights stay fp32
 
 
+def scripted_accuracy(last: float, averaged: float):
+    """A toy task whose final valid evaluations score `last`, then `averaged`."""
+    class Scripted(ToyTask):
+        scores = iter([last, averaged, 0.0])  # final valid, averaged valid, test
+
+        def evaluate(self, model, split="valid"):
+            return {**super().evaluate(model, split), "accuracy": next(self.scores)}
+    return Scripted
+
+
 def test_average_last_averages_checkpoint_weights(tmp_path):
     t = make_trainer(tmp_path, "train.max_steps=6", "train.ckpt_every=2", "train.average_last=3",
-                     "train.keep_last=1")
+                     "train.keep_last=1", "train.eval_every=0", task_cls=scripted_accuracy(0.5, 0.6))
     summary = t.fit()
     steps = [load_file(t.run_dir.checkpoints / f"step-{s:06d}/model.safetensors") for s in (2, 4, 6)]
     final = load_file(t.run_dir.model_dir / "model.safetensors")
     assert summary["averaged_checkpoints"] == 3
     for k in final:
         assert torch.allclose(final[k], (steps[0][k] + steps[1][k] + steps[2][k]) / 3, atol=1e-6)
+    assert summary["valid"]["accuracy"] == 0.6
+
+
+def test_average_last_is_dropped_when_it_scores_lower(tmp_path):
+    t = make_trainer(tmp_path, "train.max_steps=6", "train.ckpt_every=2", "train.average_last=3",
+                     "train.keep_last=1", "train.eval_every=0", task_cls=scripted_accuracy(0.5, 0.4))
+    summary = t.fit()
+    last = load_file(t.run_dir.checkpoints / "step-000006/model.safetensors")
+    final = load_file(t.run_dir.model_dir / "model.safetensors")
+    assert summary["averaged_checkpoints"] == 0 and summary["valid"]["accuracy"] == 0.5
+    assert all(torch.equal(final[k], last[k]) for k in final)
 
 
 def test_activation_checkpointing_keeps_names_and_gradients(tmp_path, monkeypatch):

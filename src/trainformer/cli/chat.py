@@ -14,18 +14,19 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
+from trainformer.cli.common import add_model_verb
 from trainformer.cli.generate import add_sampling_args, sampling_settings
 
 HELP = "commands: /reset clears the history, /exit quits (or Ctrl-D); Ctrl-C cancels a reply"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "chat", help="chat with a trained chat model",
+    p = add_model_verb(
+        sub, "chat", help="chat with a trained chat model",
         description="Chat with a model trained by the chat task. On a terminal: an interactive "
         "session with streamed replies. Otherwise one reply per stdin line (or --prompt). " + HELP,
+        model_help="a model/ directory or a run directory of a chat model",
     )
-    p.add_argument("model_dir", help="a model/ directory or a run directory of a chat model")
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--system", default=None, help="a system line kept at the start of the conversation")
     p.add_argument("--no-history", action="store_true", help="answer each message on its own")

@@ -5,22 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trainformer.cli.common import add_model_verb, add_runtime_args
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "evaluate", help="score a trained model on a data file (BLEU/chrF, F1, perplexity)",
+    p = add_model_verb(
+        sub, "evaluate", help="score a trained model on a data file (BLEU/chrF, F1, perplexity)",
         description="Score a model on a data file in its task's format. Translation: "
         "sacreBLEU and chrF on detokenised output against every reference of each "
         "source (a source that occurs several times is multi-reference).",
     )
-    p.add_argument("model_dir", help="a model/ directory or a run directory")
     p.add_argument("--data", required=True, help="data file (translation: TSV with a header, e.g. en<TAB>fr)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--beam", type=int, default=None, help="beam size (default: the model's eval.beam)")
     p.add_argument("--hyps", default=None, help="where to write hypotheses (default: DATA.hyp.txt in the current folder)")
     p.add_argument("--bad-lines", choices=["skip", "error"], default="skip", help="policy for malformed lines")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    add_runtime_args(p)
     p.set_defaults(func=run)
 
 

@@ -5,23 +5,22 @@ from __future__ import annotations
 import json
 import sys
 
+from trainformer.cli.common import add_io_args, add_model_verb, add_runtime_args
 from trainformer.textio import read_lines
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "extract", help="extract entities or relations from text with a trained model",
+    p = add_model_verb(
+        sub, "extract", help="extract entities or relations from text with a trained model",
         description="Read one text per line (stdin or --input) and write one JSON object per line, "
         "in input order. NER model: {\"text\", \"entities\": [{\"type\", \"text\", \"start\", \"end\"}]} "
         "with character offsets into the line (end exclusive). Relation model: each line marks two "
         "entities with <e1>..</e1> and <e2>..</e2>; output {\"text\", \"relation\", \"score\"}. "
         "Empty lines give empty results; over-long lines are truncated with a warning.",
+        model_help="a model/ directory or a run directory (ner or relations)",
     )
-    p.add_argument("model_dir", help="a model/ directory or a run directory (ner or relations)")
-    p.add_argument("--input", "-i", default="-", help="input file (default: stdin)")
-    p.add_argument("--output", "-o", default="-", help="output file (default: stdout)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    add_io_args(p)
+    add_runtime_args(p)
     p.set_defaults(func=run)
 
 

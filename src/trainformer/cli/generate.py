@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+from trainformer.cli.common import add_model_verb, add_runtime_args
 from trainformer.textio import read_lines
 
 
@@ -21,8 +22,7 @@ def add_sampling_args(p) -> None:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (1 = off; default 0.9)")
     p.add_argument("--repetition-penalty", type=float, default=1.1, help="CTRL penalty on seen tokens (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="fixes the samples (same seed, same output)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    add_runtime_args(p)
 
 
 def sampling_settings(args):
@@ -35,12 +35,11 @@ def sampling_settings(args):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "generate", help="continue a text with a language model",
+    p = add_model_verb(
+        sub, "generate", help="continue a text with a language model",
         description="Sample a continuation of --prompt (or of each stdin line) from an lm or chat "
         "model. The output is the prompt followed by its continuation, one per prompt.",
     )
-    p.add_argument("model_dir", help="a model/ directory or a run directory")
     p.add_argument("--prompt", default=None, help="the text to continue (default: one prompt per stdin line)")
     add_sampling_args(p)
     p.set_defaults(func=run)

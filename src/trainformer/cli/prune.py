@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainformer.cli.common import add_overrides
+from trainformer.cli.common import add_model_verb, add_overrides
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "prune", help="prune a trained model (zeros, or physically smaller layers)",
+    p = add_model_verb(
+        sub, "prune", help="prune a trained model (zeros, or physically smaller layers)",
         description="Prune any model dir. 'magnitude' zeroes the smallest weights of the attention "
         "and feed-forward layers (one global threshold); the model stays dense-shaped, so it is "
         "neither smaller on disk nor faster with dense kernels. 'structured' removes whole "
@@ -18,7 +18,6 @@ def add_parser(sub) -> None:
         "giving a smaller, faster dense model (per-layer sizes in compression.json). "
         "--finetune-steps N then trains the pruned model N steps on its task's data.",
     )
-    p.add_argument("model_dir", help="a model/ directory or a run directory")
     p.add_argument("--out", required=True, type=Path, help="the pruned model dir to write (new folder)")
     p.add_argument("--method", choices=["magnitude", "structured"], default="structured")
     p.add_argument("--sparsity", type=float, required=True,

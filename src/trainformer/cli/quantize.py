@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainformer.cli.common import add_model_verb
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "quantize", help="quantize a trained model (int8 dynamic, int8 weight-only, bf16)",
+    p = add_model_verb(
+        sub, "quantize", help="quantize a trained model (int8 dynamic, int8 weight-only, bf16)",
         description="Quantize every Linear layer of a model dir (pruned ones too). 'dynamic': int8 "
         "weights and int8 activations computed per batch (fastest on CPU, CPU only). "
         "'weight_only': int8 weights dequantised on the fly (smaller; faster only where memory-bound). "
         "'bf16': bfloat16 weights. The result is safetensors + JSON; every inference command "
         "accepts it.",
     )
-    p.add_argument("model_dir", help="a model/ directory or a run directory")
     p.add_argument("--out", required=True, type=Path, help="the quantized model dir to write (new folder)")
     p.add_argument("--method", choices=["dynamic", "weight_only", "bf16"], default="dynamic")
     p.set_defaults(func=run)

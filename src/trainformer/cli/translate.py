@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import sys
 
+from trainformer.cli.common import add_io_args, add_model_verb, add_runtime_args
 from trainformer.textio import read_lines
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "translate", help="translate sentences with a trained model",
+    p = add_model_verb(
+        sub, "translate", help="translate sentences with a trained model",
         description="Translate one sentence per line (stdin or --input) and write one "
         "translation per line, in input order. Empty lines stay empty.",
     )
-    p.add_argument("model_dir", help="a model/ directory or a run directory")
-    p.add_argument("--input", "-i", default="-", help="input file (default: stdin)")
-    p.add_argument("--output", "-o", default="-", help="output file (default: stdout)")
+    add_io_args(p)
     p.add_argument("--beam", type=int, default=None, help="beam size (1 = greedy; default: the model's eval.beam)")
     p.add_argument("--nbest", type=int, default=1, help="write the N best translations, tab-separated")
     p.add_argument("--max-len", type=int, default=None, help="most tokens to generate per sentence")
@@ -24,8 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    add_runtime_args(p)
     p.set_defaults(func=run)
 
 

@@ -195,6 +195,18 @@ def _too_long(max_chars: int, *texts: str) -> bool:
 # ----------------------------------------------------------------------------
 
 
+def _add_pair(pairs: list[Pair], bad: BadLines, path: Path, line: int, src: str, tgt: str,
+              max_chars: int, tgt_path: Path | None = None) -> None:
+    """Append the stripped pair, or count it as empty (on the side that is) or too long."""
+    src, tgt = src.strip(), tgt.strip()
+    if not src or not tgt:
+        bad.add(tgt_path if tgt_path is not None and src else path, line, EMPTY)
+    elif _too_long(max_chars, src, tgt):
+        bad.add(path, line, TOO_LONG)
+    else:
+        pairs.append(Pair(src, tgt, line))
+
+
 def _tsv_columns(path: Path, header: list[str], src_col: str, tgt_col: str) -> tuple[int, int]:
     """Indices of the source and target columns named in the header."""
     if src_col in header and tgt_col in header:
@@ -231,13 +243,7 @@ def read_parallel_tsv(
         if len(fields) != len(header):
             bad.add(path, i, COLUMNS, f"expected {len(header)}, got {len(fields)}")
             continue
-        src, tgt = fields[si].strip(), fields[ti].strip()
-        if not src or not tgt:
-            bad.add(path, i, EMPTY)
-        elif _too_long(max_chars, src, tgt):
-            bad.add(path, i, TOO_LONG)
-        else:
-            pairs.append(Pair(src, tgt, i))
+        _add_pair(pairs, bad, path, i, fields[si], fields[ti], max_chars)
     return ReadResult(Path(path), pairs, bad)
 
 
@@ -262,13 +268,7 @@ def read_aligned(
     for i in range(1, n_src + 1):
         if i not in src or i not in tgt:
             continue  # already reported as invalid UTF-8
-        s, t = src[i].strip(), tgt[i].strip()
-        if not s or not t:
-            bad.add(src_path if not s else tgt_path, i, EMPTY)
-        elif _too_long(max_chars, s, t):
-            bad.add(src_path, i, TOO_LONG)
-        else:
-            pairs.append(Pair(s, t, i))
+        _add_pair(pairs, bad, src_path, i, src[i], tgt[i], max_chars, tgt_path=tgt_path)
     return ReadResult(Path(src_path), pairs, bad)
 
 
@@ -308,13 +308,7 @@ def read_jsonl(
                 path, i, MISSING_FIELD, f"expected string fields src/tgt or {src_key}/{tgt_key}"
             )
             continue
-        src, tgt = pair[0].strip(), pair[1].strip()
-        if not src or not tgt:
-            bad.add(path, i, EMPTY)
-        elif _too_long(max_chars, src, tgt):
-            bad.add(path, i, TOO_LONG)
-        else:
-            pairs.append(Pair(src, tgt, i))
+        _add_pair(pairs, bad, path, i, pair[0], pair[1], max_chars)
     return ReadResult(Path(path), pairs, bad)
 
 

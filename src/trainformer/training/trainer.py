@@ -439,7 +439,8 @@ class Trainer:
             raise RuntimeError(f"{type(self.task).__name__}.evaluate({split!r}) returned no {main!r}")
         self._sync_elapsed()
         record = {"event": "eval", "split": split, "step": self.state.step,
-                  "elapsed_s": self.state.elapsed_s, "main_metric": main, **extra, **metrics}
+                  "elapsed_s": self.state.elapsed_s, "train_s": self.state.train_s, "main_metric": main,
+                  **extra, **metrics}
         self.progress.log(record)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
         self._print(f"{split} @ step {self.state.step}: {shown}")
@@ -607,6 +608,14 @@ class Trainer:
         self._print(f"averaged the weights of {len(paths)} checkpoints: {paths[0].name}..{paths[-1].name}")
         return len(paths)
 
+    def _better(self, new: dict[str, float], old: dict[str, float]) -> bool:
+        """`new` scores at least as well as `old` on the task's main metric (True when unknown)."""
+        main = self.task.main_metric
+        if main not in old or main not in new:
+            return True
+        a, b = float(new[main]), float(old[main])
+        return a >= b if self.task.higher_is_better else a <= b
+
     def _has_split(self, split: str) -> bool:
         has = getattr(self.task, "has_split", None)
         if callable(has):
@@ -660,7 +669,14 @@ class Trainer:
         valid = self.valid_metrics
         averaged = self._average_last()
         if averaged:
-            valid = self.evaluate("valid", averaged=averaged)
+            mean_valid = self.evaluate("valid", averaged=averaged)
+            if self._better(mean_valid, valid):
+                valid = mean_valid
+            else:  # averaging over a still-fast-improving stretch can lose; keep the last weights
+                last = ckpt.list_checkpoints(self.run_dir.checkpoints)[-1]
+                D.load_full_model_state(self.module, ckpt.load_weights(last / ckpt.WEIGHTS))
+                self._print(f"the averaged weights score lower on valid; kept {last.name}")
+                averaged = 0
         test = self.evaluate("test") if self._has_split("test") else {}
         self._write_model_dir()
         summary = self._summary(reason, valid, test, averaged)
