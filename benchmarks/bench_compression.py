@@ -1,8 +1,8 @@
 """Compression trade-off of a translation model: size, latency, throughput and BLEU per variant.
 
 Variants: fp32, bf16 weights, int8 dynamic, int8 weight-only, structured pruning at
-25% and 50% (also fine-tuned with --finetune-steps), and structured 25% / 50% + int8
-dynamic. Each is written once under --work (reused by later runs) and loaded
+each --prune level (default 25, 30 and 50%; also fine-tuned with --finetune-steps),
+and each pruned model + int8 dynamic. Each is written once under --work (reused by later runs) and loaded
 through `load_model_dir`, as the inference verbs load it.
 
 Measured on the CPU at each --threads count, variants interleaved (the order
@@ -51,17 +51,19 @@ def _once(out: Path, make) -> Path:
     return out
 
 
-def make_variants(model_dir: Path, work: Path, finetune_steps: int, overrides: list[str]) -> dict[str, Path]:
+def make_variants(model_dir: Path, work: Path, finetune_steps: int, overrides: list[str],
+                  levels: tuple[int, ...] = (25, 30, 50), finetune_levels: tuple[int, ...] | None = None,
+                  ) -> dict[str, Path]:
     """name -> model dir of every variant (created under `work` when missing)."""
     work.mkdir(parents=True, exist_ok=True)
     v: dict[str, Path] = {"fp32": model_dir}
     for method, name in (("bf16", "bf16"), ("dynamic", "int8-dynamic"), ("weight_only", "int8-weight-only")):
         v[name] = _once(work / name, lambda o, m=method: quantize_model_dir(model_dir, o, m))
-    for pct in (25, 50):
+    for pct in levels:
         name = f"struct-{pct}"
         v[name] = _once(work / name, lambda o, p=pct: prune_model_dir(model_dir, o, "structured", p / 100))
         base = v[name]
-        if finetune_steps:
+        if finetune_steps and (finetune_levels is None or pct in finetune_levels):
             ft = f"{name}-ft{finetune_steps}"
             v[ft] = _once(work / ft, lambda o, p=pct: prune_model_dir(
                 model_dir, o, "structured", p / 100, finetune_steps=finetune_steps, overrides=overrides))
@@ -208,6 +210,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="test TSV (default: the model's test split)")
     ap.add_argument("--finetune-steps", type=int, default=0)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="fine-tuning overrides")
+    ap.add_argument("--prune", default="25,30,50", help="structured pruning levels, percent")
+    ap.add_argument("--finetune-levels", default=None, help="the levels to fine-tune (default: all)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--latency-sentences", type=int, default=12)
@@ -220,7 +224,10 @@ def main() -> None:
     model_dir = resolve_model_dir(args.model_dir)
     threads = [int(t) for t in args.threads.split(",")]
     print("building variants ...", flush=True)
-    variants = make_variants(model_dir, args.work or args.out / "variants", args.finetune_steps, args.overrides)
+    levels = tuple(int(x) for x in args.prune.split(",") if x.strip())
+    ft_levels = None if args.finetune_levels is None else tuple(int(x) for x in args.finetune_levels.split(","))
+    variants = make_variants(model_dir, args.work or args.out / "variants", args.finetune_steps, args.overrides,
+                             levels, ft_levels)
     sources, refs = test_data(model_dir, args.data)
     latency = spread(sources, args.latency_sentences)
     batch = sources[: args.batch_sentences]

@@ -2,8 +2,8 @@
 
 Ours: a finished ``trainformer train translate-en-fr-60min`` run directory
 (``--ours RUN_DIR``), or one trained here for ``--minutes``. Its curve is the
-valid BLEU the trainer logged during training (beam 4 on the first
-``eval.max_examples`` valid sources) against training minutes (``train_s``:
+valid BLEU the trainer logged during training (beam 4 on ``eval.max_examples``
+valid sources spread evenly over the split) against training minutes (``train_s``:
 time inside training steps, evaluation and checkpoints excluded); its final
 score is the run's test BLEU (multi-reference, the whole test split).
 
@@ -40,6 +40,7 @@ from trainformer.data.batching import collate_pairs, random_batches
 from trainformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from trainformer.rundir import RunDir, cpu_name
 from trainformer.tasks import build_task
+from trainformer.tasks.base import spread_indices
 from trainformer.tasks.translate_infer import score_translations
 from trainformer.tasks.translation import TranslationTask
 
@@ -117,9 +118,9 @@ def peer_translate(model, task: TranslationTask, sources: list[str], beam: int, 
 
 def peer_score(model, task: TranslationTask, split: str, limit: int) -> dict:
     data = task.eval_sets[split]
-    sources = data.sources[:limit] if limit else data.sources
-    hyps = peer_translate(model, task, sources, beam=task.cfg.eval.beam)
-    return score_translations(hyps, data.references[: len(sources)])
+    idx = spread_indices(len(data.sources), limit)  # the sources our trainer's evaluation uses
+    hyps = peer_translate(model, task, [data.sources[i] for i in idx], beam=task.cfg.eval.beam)
+    return score_translations(hyps, [data.references[i] for i in idx])
 
 
 def train_peer(task: TranslationTask, minutes: float, batch: int, lr: float, warmup: int,
@@ -226,10 +227,10 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"Tatoeba EN->FR, the project's grouped splits; test = {result['test_sources']} sources scored against all "
-        f"their references. Curves: valid BLEU (beam {result['beam']}, first {result['valid_sources']} valid sources) "
+        f"their references. Curves: valid BLEU (beam {result['beam']}, {result['valid_sources']} valid sources spread over the split) "
         "against minutes inside training steps. \"min to B\": the first evaluation at or above BLEU B "
         "(valid curve; its granularity is the evaluation interval).",
-        f"Host: {result['host']}. Signature: {ours['test'].get('bleu_signature', '')}.",
+        f"Host: {result['host']}. sacreBLEU signature: {result['bleu_signature']}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -268,6 +269,7 @@ def main() -> None:
                                                     len(task.eval_sets["valid"].sources)),
         "test_sources": len(task.eval_sets["test"].sources), "peer_minutes": minutes,
         "ours": ours, "peer": peer,
+        "bleu_signature": score_translations(["a"], [["a"]])["bleu_signature"],
     }
     (args.out / "bench_translation.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (args.out / "bench_translation.md").write_text(markdown(result))

@@ -104,3 +104,13 @@ def test_real_tatoeba_split_has_no_leak():
     assert not (srcs["train"] & srcs["test"]) and not (srcs["train"] & srcs["valid"])
     assert s.n_duplicates == 0 and s.n_groups == len({r[0] for r in rows})
     assert sum(len(s[n]) for n in SPLITS) == 172_461
+
+
+def test_spread_indices_cover_the_split_evenly():
+    from trainformer.tasks.base import spread_indices
+
+    assert spread_indices(10, 0) == list(range(10)) and spread_indices(3, 5) == [0, 1, 2]
+    idx = spread_indices(2419, 500)
+    assert len(idx) == len(set(idx)) == 500 and idx[0] == 0 and idx[-1] == 2418
+    assert max(b - a for a, b in zip(idx, idx[1:])) <= 5  # no long stretch skipped (not the first 500)
+    assert spread_indices(7, 1) == [0]

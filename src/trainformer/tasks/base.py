@@ -19,6 +19,19 @@ from torch import nn
 
 from trainformer.config import Config
 
+
+def spread_indices(n: int, limit: int) -> list[int]:
+    """`limit` indices evenly spaced over range(n) (all of them when limit is 0 or >= n).
+
+    A capped evaluation set must not be its first rows: data files are often
+    ordered (Tatoeba by length), and the first 500 sentences are the easy ones.
+    """
+    if not limit or limit >= n:
+        return list(range(n))
+    if limit == 1:
+        return [0]
+    return [i * (n - 1) // (limit - 1) for i in range(limit)]
+
 Batch = dict[str, torch.Tensor]
 
 

@@ -36,7 +36,7 @@ from trainformer.data.splits import make_splits
 from trainformer.data.tokenizer import TextTokenizer
 from trainformer.errors import ConfigError, DataError, UserError
 from trainformer.models import build_model
-from trainformer.tasks.base import Batch, StatefulBatches, Task
+from trainformer.tasks.base import Batch, StatefulBatches, Task, spread_indices
 from trainformer.textio import warn
 
 OUTSIDE = "O"
@@ -447,13 +447,13 @@ class FineTuneTask(Task):
         """The examples of `split`; valid is capped by ``eval.max_examples`` (periodic evaluation)."""
         data = self.eval_sets[split]
         limit = self.cfg.eval.max_examples if split == "valid" else 0
-        return data[:limit] if limit else data
+        return [data[i] for i in spread_indices(len(data), limit)]
 
     def sample_examples(self) -> list[Any]:
         """``eval.samples`` examples spread over test (or valid), for `samples`."""
         data = self.eval_sets.get("test") or self.eval_sets.get("valid") or []
         n = min(self.cfg.eval.samples, len(data))
-        return [data[i] for i in np.linspace(0, len(data) - 1, num=n).astype(int)] if n else []
+        return [data[i] for i in spread_indices(len(data), n)] if n else []
 
     def save_artifacts(self, model_dir: Path) -> None:
         assert self.tokenizer is not None

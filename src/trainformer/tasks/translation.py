@@ -26,7 +26,7 @@ from trainformer.data.registry import read_translation_pairs
 from trainformer.data.splits import group_references, make_splits
 from trainformer.data.tokenizer import load_or_train_tokenizer
 from trainformer.models import build_model
-from trainformer.tasks.base import Batch, StatefulBatches, Task
+from trainformer.tasks.base import Batch, StatefulBatches, Task, spread_indices
 from trainformer.tasks.translate_infer import Translator, score_translations
 from trainformer.training.loss import cross_entropy_sum
 
@@ -151,8 +151,8 @@ class TranslationTask(Task):
     def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:
         data = self.eval_sets[split]
         limit = self.cfg.eval.max_examples if split == "valid" else 0
-        sources = data.sources[:limit] if limit else data.sources
-        refs = data.references[: len(sources)]
+        idx = spread_indices(len(data.sources), limit)
+        sources, refs = [data.sources[i] for i in idx], [data.references[i] for i in idx]
         translator = self.translator(model)
         hyps = [n[0] for n in translator.translate(sources, beam=self.cfg.eval.beam)]
         scores = score_translations(hyps, refs)
@@ -162,7 +162,7 @@ class TranslationTask(Task):
     def samples(self, model: nn.Module) -> list[str]:
         data = self.eval_sets["test"]
         n = self.cfg.eval.samples
-        idx = np.linspace(0, len(data.sources) - 1, num=min(n, len(data.sources))).astype(int)
+        idx = spread_indices(len(data.sources), min(n, len(data.sources)))
         sources = [data.sources[i] for i in idx]
         hyps = [h[0] for h in self.translator(model).translate(sources, beam=self.cfg.eval.beam)]
         return [
