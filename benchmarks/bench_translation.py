@@ -181,7 +181,7 @@ def minutes_to(curve: list[dict], bleu: float) -> float | None:
 
 def bleu_at(curve: list[dict], minutes: float) -> float | None:
     """The valid BLEU of the last evaluation at or before `minutes` of training."""
-    points = [p["bleu"] for p in curve if p["minutes"] <= minutes + 1e-6]
+    points = [p["bleu"] for p in curve if p["minutes"] <= minutes + 0.1]  # a step may end just past it
     return points[-1] if points else None
 
 
@@ -227,7 +227,8 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"Tatoeba EN->FR, the project's grouped splits; test = {result['test_sources']} sources scored against all "
-        f"their references. Curves: valid BLEU (beam {result['beam']}, {result['valid_sources']} valid sources spread over the split) "
+        f"their references. Curves: valid BLEU (beam {result['beam']}, {result['valid_sources']} valid sources, "
+        f"{result.get('valid_subset', 'spread evenly over the split')}) "
         "against minutes inside training steps. \"min to B\": the first evaluation at or above BLEU B "
         "(valid curve; its granularity is the evaluation interval).",
         f"Host: {result['host']}. sacreBLEU signature: {result['bleu_signature']}.",
@@ -247,7 +248,13 @@ def main() -> None:
     p.add_argument("--test-limit", type=int, default=0, help="score the peer on the first N test sources (smoke runs)")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--out", type=Path, default=Path("runs/bench-translation"))
+    p.add_argument("--report", type=Path, default=None,
+                   help="re-write the Markdown and plot from an existing bench_translation.json, and exit")
     args = p.parse_args()
+    if args.report is not None:
+        result = json.loads(args.report.read_text())
+        write_report(result, args.report.parent)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     run = args.ours
     if run is None:
@@ -269,11 +276,15 @@ def main() -> None:
                                                     len(task.eval_sets["valid"].sources)),
         "test_sources": len(task.eval_sets["test"].sources), "peer_minutes": minutes,
         "ours": ours, "peer": peer,
-        "bleu_signature": score_translations(["a"], [["a"]])["bleu_signature"],
+        "bleu_signature": score_translations(["a", "b"], [["a", "c"], ["b"]])["bleu_signature"],  # nrefs:var
     }
     (args.out / "bench_translation.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    (args.out / "bench_translation.md").write_text(markdown(result))
-    plot(result, args.out / "bleu_vs_minutes.png")
+    write_report(result, args.out)
+
+
+def write_report(result: dict, out: Path) -> None:
+    (out / "bench_translation.md").write_text(markdown(result))
+    plot(result, out / "bleu_vs_minutes.png")
     print(markdown(result))
 
 
