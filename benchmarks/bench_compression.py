@@ -37,6 +37,7 @@ from trainformer.data.tokenizer import TextTokenizer
 from trainformer.modeldir import load_model_dir, read_model_config, resolve_model_dir
 from trainformer.paths import REPO_ROOT
 from trainformer.rundir import hardware, package_versions
+from trainformer.tasks.base import spread_indices
 from trainformer.tasks.translate_infer import Translator, score_translations
 
 # ----------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def main() -> None:
                              levels, ft_levels)
     sources, refs = test_data(model_dir, args.data)
     latency = spread(sources, args.latency_sentences)
-    batch = sources[: args.batch_sentences]
+    batch = [sources[i] for i in spread_indices(len(sources), args.batch_sentences)]
     translators = {name: load_translator(path) for name, path in variants.items()}
     print(f"timing {len(translators)} variants at threads {threads} ...", flush=True)
     speed = measure_speed(translators, threads, args.repeats, latency, batch)
@@ -242,9 +243,10 @@ def main() -> None:
                      "finetune_steps": args.finetune_steps},
         "hardware": hardware(), "versions": package_versions(), "variants": {},
     }
+    scored = spread_indices(len(sources), args.bleu_sentences)  # not the first N: test is ordered by length
     for name, path in variants.items():
         print(f"BLEU of {name} ...", flush=True)
-        quality = measure_quality(translators[name], sources[: args.bleu_sentences], refs[: args.bleu_sentences])
+        quality = measure_quality(translators[name], [sources[i] for i in scored], [refs[i] for i in scored])
         results["variants"][name] = {
             "path": str(path), "bytes": (resolve_model_dir(path) / "model.safetensors").stat().st_size,
             "weights": stored_weights(path), **quality, **speed[name],
