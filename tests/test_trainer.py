@@ -497,3 +497,22 @@ def test_cli_user_errors_are_one_line(tmp_path, toy_recipe, capsys):
     assert cli_main(["train", str(toy_recipe), "--out", str(tmp_path / "r")]) == 2
     assert "--resume" in capsys.readouterr().err
     assert cli_main(["plot", str(tmp_path / "missing")]) == 2
+
+
+def test_progress_eta_counts_down_between_train_records(tmp_path, monkeypatch):
+    from trainformer.training import progress as P
+
+    clock = [100.0]
+    monkeypatch.setattr(P.time, "monotonic", lambda: clock[0])
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir(parents=True)
+    bar = P.Progress(run, total_steps=None, initial_step=0, bar=True, enabled=True)
+    bar.log({"event": "train", "step": 50, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 3000.0, "eta_s": 600.0})
+    assert "ETA 10m00s" in bar.bar.postfix
+    clock[0] += 125.0
+    bar.advance()
+    assert "ETA 7m55s" in bar.bar.postfix  # 600 s less the 125 s since that record
+    clock[0] += 1000.0
+    bar.advance()
+    assert "ETA 0s" in bar.bar.postfix
+    bar.close()

@@ -4,6 +4,7 @@ and TensorBoard events when TensorBoard is installed. Rank 0 only."""
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from trainformer.rundir import RunDir
@@ -40,6 +41,8 @@ class Progress:
         self.run_dir = run_dir
         self.enabled = enabled
         self.bar = None
+        self._last: dict[str, Any] | None = None  # the newest train record, for the ETA countdown
+        self._last_time = 0.0
         self.tb = _tensorboard_writer(run_dir.path) if enabled else None
         if enabled and bar:
             from tqdm.auto import tqdm
@@ -48,8 +51,13 @@ class Progress:
                             dynamic_ncols=True, file=sys.stderr)
 
     def advance(self, steps: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(steps)
+        if self.bar is None:
+            return
+        if self._last is not None and self._last.get("eta_s") is not None:
+            # the ETA counts down between train records (they come every log_every steps)
+            left = max(0.0, self._last["eta_s"] - (time.monotonic() - self._last_time))
+            self.bar.set_postfix_str(describe({**self._last, "eta_s": left}), refresh=False)
+        self.bar.update(steps)
 
     def print(self, line: str) -> None:
         """A line of text that does not break the bar."""
@@ -69,6 +77,7 @@ class Progress:
         if record.get("event") != "train":
             return
         if self.bar is not None:
+            self._last, self._last_time = record, time.monotonic()
             self.bar.set_postfix_str(describe(record), refresh=False)
         else:
             self.print(f"step {record['step']} | {describe(record)}")
