@@ -18,8 +18,8 @@ from trainformer.bench.timing import interleaved, summarize
 from trainformer.cli import main
 from trainformer.errors import UserError
 from trainformer.models import count_parameters
-from trainformer.training.precision import cpu_has_fast_bf16
 from trainformer.training import throughput
+from trainformer.training.precision import cpu_has_fast_bf16
 from trainformer.training.throughput import mfu
 
 
