@@ -225,8 +225,11 @@ def main() -> None:
     model_dir = resolve_model_dir(args.model_dir)
     threads = [int(t) for t in args.threads.split(",")]
     print("building variants ...", flush=True)
-    levels = tuple(int(x) for x in args.prune.split(",") if x.strip())
-    ft_levels = None if args.finetune_levels is None else tuple(int(x) for x in args.finetune_levels.split(","))
+    try:
+        levels = tuple(int(x) for x in args.prune.split(",") if x.strip())
+        ft_levels = None if args.finetune_levels is None else tuple(int(x) for x in args.finetune_levels.split(","))
+    except ValueError:
+        ap.error("--prune / --finetune-levels: expected comma-separated whole percentages, e.g. 25,30,50")
     variants = make_variants(model_dir, args.work or args.out / "variants", args.finetune_steps, args.overrides,
                              levels, ft_levels)
     sources, refs = test_data(model_dir, args.data)

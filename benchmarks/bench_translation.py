@@ -252,11 +252,15 @@ def main() -> None:
                    help="re-write the Markdown and plot from an existing bench_translation.json, and exit")
     args = p.parse_args()
     if args.report is not None:
+        if not args.report.is_file():
+            p.error(f"--report {args.report}: no such file")
         result = json.loads(args.report.read_text())
         write_report(result, args.report.parent)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     run = args.ours
+    if run is not None and not (run / "summary.json").is_file():
+        p.error(f"--ours {run}: not a finished run directory (no summary.json in it)")
     if run is None:
         run = args.out / "ours"
         train_ours(run, args.minutes)

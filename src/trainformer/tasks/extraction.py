@@ -452,7 +452,7 @@ class FineTuneTask(Task):
     def sample_examples(self) -> list[Any]:
         """``eval.samples`` examples spread over test (or valid), for `samples`."""
         data = self.eval_sets.get("test") or self.eval_sets.get("valid") or []
-        n = min(self.cfg.eval.samples, len(data))
+        n = self.cfg.eval.samples
         return [data[i] for i in spread_indices(len(data), n)] if n else []
 
     def save_artifacts(self, model_dir: Path) -> None:

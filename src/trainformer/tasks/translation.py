@@ -162,7 +162,7 @@ class TranslationTask(Task):
     def samples(self, model: nn.Module) -> list[str]:
         data = self.eval_sets["test"]
         n = self.cfg.eval.samples
-        idx = spread_indices(len(data.sources), min(n, len(data.sources)))
+        idx = spread_indices(len(data.sources), n)
         sources = [data.sources[i] for i in idx]
         hyps = [h[0] for h in self.translator(model).translate(sources, beam=self.cfg.eval.beam)]
         return [

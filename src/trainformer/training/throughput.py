@@ -89,12 +89,13 @@ def cpu_peak_flops(dtype: torch.dtype, threads: int, seconds: float = 0.8) -> fl
         known = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         known = {}
-    if not isinstance(known, dict):
-        known = {}
-    best = max(measured, float(known.get(key, 0.0) or 0.0))
-    if best > float(known.get(key, 0.0) or 0.0):
+    stored = known.get(key) if isinstance(known, dict) else None
+    stored = float(stored) if isinstance(stored, int | float) else 0.0
+    best = max(measured, stored)
+    if best > stored:
         try:
-            atomic_write_text(path, json.dumps({**known, key: best}, indent=2) + "\n")
+            old = known if isinstance(known, dict) else {}
+            atomic_write_text(path, json.dumps({**old, key: best}, indent=2) + "\n")
         except OSError:
             pass  # a read-only cache costs accuracy of MFU, never the run
     return best
