@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainformer.bench.peer import BudgetedLinearSchedule
 from trainformer.config import Config, load_recipe
 from trainformer.data.tokenizer import PAD_ID
 from trainformer.models import count_parameters
@@ -107,21 +108,6 @@ def fixed_size_batches(n: int, batch_size: int, rng: np.random.Generator):
             yield perm[i : i + batch_size]
 
 
-def linear_warmup_decay(opt: torch.optim.Optimizer, warmup: int) -> tuple[torch.optim.lr_scheduler.LambdaLR, list[int]]:
-    """HF's `get_linear_schedule_with_warmup`, with a total step count set once it is known.
-
-    Returns the scheduler and a one-element list holding the total (change it in place).
-    """
-    total = [10**9]
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total[0] - step) / max(1, total[0] - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, multiplier), total
-
-
 def train_peer(task: ChatTask, cfg: Config, minutes: float) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The HF recipe for `minutes` of wall clock on the task's training examples."""
     from trainformer.tasks.loading import resolve_device
@@ -133,7 +119,7 @@ def train_peer(task: ChatTask, cfg: Config, minutes: float) -> tuple[torch.nn.Mo
     batch_size = max(1, int(cfg.data.max_tokens // float(ids.lengths().mean())))  # same tokens per step on average
     precision = build_precision(cfg.train.precision, device)
     opt = hf_optimizer(model, cfg)
-    sched, total = linear_warmup_decay(opt, cfg.optim.warmup_steps)
+    sched = BudgetedLinearSchedule(opt, cfg.optim.warmup_steps, minutes, probe=5)
     batches = fixed_size_batches(len(ids), batch_size, np.random.default_rng(cfg.train.seed))
     start, steps, tokens, padded = time.monotonic(), 0, 0, 0
     while time.monotonic() - start < minutes * 60:
@@ -145,13 +131,11 @@ def train_peer(task: ChatTask, cfg: Config, minutes: float) -> tuple[torch.nn.Mo
         (loss_sum / n.clamp_min(1)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
+        sched.step(time.monotonic() - start)
         opt.zero_grad(set_to_none=True)
         steps += 1
         tokens += int(batch["mask"].sum())
         padded += batch["mask"].numel()
-        if steps == 5:  # decay to 0 at the step the time budget should reach
-            total[0] = max(int(minutes * 60 / ((time.monotonic() - start) / steps)), cfg.optim.warmup_steps + 1)
     elapsed = time.monotonic() - start
     return model.eval(), {"steps": steps, "tokens": tokens, "train_s": elapsed, "tokens_per_s": tokens / elapsed,
                           "batch_size": batch_size, "padding": 1 - tokens / max(padded, 1)}

@@ -13,7 +13,7 @@ Test data: --data TSV (header src<TAB>tgt), or by default the model's own held-o
 test split rebuilt from its config (leak-free by construction).
 
     python benchmarks/bench_compression.py MODEL_DIR [--data TEST.tsv] [--finetune-steps N]
-        [--threads 1,2] [--repeats 3] [--latency-sentences 12] [--batch-sentences 64]
+        [--calibrate N] [--threads 1,2] [--repeats 3] [--latency-sentences 12] [--batch-sentences 64]
         [--bleu-sentences 400] [--work DIR] [--out DIR]
 
 Writes OUT/bench_compression.json and OUT/bench_compression.md.
@@ -54,20 +54,26 @@ def _once(out: Path, make) -> Path:
 
 def make_variants(model_dir: Path, work: Path, finetune_steps: int, overrides: list[str],
                   levels: tuple[int, ...] = (25, 30, 50), finetune_levels: tuple[int, ...] | None = None,
-                  ) -> dict[str, Path]:
-    """name -> model dir of every variant (created under `work` when missing)."""
+                  calibrate: int = 0) -> dict[str, Path]:
+    """name -> model dir of every variant (created under `work` when missing).
+
+    ``calibrate`` > 0: pruning scores units by their activations on that many training
+    batches (``trainformer prune --calibrate``); those variants are named ``struct-N-cal``.
+    """
     work.mkdir(parents=True, exist_ok=True)
     v: dict[str, Path] = {"fp32": model_dir}
     for method, name in (("bf16", "bf16"), ("dynamic", "int8-dynamic"), ("weight_only", "int8-weight-only")):
         v[name] = _once(work / name, lambda o, m=method: quantize_model_dir(model_dir, o, m))
     for pct in levels:
-        name = f"struct-{pct}"
-        v[name] = _once(work / name, lambda o, p=pct: prune_model_dir(model_dir, o, "structured", p / 100))
+        name = f"struct-{pct}" + ("-cal" if calibrate else "")
+        v[name] = _once(work / name, lambda o, p=pct: prune_model_dir(model_dir, o, "structured", p / 100,
+                                                                      calibrate=calibrate))
         base = v[name]
         if finetune_steps and (finetune_levels is None or pct in finetune_levels):
             ft = f"{name}-ft{finetune_steps}"
             v[ft] = _once(work / ft, lambda o, p=pct: prune_model_dir(
-                model_dir, o, "structured", p / 100, finetune_steps=finetune_steps, overrides=overrides))
+                model_dir, o, "structured", p / 100, finetune_steps=finetune_steps, overrides=overrides,
+                calibrate=calibrate))
             base = v[ft]
         q = f"{base.name}+int8"
         v[q] = _once(work / q, lambda o, b=base: quantize_model_dir(b, o, "dynamic"))
@@ -213,6 +219,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="fine-tuning overrides")
     ap.add_argument("--prune", default="25,30,50", help="structured pruning levels, percent")
     ap.add_argument("--finetune-levels", default=None, help="the levels to fine-tune (default: all)")
+    ap.add_argument("--calibrate", type=int, default=0, metavar="N",
+                    help="prune by activations on N training batches (trainformer prune --calibrate N)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--latency-sentences", type=int, default=12)
@@ -231,7 +239,7 @@ def main() -> None:
     except ValueError:
         ap.error("--prune / --finetune-levels: expected comma-separated whole percentages, e.g. 25,30,50")
     variants = make_variants(model_dir, args.work or args.out / "variants", args.finetune_steps, args.overrides,
-                             levels, ft_levels)
+                             levels, ft_levels, args.calibrate)
     sources, refs = test_data(model_dir, args.data)
     latency = spread(sources, args.latency_sentences)
     batch = [sources[i] for i in spread_indices(len(sources), args.batch_sentences)]
@@ -243,7 +251,7 @@ def main() -> None:
         "model_dir": str(model_dir), "data": str(args.data or "model's test split"),
         "settings": {"threads": threads, "repeats": args.repeats, "latency_sentences": len(latency),
                      "batch_sentences": len(batch), "bleu_sentences": min(args.bleu_sentences, len(sources)),
-                     "finetune_steps": args.finetune_steps},
+                     "finetune_steps": args.finetune_steps, "calibrate_batches": args.calibrate},
         "hardware": hardware(), "versions": package_versions(), "variants": {},
     }
     scored = spread_indices(len(sources), args.bleu_sentences)  # not the first N: test is ordered by length

@@ -16,8 +16,9 @@ MLM run), argmax decoding, seqeval on the test split.
 Writes OUT/bench_ner.json and OUT/bench_ner.md.
 
     python benchmarks/bench_ner.py --mlm-minutes 35 --ner-minutes 22 --out runs/bench-ner
-    python benchmarks/bench_ner.py --mlm-minutes 5 --ner-minutes 5 --out /tmp/bench-ner \
-        --set-ner optim.schedule=inverse_sqrt   # short: the recipe's linear decay assumes 22 minutes
+    python benchmarks/bench_ner.py --mlm-minutes 5 --ner-minutes 5 --out /tmp/bench-ner
+    # finished runs instead of new ones (their own minutes are read from summary.json):
+    python benchmarks/bench_ner.py --ours-mlm runs/encoder-mlm --ours-ner runs/ner-conll2003 --peer-minutes 22
 """
 
 from __future__ import annotations
@@ -34,12 +35,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainformer.bench.peer import BudgetedLinearSchedule
 from trainformer.config import DataConfig, load_recipe
 from trainformer.data.batching import IGNORE_INDEX, first_subword_labels
 from trainformer.data.registry import read_dataset
 from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, TextTokenizer
 from trainformer.tasks.extraction import OUTSIDE, bio_labels, tag_type, to_bio
 from trainformer.tasks.tagging import score_entities
+
+
+def read_summary(run_dir: Path) -> dict:
+    """A finished run's summary.json, or a one-line exit naming what is missing."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        sys.exit(f"bench_ner: {path}: not found; expected a finished run directory")
+    return json.loads(path.read_text())
 
 
 def train_ours(out: Path, recipe: str, minutes: float, overrides: list[str]) -> dict:
@@ -91,9 +101,7 @@ def train_peer(tok_path: Path, minutes: float, batch: int, length: int, lr: floa
     ids, lab, cut = encode(tok, train, label_id, length)
     model = hf_model(tok.vocab_size, len(labels), length)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
-    total = [10**9]  # steps of the linear decay: set once the step time is known
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (total[0] - s) / max(1, total[0] - warmup))))
+    sched = BudgetedLinearSchedule(opt, warmup, minutes)
     rng = np.random.default_rng(seed)
     start, step, epoch = time.monotonic(), 0, 0
     model.train()
@@ -104,11 +112,9 @@ def train_peer(tok_path: Path, minutes: float, batch: int, length: int, lr: floa
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            sched.step()
+            sched.step(time.monotonic() - start)
             opt.zero_grad(set_to_none=True)
             step += 1
-            if step == 20:  # the schedule ends where the budget will
-                total[0] = max(warmup + 1, int(60 * minutes / ((time.monotonic() - start) / step)))
             if step % 100 == 0:
                 print(f"peer step {step} loss {loss.item():.4f}", flush=True)
             if time.monotonic() - start >= 60 * minutes:
@@ -174,13 +180,22 @@ def main() -> None:
     p.add_argument("--set-ner", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--out", type=Path, default=Path("runs/bench-ner"))
+    p.add_argument("--ours-mlm", type=Path, help="a finished encoder-mlm run dir (with --ours-ner: train nothing of ours)")
+    p.add_argument("--ours-ner", type=Path, help="a finished ner-conll2003 run dir started from --ours-mlm")
     args = p.parse_args()
-    args.peer_minutes = args.peer_minutes or args.mlm_minutes + args.ner_minutes
+    if bool(args.ours_mlm) != bool(args.ours_ner):
+        p.error("--ours-mlm and --ours-ner go together")
     args.out.mkdir(parents=True, exist_ok=True)
-    mlm_dir, ner_dir = args.out / "ours-mlm", args.out / "ours-ner"
-    mlm = train_ours(mlm_dir, "encoder-mlm", args.mlm_minutes, args.set_mlm)
-    ner_set = [f"init_from={mlm_dir}", *args.set_ner]
-    ner = train_ours(ner_dir, "ner-conll2003", args.ner_minutes, ner_set)
+    if args.ours_mlm and args.ours_ner:
+        mlm_dir = args.ours_mlm
+        mlm, ner = (read_summary(d) for d in (args.ours_mlm, args.ours_ner))
+        args.mlm_minutes = round(mlm["wall_time_s"] / 60, 1)
+        args.ner_minutes = round(ner["wall_time_s"] / 60, 1)
+    else:
+        mlm_dir, ner_dir = args.out / "ours-mlm", args.out / "ours-ner"
+        mlm = train_ours(mlm_dir, "encoder-mlm", args.mlm_minutes, args.set_mlm)
+        ner = train_ours(ner_dir, "ner-conll2003", args.ner_minutes, [f"init_from={mlm_dir}", *args.set_ner])
+    args.peer_minutes = args.peer_minutes or args.mlm_minutes + args.ner_minutes
     ours = {"test": ner["test"], "valid": ner["valid"], "steps": ner["steps"], "params": ner["params"],
             "mlm_steps": mlm["steps"], "mlm_ppl": mlm["valid"].get("ppl"), "mlm_accuracy": mlm["valid"].get("accuracy"),
             "ner_train_time_s": ner["train_time_s"], "mlm_train_time_s": mlm["train_time_s"]}
@@ -188,8 +203,8 @@ def main() -> None:
     if not args.skip_peer:
         peer = train_peer(mlm_dir / "model" / "tokenizer.json", args.peer_minutes, args.peer_batch,
                           args.peer_len, args.peer_lr, args.peer_warmup, seed=0)
-    result = {"args": vars(args) | {"out": str(args.out)}, "host": f"{platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+    host = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "host": host,
               "recipes": {"mlm": load_recipe("encoder-mlm").description, "ner": load_recipe("ner-conll2003").description},
               "ours": ours, "peer": peer}
     (args.out / "bench_ner.json").write_text(json.dumps(result, indent=2, default=float) + "\n")

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from trainformer.bench.peer import BudgetedLinearSchedule
 from trainformer.config import load_recipe
 from trainformer.data.batching import collate_pairs, random_batches
 from trainformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -129,9 +130,7 @@ def train_peer(task: TranslationTask, minutes: float, batch: int, lr: float, war
     torch.manual_seed(seed)
     model = peer_model(task)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
-    total = [10**9]  # steps of the linear decay: set once the step time is known
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (total[0] - s) / max(1, total[0] - warmup))))
+    sched = BudgetedLinearSchedule(opt, warmup, minutes, probe=30)
     keep = task.cfg.data.max_len - 1  # the same truncation as our batches
     limit = task.cfg.eval.max_examples
     curve, train_s, step, epoch, next_eval = [], 0.0, 0, 0, eval_minutes
@@ -147,12 +146,10 @@ def train_peer(task: TranslationTask, minutes: float, batch: int, lr: float, war
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            sched.step()
             opt.zero_grad(set_to_none=True)
             train_s += time.monotonic() - start
+            sched.step(train_s)
             step += 1
-            if step == 30:  # the schedule ends where the budget will
-                total[0] = max(warmup + 1, int(60 * minutes / (train_s / step)))
             if step % 100 == 0:
                 print(f"peer step {step} loss {loss.item():.4f} {train_s / 60:.1f} min", flush=True)
             if train_s >= 60 * next_eval or train_s >= 60 * minutes:
@@ -166,7 +163,7 @@ def train_peer(task: TranslationTask, minutes: float, batch: int, lr: float, war
     test = peer_score(model, task, "test", test_limit)
     return {"curve": curve, "test": {k: test[k] for k in ("bleu", "chrf", "bleu_signature")}, "steps": step,
             "params": sum(p.numel() for p in model.parameters()), "train_minutes": train_s / 60,
-            "epochs_started": epoch, "batch": batch, "lr": lr, "warmup": warmup, "decay_steps": total[0]}
+            "epochs_started": epoch, "batch": batch, "lr": lr, "warmup": warmup, "decay_steps": sched.total}
 
 
 # ----------------------------------------------------------------------------

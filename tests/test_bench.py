@@ -207,3 +207,18 @@ def test_cli_quick_peak_writes_sane_json(tmp_path, capsys):
 def test_cli_rejects_unknown_section(tmp_path, capsys):
     assert main(["bench", "--only", "peek", "--out", str(tmp_path)]) == 2
     assert "--only" in capsys.readouterr().err
+
+
+def test_peer_schedule_decays_to_zero_where_the_budget_ends():
+    from trainformer.bench.peer import BudgetedLinearSchedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = BudgetedLinearSchedule(opt, warmup=4, minutes=1.0, probe=6)
+    lrs = []
+    for step in range(1, 40):
+        opt.step()
+        sched.step(train_s=2.0 * step)  # 2 s per step: a 60 s budget is 30 steps
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # HF's warm-up: lr 0 at step 0
+    assert sched.total == 30
+    assert lrs[28] == pytest.approx(1 / 26) and lrs[29:] == [0.0] * 10

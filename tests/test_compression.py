@@ -13,11 +13,14 @@ from trainformer.compression import (
     structured_prune,
 )
 from trainformer.compression.magnitude import prunable_weights
+from trainformer.compression.quantize import Int8Embedding
 from trainformer.compression.shapes import attention_modules, ffn_modules, ffn_width
+from trainformer.compression.structured import activation_scores, neuron_scores
 from trainformer.config import ModelConfig
 from trainformer.errors import UserError
 from trainformer.generation import beam_translate, generate, greedy_translate
 from trainformer.models import build_model, count_parameters
+from trainformer.nn.embedding import TokenEmbedding
 
 V, L, BOS, EOS = 40, 5, 1, 2
 
@@ -167,6 +170,33 @@ def test_head_counts_may_differ_per_layer_and_the_cache_still_agrees():
         assert cached == uncached
 
 
+def test_activation_scores_rank_by_what_units_write_on_the_data():
+    """A neuron with the largest weights that never fires on the data is the first to go with
+    calibration (the weight score would keep it); a head group's score scales with W_out."""
+    model = tiny_model("decoder", init_std=0.05)
+    ffn = model.layers[0].ffn
+    with torch.no_grad():
+        ffn.up.weight[5] = 1.0
+        ffn.up.bias[5] = -1000.0  # GELU(< -900) = 0: silent on every token
+        ffn.down.weight[:, 5] = 5.0  # ... with the largest weight norms of the layer
+        attn = model.layers[1].self_attn
+        cols = attn.out.weight.shape[1] // attn.n_kv_heads
+        attn.out.weight[:, :cols] *= 10.0  # group 0 writes 10x more
+    x = ids(b=4, t=12)
+    before = activation_scores(model, lambda: model(x))
+    assert before["layers.0.ffn"][5] == 0.0
+    with torch.no_grad():
+        attn.out.weight[:, :cols] /= 10.0
+    after = activation_scores(model, lambda: model(x))
+    torch.testing.assert_close(before["layers.1.self_attn"][0], 10 * after["layers.1.self_attn"][0])
+    torch.testing.assert_close(before["layers.1.self_attn"][1:], after["layers.1.self_attn"][1:])
+    assert neuron_scores(ffn)[5] == neuron_scores(ffn).max()  # the data-free score keeps it
+    width = ffn.up.weight.shape[0]
+    structured_prune(model, 1 / (2 * width), heads=False, calibrate=lambda: model(x))  # one neuron
+    assert model.layers[0].ffn.up.weight.shape[0] == width - 1
+    assert not torch.any(model.layers[0].ffn.up.bias == -1000.0)  # and it was that one
+
+
 def test_apply_saved_shapes_rejects_bad_entries():
     model = tiny_model("decoder")
     with pytest.raises(UserError, match="layers.9.self_attn"):
@@ -263,8 +293,9 @@ def test_quantized_outputs_stay_close_to_fp32(trained_encdec, method):
     assert _agreement(tokens, ref_tokens) >= 0.9
     rel = (logits - ref_logits).norm() / ref_logits.norm()
     assert rel < 0.05, rel
-    if method != "bf16":  # something was actually quantized: no nn.Linear left
+    if method != "bf16":  # something was actually quantized: no nn.Linear left, an int8 embedding
         assert not any(type(m) is torch.nn.Linear for m in q.modules())
+        assert isinstance(q.tok_embed, Int8Embedding)
 
 
 @pytest.mark.parametrize("family,kw", VARIANTS[2:], ids=IDS[2:])
@@ -292,6 +323,27 @@ def test_int8_weight_only_linear_matches_its_dequantised_weights():
     x = torch.randn(5, 16)
     torch.testing.assert_close(q(x), torch.nn.functional.linear(x, deq, linear.bias), atol=1e-5, rtol=1e-5)
     assert torch.equal(q(x)[:, 3], linear.bias[3].expand(5))
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_int8_embedding_looks_up_and_projects_with_its_dequantised_rows(dynamic):
+    torch.manual_seed(0)
+    embedding = TokenEmbedding(50, 16, scale=True)
+    with torch.no_grad():
+        embedding.weight[7] = 0  # an all-zero row must not divide by zero
+    q = Int8Embedding.from_embedding(embedding, dynamic)
+    deq = q.weight_int8.float() * q.weight_scale[:, None]
+    assert torch.equal(q.weight, deq) and q.weight_int8.abs().max() == 127
+    assert (deq - embedding.weight).abs().max() <= q.weight_scale.max() / 2 + 1e-7
+    ids = torch.tensor([[1, 7, 49], [3, 3, 0]])
+    torch.testing.assert_close(q(ids), deq[ids] * 4.0)  # sqrt(16), as TokenEmbedding scales
+    h = torch.randn(2, 3, 16)
+    ref = torch.nn.functional.linear(h, deq)
+    tol = 0.02 * ref.abs().max().item() if dynamic else 1e-5  # dynamic also rounds h to int8
+    torch.testing.assert_close(q.attend(h), ref, atol=tol, rtol=0)
+    with torch.no_grad():  # new int8 numbers (a load): the packed head follows them
+        q.weight_int8.copy_(-q.weight_int8)
+    torch.testing.assert_close(q.attend(h), -ref, atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["dynamic", "weight_only", "bf16"])

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from trainformer.cli import main
 from trainformer.compression import model_shapes, quantize_model, structured_prune
@@ -95,7 +95,8 @@ def no_unpickling(monkeypatch):
 def test_structured_dir_round_trips_and_is_smaller(model_dir, tmp_path, no_unpickling):
     src_dir, _ = model_dir
     out = tmp_path / "pruned"
-    assert main(["prune", str(src_dir), "--out", str(out), "--method", "structured", "--sparsity", "0.5"]) == 0
+    assert main(["prune", str(src_dir), "--out", str(out), "--method", "structured", "--sparsity", "0.5",
+                 "--calibrate", "0"]) == 0  # by weight norms, as structured_prune without data
     expected = load_float_model(src_dir).model
     full_params = count_parameters(expected)
     structured_prune(expected, 0.5)
@@ -140,8 +141,28 @@ def test_quantized_dir_round_trips_exactly(model_dir, tmp_path, method, no_unpic
     else:
         assert saved["layers.0.ffn.up.weight_int8"].dtype == torch.int8
         assert "layers.0.ffn.up.weight" not in saved
+        # the tied embedding / output projection is int8 too, and stored once
+        assert saved["tok_embed.weight_int8"].dtype == torch.int8 and "tok_embed.weight" not in saved
+        assert loaded.compression["embedding"] == "int8"
     size = (out / "model.safetensors").stat().st_size
-    assert size < 0.6 * (src_dir / "model.safetensors").stat().st_size
+    assert size < (0.6 if method == "bf16" else 0.45) * (src_dir / "model.safetensors").stat().st_size
+
+
+def test_quantized_dirs_of_older_versions_still_load(model_dir, tmp_path):
+    """Before the embedding was quantized, int8 dirs kept it in fp32 (no "embedding" key)."""
+    src_dir, _ = model_dir
+    out = tmp_path / "old"
+    assert main(["quantize", str(src_dir), "--out", str(out), "--method", "weight_only"]) == 0
+    saved = load_file(str(out / "model.safetensors"))
+    float_embed = load_file(str(src_dir / "model.safetensors"))["tok_embed.weight"]
+    del saved["tok_embed.weight_int8"], saved["tok_embed.weight_scale"]
+    save_file({**saved, "tok_embed.weight": float_embed}, str(out / "model.safetensors"))
+    info = json.loads((out / "compression.json").read_text())
+    del info["embedding"]
+    (out / "compression.json").write_text(json.dumps(info))
+    loaded = load_model_dir(out)
+    assert torch.equal(loaded.model.tok_embed.weight, float_embed)
+    assert outputs(loaded.model, loaded.cfg.model.vocab_size).isfinite().all()
 
 
 def test_pruned_then_quantized_keeps_the_pruned_shapes(model_dir, tmp_path):
@@ -193,6 +214,8 @@ def test_user_errors_are_one_line(model_dir, tmp_path, capsys):
         (["prune", str(src_dir), "--out", str(tmp_path / "c"), "--sparsity", "0.5", "--method",
           "magnitude", "--heads-only"], "--heads-only"),
         (["quantize", str(quant), "--out", str(tmp_path / "d")], "already quantized"),
+        (["prune", str(src_dir), "--out", str(tmp_path / "e"), "--sparsity", "0.5", "--method",
+          "magnitude", "--calibrate", "2"], "--calibrate"),
     ]
     capsys.readouterr()
     for argv, expected in cases:
@@ -228,3 +251,18 @@ def test_finetuning_after_pruning(model_dir, tmp_path, method):
     assert history[-1]["finetune"]["steps"] == 3 and "bleu" in history[-1]["finetune"]["valid"]
     assert only_safe_files(tuned)  # the run's pickled optimizer state stayed out of the model dir
     assert load_model_dir(tuned).model is not None
+
+
+def test_calibrated_pruning_scores_by_activations_on_the_task_data(model_dir, tmp_path):
+    """--calibrate N runs N training batches of the model's own task through the model and
+    removes the units that write the least there; the result saves, loads and translates."""
+    src_dir, _ = model_dir
+    out = tmp_path / "calibrated"
+    assert main(["prune", str(src_dir), "--out", str(out), "--sparsity", "0.5", "--calibrate", "2"]) == 0
+    assert main(["prune", str(src_dir), "--out", str(tmp_path / "default"), "--sparsity", "0.5"]) == 0
+    for path in (out, tmp_path / "default"):  # calibrating is the default for structured pruning
+        info = json.loads((path / "compression.json").read_text())
+        assert info["history"][-1]["score"].startswith("activations on calibration batches")
+    loaded = load_model_dir(out)
+    assert count_parameters(loaded.model) < count_parameters(load_model_dir(src_dir).model)
+    assert outputs(loaded.model, loaded.cfg.model.vocab_size).isfinite().all()

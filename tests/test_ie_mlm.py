@@ -85,6 +85,25 @@ def test_sparse_mlm_head_equals_full_forward():
     torch.testing.assert_close(sparse, full, rtol=1e-5, atol=1e-5)
 
 
+def test_mfu_flops_count_the_head_only_where_it_runs():
+    """6 x the multiplied weights: embedding tables are lookups; the tied MLM head
+    projects only the masked share; a tagging head never touches the vocabulary."""
+    from trainformer.tasks.mlm import MaskedLMTask
+    from trainformer.tasks.tagging import TaggingTask
+
+    cfg = from_dict({"task": "mlm", "model": {"preset": "tiny-encoder", "head": "mlm", "vocab_size": 500},
+                     "data": {"mlm_probability": 0.2}})
+    model = build_model(cfg.model)
+    tables = model.tok_embed.weight.numel() + model.pos_embed.weight.numel()
+    dense = sum(p.numel() for p in model.parameters()) - tables
+    assert MaskedLMTask(cfg).flops_per_token(model) == pytest.approx(6 * (dense + 0.2 * 500 * cfg.model.d_model))
+    tag = from_dict({"task": "ner", "model": {"preset": "tiny-encoder", "head": "tagging", "vocab_size": 500,
+                                              "num_labels": 9}})
+    tagger = build_model(tag.model)
+    dense = sum(p.numel() for p in tagger.parameters()) - tables
+    assert TaggingTask(tag).flops_per_token(tagger) == pytest.approx(6 * dense)
+
+
 # ----------------------------------------------------------------------------
 # Which text MLM reads: train files / the translation train split only
 # ----------------------------------------------------------------------------

@@ -125,6 +125,35 @@ def test_schedules(kind):
         assert f(19) == 1.0
 
 
+def test_decay_follows_the_time_budget_when_it_runs_out_first():
+    cfg = toy_config(["optim.schedule=linear", "optim.warmup_steps=4", "optim.decay_horizon=budget",
+                      "train.max_minutes=1"]).optim
+    used = [0.0]
+    f = lr_multiplier(cfg, max_steps=1004, budget_used=lambda: used[0])
+    assert f(1) == 0.5  # warm-up does not look at the clock
+    used[0] = 0.5
+    assert f(103) == pytest.approx(0.5)  # 10% of the steps, half the time: time wins
+    assert f(903) == pytest.approx(0.1)  # 90% of the steps: steps win
+    used[0] = 3.0
+    assert f(103) == 0.0  # past the budget: the floor, never below
+
+
+def test_budget_horizon_needs_a_budget():
+    with pytest.raises(ConfigError, match="optim.decay_horizon"):
+        toy_config(["optim.decay_horizon=budget"])
+
+
+def test_budget_decay_in_a_run_reaches_the_floor_by_the_deadline(tmp_path):
+    t = make_trainer(tmp_path, "optim.schedule=linear", "optim.decay_horizon=budget", "train.max_minutes=0.01",
+                     "train.max_steps=1000000", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=0")
+    summary = t.fit()
+    lrs = [r["lr"] for r in metrics(t.run_dir.path, "train")][2:]  # after the 2 warm-up steps
+    assert summary["stop_reason"] == "max_minutes" and len(lrs) > 10
+    assert all(b <= a for a, b in zip(lrs, lrs[1:]))  # the clock only moves forward
+    assert lrs[-1] < 0.25 * t.cfg.optim.lr  # a step horizon of 1e6 would still be at ~100%
+    assert t.state.decay_start_s is not None
+
+
 def test_scheduler_state_round_trip():
     cfg = toy_config(["optim.schedule=cosine"]).optim
     model = torch.nn.Linear(2, 2)

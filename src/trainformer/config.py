@@ -100,6 +100,10 @@ class OptimConfig:
     schedule: Literal["inverse_sqrt", "cosine", "linear", "constant"] = "inverse_sqrt"
     warmup_steps: int = 400
     min_lr_ratio: float = 0.0  # cosine/linear floor as a fraction of lr
+    # Where cosine/linear decay ends: at train.max_steps, or at whichever of max_steps and
+    # the train.max_minutes budget comes first ("budget": the wall clock moves the schedule,
+    # so two runs are not step-for-step identical; resume continues from the saved clock).
+    decay_horizon: Literal["steps", "budget"] = "steps"
     clip_grad: float = 1.0  # 0 disables clipping
 
 
@@ -238,6 +242,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("model.position: rope needs an even head dimension (d_model / n_heads)")
     if cfg.train.precision == "fp16" and cfg.train.device == "cpu":
         raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if cfg.optim.decay_horizon == "budget" and not cfg.train.max_minutes:
+        raise ConfigError("optim.decay_horizon: 'budget' needs train.max_minutes > 0")
     if not 0.0 < cfg.optim.betas[0] < 1.0 or not 0.0 < cfg.optim.betas[1] < 1.0:
         raise ConfigError(f"optim.betas: expected two numbers in (0, 1), got {cfg.optim.betas!r}")
 

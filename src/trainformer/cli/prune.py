@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
         description="Prune any model dir. 'magnitude' zeroes the smallest weights of the attention "
         "and feed-forward layers (one global threshold); the model stays dense-shaped, so it is "
         "neither smaller on disk nor faster with dense kernels. 'structured' removes whole "
-        "attention head groups and feed-forward neurons with the lowest weight-norm scores, "
+        "attention head groups and feed-forward neurons that write the least into the residual stream "
+        "on 8 training batches of the model's task (--calibrate N; 0 scores by weight norms, without data), "
         "giving a smaller, faster dense model (per-layer sizes in compression.json). "
         "--finetune-steps N then trains the pruned model N steps on its task's data.",
     )
@@ -25,6 +26,9 @@ def add_parser(sub) -> None:
     only = p.add_mutually_exclusive_group()
     only.add_argument("--heads-only", action="store_true", help="structured: prune attention heads only")
     only.add_argument("--ffn-only", action="store_true", help="structured: prune feed-forward neurons only")
+    p.add_argument("--calibrate", type=int, default=None, metavar="N",
+                   help="structured: score heads and neurons by their activations on N training batches "
+                   "of the model's task (forward passes only; default 8); 0 = by weight norms, no data")
     p.add_argument("--finetune-steps", type=int, default=0, metavar="N",
                    help="fine-tune the pruned model for N steps on its task's data (default: 0, none)")
     p.add_argument("--recipe", default=None,
@@ -43,12 +47,16 @@ def run(args) -> int:
         raise UserError("--heads-only / --ffn-only: only for --method structured")
     if args.finetune_steps < 0:
         raise UserError(f"--finetune-steps: expected an integer >= 0, got {args.finetune_steps}")
-    if (args.recipe or args.overrides or args.run_dir) and not args.finetune_steps:
-        raise UserError("--recipe / --set / --run-dir: only with --finetune-steps N")
+    if args.calibrate is None:
+        args.calibrate = 8 if args.method == "structured" else 0
+    if args.run_dir and not args.finetune_steps:
+        raise UserError("--run-dir: only with --finetune-steps N")
+    if (args.recipe or args.overrides) and not (args.finetune_steps or args.calibrate):
+        raise UserError("--recipe / --set: only with --finetune-steps N or --calibrate N")
     report = prune_model_dir(
         args.model_dir, args.out, args.method, args.sparsity,
         heads=not args.ffn_only, ffn=not args.heads_only, finetune_steps=args.finetune_steps,
-        recipe=args.recipe, overrides=args.overrides, run_dir=args.run_dir,
+        recipe=args.recipe, overrides=args.overrides, run_dir=args.run_dir, calibrate=args.calibrate,
     )
     _print_report(report)
     return 0

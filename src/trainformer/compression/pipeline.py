@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from trainformer.compression.magnitude import magnitude_prune, zero_masks
 from trainformer.compression.quantize import METHODS as QUANT_METHODS
-from trainformer.compression.quantize import quantize_model, quantized_state
+from trainformer.compression.quantize import Int8Embedding, quantize_model, quantized_state
 from trainformer.compression.shapes import model_shapes
 from trainformer.compression.store import (
     COMPRESSION_FILE,
@@ -19,6 +22,7 @@ from trainformer.compression.store import (
     with_step,
 )
 from trainformer.compression.structured import structured_prune
+from trainformer.config import Config
 from trainformer.errors import UserError
 from trainformer.modeldir import resolve_model_dir, save_model_dir
 from trainformer.models import count_parameters
@@ -29,6 +33,28 @@ PRUNE_METHODS = ("magnitude", "structured")
 def _check_sparsity(sparsity: float) -> None:
     if not 0.0 <= sparsity < 1.0:
         raise UserError(f"--sparsity: expected a fraction in [0, 1), got {sparsity}")
+
+
+def calibration_run(model: nn.Module, cfg: Config, source: Path, batches: int,
+                    recipe: str | None = None, overrides: list[str] | None = None) -> Callable[[], None]:
+    """A function that runs `model` forward (no gradients) over the first `batches` training
+    batches of its own task: the model's data, tokenizer and batching, as fine-tuning sees them."""
+    import torch
+
+    from trainformer.compression.finetune import finetune_config
+    from trainformer.tasks import build_task
+
+    task = build_task(finetune_config(cfg, source, 1, recipe, overrides))
+    task.setup(None)
+
+    def run() -> None:
+        model.eval()
+        stream = iter(task.train_batches())
+        with torch.no_grad():
+            for _ in range(batches):
+                task.loss(model, next(stream))
+
+    return run
 
 
 def prune_model_dir(
@@ -42,6 +68,7 @@ def prune_model_dir(
     recipe: str | None = None,
     overrides: list[str] | None = None,
     run_dir: Path | None = None,
+    calibrate: int = 0,
 ) -> dict[str, Any]:
     """Prune the model of `model_dir` and write it to `out`; returns a report (sizes, counts).
 
@@ -51,13 +78,17 @@ def prune_model_dir(
         sparsity: fraction of weights (magnitude) or of heads / neurons (structured) to remove.
         heads / ffn: structured only: which units to prune.
         finetune_steps: > 0 fine-tunes the pruned model on its task's data (see `finetune.finetune`).
-        recipe / overrides / run_dir: for the fine-tuning run.
+        recipe / overrides / run_dir: for the fine-tuning run (and the calibration data).
+        calibrate: structured only: > 0 scores units by their activations on this many
+            training batches of the model's task instead of by weight norms.
     """
     if method not in PRUNE_METHODS:
         raise UserError(f"--method: expected one of {', '.join(PRUNE_METHODS)}, got {method!r}")
     _check_sparsity(sparsity)
     if not (heads or ffn):
         raise UserError("prune: nothing to prune (both heads and feed-forward neurons excluded)")
+    if calibrate < 0 or (calibrate and method != "structured"):
+        raise UserError(f"--calibrate: expected a number of batches >= 1 for --method structured, got {calibrate}")
     source, out = resolve_model_dir(model_dir), Path(out)
     check_out_dir(source, out)
     loaded = load_float_model(source)
@@ -66,7 +97,8 @@ def prune_model_dir(
     if method == "magnitude":
         stats, fields = magnitude_prune(model, sparsity), {}
     else:
-        stats = structured_prune(model, sparsity, heads=heads, ffn=ffn)
+        run = calibration_run(model, cfg, source, calibrate, recipe, overrides) if calibrate else None
+        stats = structured_prune(model, sparsity, heads=heads, ffn=ffn, calibrate=run)
         fields = {"pruned": model_shapes(model)}
     step = {"op": "prune", "method": method, **stats}
     save_compressed(out, model, cfg, source, with_step(loaded.compression, step, **fields))
@@ -102,6 +134,7 @@ def quantize_model_dir(model_dir: str | Path, out: str | Path, method: str) -> d
     model = quantize_model(loaded.model, method)
     step = {"op": "quantize", "method": method,
             "scheme": "bfloat16 weights" if method == "bf16" else "int8 per-output-channel symmetric"}
-    compression = with_step(loaded.compression, step, quantized=True, quantization=method)
+    extra = {"embedding": "int8"} if isinstance(getattr(model, "tok_embed", None), Int8Embedding) else {}
+    compression = with_step(loaded.compression, step, quantized=True, quantization=method, **extra)
     save_compressed(out, quantized_state(model, method), loaded.cfg, source, compression)
     return {"out": str(out), "method": method, "bytes_before": dir_bytes(source), "bytes_after": dir_bytes(out)}

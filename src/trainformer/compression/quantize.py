@@ -13,12 +13,16 @@ Three methods (``compression.json``: ``{"quantized": true, "quantization": METHO
   (see benchmarks/bench_compression.py).
 - ``bf16``: the weights cast to bfloat16 (half the size), a baseline.
 
-Embeddings (and the tied output projection) and norms stay in full precision.
+The token embedding, which is also the tied output projection (the largest
+matmul of a decoding step), becomes an `Int8Embedding` for ``dynamic`` and
+``weight_only``: int8 rows with one scale each (``compression.json``:
+``"embedding": "int8"``). Position tables and norms stay in full precision.
 
 Files: ``model.safetensors`` holds, per quantized Linear ``NAME``,
 ``NAME.weight_int8`` (out, in) int8, ``NAME.weight_scale`` (out,) and, for
 ``dynamic``, ``NAME.weight_zero_point`` (out,) (zero for symmetric weights),
-plus ``NAME.bias`` and every other tensor under its own name. Loading builds
+plus ``NAME.bias``, ``tok_embed.weight_int8`` (V, D) and ``tok_embed.weight_scale`` (V,),
+and every other tensor under its own name. Loading builds
 the fp32 model from config.json, re-creates the quantized modules and copies
 the int8 values in — no code is unpickled.
 """
@@ -88,6 +92,80 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Embedding(nn.Module):
+    """A token embedding held as int8 rows with one fp32 scale per row (symmetric), that
+    is also the tied output projection (`attend`), like `TokenEmbedding`.
+
+    A lookup dequantises only the rows it gathers. `attend` multiplies by the int8
+    matrix with torch.ao's dynamic int8 GEMM (``dynamic=True``; CPU) or dequantises
+    it inside the matmul (``weight_only``), as the Linear layers of each method do.
+    State: ``weight_int8`` (V, D) int8, ``weight_scale`` (V,) float32.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scale: float, dynamic: bool, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.scale, self.dynamic = scale, dynamic
+        self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8,
+                                                        device=device))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, device=device))
+        self._packed: tuple[int, nn.Module] | None = None  # (version of the int8 buffer, the ao head)
+
+    @classmethod
+    @torch.no_grad()
+    def from_embedding(cls, embedding: nn.Embedding, dynamic: bool) -> Int8Embedding:
+        w = embedding.weight.detach().float()
+        new = cls(w.shape[0], w.shape[1], float(getattr(embedding, "scale", 1.0)), dynamic, w.device)
+        scale = w.abs().amax(dim=1) / 127.0  # (V,)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        new.weight_int8.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        new.weight_scale.copy_(scale)
+        return new
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised (V, D) matrix, for code that needs the float weights (MLM heads)."""
+        return self.weight_int8.float() * self.weight_scale[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) -> (B, T, D)."""
+        x = self.weight_int8[ids].float() * self.weight_scale[ids].unsqueeze(-1)
+        return x * self.scale if self.scale != 1.0 else x
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., D) -> logits (..., V)."""
+        if self.dynamic:
+            return self._dynamic_head()(h)
+        y = F.linear(h, self.weight_int8.to(h.dtype))
+        return y * self.weight_scale.to(y.dtype)
+
+    def _dynamic_head(self) -> nn.Module:
+        """torch.ao's packed int8 Linear over the same int8 numbers, built on first use and
+        again after the buffer changes (loading). Kept off the module tree: not saved twice."""
+        version = self.weight_int8._version
+        if self._packed is None or self._packed[0] != version:
+            zeros = torch.zeros(self.num_embeddings, dtype=torch.long)
+            scale = self.weight_scale.double().cpu()
+            with _quiet_ao(), torch.inference_mode(False):
+                qweight = torch.quantize_per_channel(self.weight.cpu(), scale, zeros, 0, torch.qint8)
+                head = DynamicInt8Linear(self.embedding_dim, self.num_embeddings, bias_=False, dtype=torch.qint8)
+                head.set_weight_bias(qweight, None)
+            self._packed = (version, head)
+        return self._packed[1]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8, dynamic={self.dynamic}"
+
+
+def int8_embedding(model: nn.Module, dynamic: bool) -> bool:
+    """Replace the model's `tok_embed` by an `Int8Embedding`, in place; False if it has none."""
+    embedding = getattr(model, "tok_embed", None)
+    if not isinstance(embedding, nn.Embedding):
+        return False
+    model.tok_embed = Int8Embedding.from_embedding(embedding, dynamic)
+    return True
 
 
 def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -208,9 +286,11 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
         raise UserError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
     model.eval()
     if method == "dynamic":
-        return dynamic_int8(model)
+        int8_embedding(dynamic_int8(model), dynamic=True)
+        return model
     if method == "weight_only":
-        return weight_only_int8(model)
+        int8_embedding(weight_only_int8(model), dynamic=False)
+        return model
     return model.to(torch.bfloat16)
 
 
@@ -291,6 +371,8 @@ def load_quantized(
         weight_only_int8(model, empty=True)
     else:
         model.to(torch.bfloat16)
+    if compression.get("embedding") == "int8":  # (older quantized dirs kept a float embedding)
+        int8_embedding(model, dynamic=method == "dynamic")
     _copy_tensors(model, state, weights, skip)
     if method != "dynamic" and device is not None:
         model.to(device)

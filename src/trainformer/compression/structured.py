@@ -14,12 +14,22 @@ and ranked globally, so layers may keep different numbers of heads / neurons;
 every module keeps at least one. The removed units' rows and columns are cut
 out of the Linear modules, so the result is a smaller dense model whose
 per-layer sizes are recorded by `trainformer.compression.shapes.model_shapes`.
-A first-order Taylor score would need data and gradients; this weight score
-needs neither and is what `trainformer prune` uses.
+
+With calibration data (``trainformer prune --calibrate N``: N training
+batches of the model's own task, forward passes only), a unit is scored by
+what it actually writes into the residual stream on that data instead:
+
+- a key/value group: the mean over tokens of ||sum over its heads h of o_h W_out,h^T||_2,
+  o_h being head h's attention output;
+- a neuron i: mean |a_i| x ||W_down column i||_2, a_i being its activation.
+
+A neuron or head that rarely fires on real text then goes first, whatever its
+weight norms say (the activation-aware scores of Wanda / FLAP, for whole units).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,6 +75,51 @@ def neuron_scores(ffn: FeedForward) -> torch.Tensor:
     return up_sq.sqrt() * down_norm
 
 
+CALIBRATED_SCORE = ("activations on calibration batches: mean ||head-group output x W_out|| per head group, "
+                    "mean |activation| x ||W_down column|| per neuron")
+
+
+@torch.no_grad()
+def activation_scores(model: nn.Module, run_batches: Callable[[], None]) -> dict[str, torch.Tensor]:
+    """Per attention / feed-forward module path, (n_units,) scores from the activations seen
+    while `run_batches()` runs forward passes of `model` (see the module docstring)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def add(name: str, per_token: torch.Tensor) -> None:  # per_token: (N, units)
+        sums[name] = sums.get(name, 0) + per_token.float().sum(dim=0)
+        counts[name] = counts.get(name, 0) + per_token.shape[0]
+
+    def on_attention(name: str, attn: MultiHeadAttention):
+        kv, width = attn.n_kv_heads, group_size(attn) * attn.head_dim
+        w_out = attn.out.weight.float().reshape(-1, kv, width)  # (D, KV, g Dh)
+
+        def hook(module, inputs):
+            o = inputs[0].reshape(-1, kv, width).float()  # (N, KV, g Dh): heads side by side
+            written = torch.einsum("nkc,dkc->nkd", o, w_out)  # (N, KV, D) per group, into the residual
+            add(name, written.norm(dim=-1))
+        return attn.out.register_forward_pre_hook(hook)
+
+    def on_ffn(name: str, ffn: FeedForward):
+        def hook(module, inputs):
+            add(name, inputs[0].reshape(-1, inputs[0].shape[-1]).abs())  # (N, F)
+        return ffn.down.register_forward_pre_hook(hook)
+
+    handles = [on_attention(n, a) for n, a in attention_modules(model)]
+    handles += [on_ffn(n, f) for n, f in ffn_modules(model)]
+    try:
+        run_batches()
+    finally:
+        for h in handles:
+            h.remove()
+    if not counts:
+        raise ValueError("calibration ran no forward pass through the attention / feed-forward layers")
+    scores = {n: sums[n] / counts[n] for n in sums}
+    for name, ffn in ffn_modules(model):
+        scores[name] = scores[name] * ffn.down.weight.float().pow(2).sum(dim=0).sqrt()
+    return scores
+
+
 def select_units(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
     """Which units to keep: remove round(sparsity x all units) of the lowest normalised scores.
 
@@ -101,7 +156,11 @@ def select_units(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, 
 
 
 def structured_prune(
-    model: nn.Module, sparsity: float, heads: bool = True, ffn: bool = True
+    model: nn.Module,
+    sparsity: float,
+    heads: bool = True,
+    ffn: bool = True,
+    calibrate: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Remove a fraction `sparsity` of the attention head groups and/or feed-forward neurons, in place.
 
@@ -112,14 +171,18 @@ def structured_prune(
         model: any family's model (its `MultiHeadAttention` / `FeedForward` modules are pruned).
         sparsity: fraction in [0, 1) of head groups and of neurons to remove.
         heads / ffn: which kinds of unit to prune.
+        calibrate: runs forward passes of `model` on calibration data; given, units
+            are scored by their activations there (`activation_scores`).
     Returns:
-        a summary: heads and neurons before / after.
+        a summary: heads and neurons before / after, and the score used.
     """
-    report: dict[str, Any] = {"score": SCORE}
+    report: dict[str, Any] = {"score": SCORE if calibrate is None else CALIBRATED_SCORE}
+    measured = activation_scores(model, calibrate) if calibrate is not None and sparsity > 0 else None
     if heads:
         attns = dict(attention_modules(model))
         before = sum(a.n_heads for a in attns.values())
-        keep = select_units({n: head_group_scores(a) for n, a in attns.items()}, sparsity)
+        scores = {n: measured[n] if measured else head_group_scores(a) for n, a in attns.items()}
+        keep = select_units(scores, sparsity)
         for name, idx in keep.items():
             if idx.numel() < attns[name].n_kv_heads:
                 shrink_attention(attns[name], idx)
@@ -127,7 +190,8 @@ def structured_prune(
     if ffn:
         blocks = dict(ffn_modules(model))
         before = sum(ffn_width(f) for f in blocks.values())
-        keep = select_units({n: neuron_scores(f) for n, f in blocks.items()}, sparsity)
+        keep = select_units({n: measured[n] if measured else neuron_scores(f) for n, f in blocks.items()},
+                            sparsity)
         for name, idx in keep.items():
             if idx.numel() < ffn_width(blocks[name]):
                 shrink_ffn(blocks[name], idx)

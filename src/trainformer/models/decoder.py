@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainformer.config import ModelConfig
@@ -68,8 +67,7 @@ class Decoder(nn.Module):
             logits (B, T, V).
         """
         h = self.hidden(ids, mask, cache, doc_ids)
-        weight = self.tok_embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)  # (B, T, V)
+        return self.tok_embed.attend(h) if self.lm_head is None else self.lm_head(h)  # (B, T, V)
 
     def hidden(
         self,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainformer.config import ModelConfig
@@ -112,7 +111,7 @@ class EncoderDecoder(nn.Module):
         h = self.decode_hidden(tgt, memory, src_mask, cache, tgt_mask)
         if self.lm_head is not None:
             return self.lm_head(h)
-        return F.linear(h, self.tok_embed.weight)  # (B, T, V), tied output head
+        return self.tok_embed.attend(h)  # (B, T, V), tied output head
 
     def decode_hidden(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,6 +25,10 @@ class TokenEmbedding(nn.Embedding):
         """ids (B, T) -> (B, T, D)."""
         x = super().forward(ids)
         return x * self.scale if self.scale != 1.0 else x
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        """The tied output projection: h (..., D) -> logits (..., V), one per embedding row."""
+        return F.linear(h, self.weight)
 
 
 def sinusoid_table(max_len: int, d_model: int) -> torch.Tensor:

@@ -117,9 +117,19 @@ class Task(ABC):
         """A few human-readable outputs printed at the end of a run."""
         return []
 
+    #: Share of tokens whose hidden state goes through the vocabulary projection.
+    vocab_scored_share: float = 1.0
+
     def flops_per_token(self, model: nn.Module) -> float:
-        """Training FLOPs per token for MFU: 6 x parameters (Kaplan et al. 2020) by default."""
-        return 6.0 * sum(p.numel() for p in model.parameters())
+        """Training FLOPs per token for MFU: 6 x the weights a token is multiplied by
+        (Kaplan et al. 2020). Embedding tables are looked up, not multiplied, so they
+        count only as a tied output projection, for `vocab_scored_share` of the tokens.
+        """
+        tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        dense = sum(p.numel() for p in model.parameters() if id(p) not in tables)
+        tok = getattr(model, "tok_embed", None)
+        tied = tok.weight.numel() if tok is not None and self.cfg.model.tie_embeddings else 0
+        return 6.0 * (dense + self.vocab_scored_share * tied)
 
     def data_report(self) -> dict[str, Any]:
         """Counts of skipped/malformed lines, split sizes, padding — logged to metrics."""

@@ -391,6 +391,7 @@ class FineTuneTask(Task):
 
     higher_is_better = True
     head = ""  # the encoder head (`ModelConfig.head`)
+    vocab_scored_share = 0.0  # a label head, no vocabulary projection
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

@@ -265,6 +265,10 @@ class MaskedLMTask(Task):
     main_metric = "ppl"
     higher_is_better = False
 
+    @property
+    def vocab_scored_share(self) -> float:  # the head runs on the masked positions only
+        return self.cfg.data.mlm_probability
+
     def setup(self, run_dir: Path | None, rank: int = 0, world_size: int = 1) -> None:
         d = self.cfg.data
         texts, sources = mlm_texts(d)

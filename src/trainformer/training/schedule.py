@@ -15,7 +15,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from trainformer.config import OptimConfig
 
 
-def lr_multiplier(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
+def lr_multiplier(
+    cfg: OptimConfig, max_steps: int, budget_used: Callable[[], float] | None = None
+) -> Callable[[int], float]:
     """The multiplier of `cfg.lr` after `step` optimizer steps (step 0 = the first update).
 
     - inverse_sqrt: linear warm-up to 1, then sqrt(warmup / step) (Vaswani et al.
@@ -23,6 +25,10 @@ def lr_multiplier(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
     - cosine: warm-up, then half a cosine down to `min_lr_ratio` at `max_steps`;
     - linear: warm-up, then a straight line down to `min_lr_ratio` at `max_steps`;
     - constant: warm-up, then 1.
+
+    `budget_used` (optional) returns the share of the time budget spent since the
+    warm-up ended, in [0, 1]; cosine and linear then decay by whichever of steps and
+    time is further along, so the decay ends when the budget does.
     """
     warmup = cfg.warmup_steps
     floor = cfg.min_lr_ratio
@@ -37,6 +43,8 @@ def lr_multiplier(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
         if kind == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        if budget_used is not None:
+            progress = max(progress, min(1.0, budget_used()))
         if kind == "cosine":
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return floor + (1.0 - floor) * (1.0 - progress)  # linear
@@ -44,6 +52,11 @@ def lr_multiplier(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
     return multiplier
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    cfg: OptimConfig,
+    max_steps: int,
+    budget_used: Callable[[], float] | None = None,
+) -> LambdaLR:
     """A LambdaLR over `optimizer` following `cfg.schedule` (a closure: its state is the step)."""
-    return LambdaLR(optimizer, lr_multiplier(cfg, max_steps))
+    return LambdaLR(optimizer, lr_multiplier(cfg, max_steps, budget_used))

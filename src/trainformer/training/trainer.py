@@ -54,6 +54,7 @@ class TrainState:
     best_value: float | None = None
     best_step: int = 0
     evals_since_best: int = 0
+    decay_start_s: float | None = None  # elapsed_s when warm-up ended (optim.decay_horizon: budget)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
@@ -85,6 +86,8 @@ class Trainer:
         if self.device.type == "cuda" and not cfg.train.deterministic:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x fp32 on Ampere and later
         self.state = TrainState()
+        self._clock = time.monotonic()  # elapsed_s was last brought up to date at this time
+        self._step_clock = 0.0  # elapsed_s at the last optimizer step, agreed by all ranks
         self._signal: int | None = None
         self._early_stop = False
         self._last_ckpt_step = -1
@@ -126,7 +129,8 @@ class Trainer:
 
     def _build_optimization(self) -> None:
         self.optimizer = build_optimizer(self.module, self.cfg.optim)  # after FSDP: DTensor params
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.max_steps)
+        budget = self._budget_used if self.cfg.optim.decay_horizon == "budget" else None
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.max_steps, budget)
         self.scaler = self.precision.grad_scaler()
 
     def _setup(self, resume: bool) -> Path | None:
@@ -172,11 +176,12 @@ class Trainer:
         state = ckpt.load_state(path)
         D.load_full_model_state(self.module, ckpt.load_weights(path / ckpt.WEIGHTS))
         D.load_full_optimizer_state(self.module, self.optimizer, state["optimizer"])
+        self.state = TrainState.from_dict(state["train"])  # before the lr: budget decay reads it
+        self._step_clock = self.state.elapsed_s
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_lr_from_config()
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.state = TrainState.from_dict(state["train"])
         self._last_ckpt_step = self.state.step  # (metrics are not saved: the end re-evaluates)
         ranks = state["ranks"]
         if len(ranks) != self.env.world_size:
@@ -195,6 +200,18 @@ class Trainer:
         for group, fn in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
             group["initial_lr"] = lr
             group["lr"] = lr * fn(step)
+
+    def _budget_used(self) -> float:
+        """Share of train.max_minutes spent since warm-up ended (0 during warm-up).
+
+        The scheduler asks only after warm-up; its first call starts the clock of
+        the decay; the start is saved in checkpoints, so a resumed run
+        continues the same decay.
+        """
+        s, now = self.state, self._step_clock
+        if s.decay_start_s is None:
+            s.decay_start_s = now
+        return (now - s.decay_start_s) / max(1e-9, 60 * self.cfg.train.max_minutes - s.decay_start_s)
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoints/step-N (every rank takes part; rank 0 writes). Returns its path on rank 0."""
@@ -288,10 +305,13 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = clip_gradients(self.module.parameters(), self.cfg.optim.clip_grad)
-        bad = (~(torch.isfinite(norm) & torch.isfinite(loss_sum))).float().to(self.comm_device)
-        D.all_reduce(bad, self.env, op="max")  # every rank skips, or none does
+        bad = (~(torch.isfinite(norm) & torch.isfinite(loss_sum))).float()
+        clock = torch.tensor(self.state.elapsed_s + time.monotonic() - self._clock, device=bad.device)
+        agreed = torch.stack([bad, clock]).to(self.comm_device)
+        D.all_reduce(agreed, self.env, op="max")  # every rank skips, or none; one clock for the lr
         # The one host read per step: skipping must be decided on the host.
-        ok = not bool(bad)
+        bad_flag, self._step_clock = agreed.tolist()
+        ok = not bad_flag
         if ok:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
