@@ -12,7 +12,7 @@ throughput; then BLEU / chrF on the test sentences (beam = the model's eval.beam
 Test data: --data TSV (header src<TAB>tgt), or by default the model's own held-out
 test split rebuilt from its config (leak-free by construction).
 
-    python benchmarks/bench_compression.py MODEL_DIR [--data TEST.tsv] [--finetune-steps N]
+    python benchmarks/bench_compression.py MODEL_DIR [--data TEST.tsv] [--finetune-steps N] [--distill ALPHA]
         [--calibrate N] [--threads 1,2] [--repeats 3] [--latency-sentences 12] [--batch-sentences 64]
         [--bleu-sentences 400] [--work DIR] [--out DIR]
 
@@ -54,11 +54,13 @@ def _once(out: Path, make) -> Path:
 
 def make_variants(model_dir: Path, work: Path, finetune_steps: int, overrides: list[str],
                   levels: tuple[int, ...] = (25, 30, 50), finetune_levels: tuple[int, ...] | None = None,
-                  calibrate: int = 0) -> dict[str, Path]:
+                  calibrate: int = 0, distill: float = 0.0) -> dict[str, Path]:
     """name -> model dir of every variant (created under `work` when missing).
 
     ``calibrate`` > 0: pruning scores units by their activations on that many training
     batches (``trainformer prune --calibrate``); those variants are named ``struct-N-cal``.
+    ``distill`` > 0: fine-tuning learns from the unpruned model too (``trainformer prune
+    --distill``); those variants end in ``-kdALPHA``.
     """
     work.mkdir(parents=True, exist_ok=True)
     v: dict[str, Path] = {"fp32": model_dir}
@@ -70,10 +72,10 @@ def make_variants(model_dir: Path, work: Path, finetune_steps: int, overrides: l
                                                                       calibrate=calibrate))
         base = v[name]
         if finetune_steps and (finetune_levels is None or pct in finetune_levels):
-            ft = f"{name}-ft{finetune_steps}"
+            ft = f"{name}-ft{finetune_steps}" + (f"-kd{distill:g}" if distill else "")
             v[ft] = _once(work / ft, lambda o, p=pct: prune_model_dir(
                 model_dir, o, "structured", p / 100, finetune_steps=finetune_steps, overrides=overrides,
-                calibrate=calibrate))
+                calibrate=calibrate, distill=distill))
             base = v[ft]
         q = f"{base.name}+int8"
         v[q] = _once(work / q, lambda o, b=base: quantize_model_dir(b, o, "dynamic"))
@@ -221,6 +223,8 @@ def main() -> None:
     ap.add_argument("--finetune-levels", default=None, help="the levels to fine-tune (default: all)")
     ap.add_argument("--calibrate", type=int, default=0, metavar="N",
                     help="prune by activations on N training batches (trainformer prune --calibrate N)")
+    ap.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+                    help="fine-tune with the unpruned model as teacher (trainformer prune --distill ALPHA)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--latency-sentences", type=int, default=12)
@@ -239,7 +243,7 @@ def main() -> None:
     except ValueError:
         ap.error("--prune / --finetune-levels: expected comma-separated whole percentages, e.g. 25,30,50")
     variants = make_variants(model_dir, args.work or args.out / "variants", args.finetune_steps, args.overrides,
-                             levels, ft_levels, args.calibrate)
+                             levels, ft_levels, args.calibrate, args.distill)
     sources, refs = test_data(model_dir, args.data)
     latency = spread(sources, args.latency_sentences)
     batch = [sources[i] for i in spread_indices(len(sources), args.batch_sentences)]
@@ -251,7 +255,8 @@ def main() -> None:
         "model_dir": str(model_dir), "data": str(args.data or "model's test split"),
         "settings": {"threads": threads, "repeats": args.repeats, "latency_sentences": len(latency),
                      "batch_sentences": len(batch), "bleu_sentences": min(args.bleu_sentences, len(sources)),
-                     "finetune_steps": args.finetune_steps, "calibrate_batches": args.calibrate},
+                     "finetune_steps": args.finetune_steps, "calibrate_batches": args.calibrate,
+                     "distill": args.distill},
         "hardware": hardware(), "versions": package_versions(), "variants": {},
     }
     scored = spread_indices(len(sources), args.bleu_sentences)  # not the first N: test is ordered by length

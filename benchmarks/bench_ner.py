@@ -13,12 +13,18 @@ fixed-size padded batches (``--peer-batch`` sentences x ``--peer-len``
 tokens), first-subword labels, the same WordPiece tokenizer (ours, from the
 MLM run), argmax decoding, seqeval on the test split.
 
+With ``--scratch`` both sides start from random weights and train for
+``--ner-minutes`` each: ours is ``ner-conll2003`` with ``init_from=null`` (its
+own cased 16k WordPiece, which the peer then uses too). This isolates the
+fine-tuning recipe and decoding from the pretraining.
+
 Writes OUT/bench_ner.json and OUT/bench_ner.md.
 
     python benchmarks/bench_ner.py --mlm-minutes 35 --ner-minutes 22 --out runs/bench-ner
     python benchmarks/bench_ner.py --mlm-minutes 5 --ner-minutes 5 --out /tmp/bench-ner
     # finished runs instead of new ones (their own minutes are read from summary.json):
     python benchmarks/bench_ner.py --ours-mlm runs/encoder-mlm --ours-ner runs/ner-conll2003 --peer-minutes 22
+    python benchmarks/bench_ner.py --scratch --ner-minutes 8 --out runs/bench-ner-scratch
 """
 
 from __future__ import annotations
@@ -153,15 +159,22 @@ def markdown(result: dict) -> str:
     types = sorted(k for k in ours["test"] if k.startswith("f1_"))
     head = "| system | minutes | steps | params | test F1 | P | R | " + " | ".join(types) + " |"
     rows = [head, "|" + "---|" * (7 + len(types))]
-    for name, r, minutes in (("trainformer MLM -> NER", ours, result["args"]["mlm_minutes"] + result["args"]["ner_minutes"]),
+    scratch = result["args"].get("scratch")
+    ours_name = "trainformer NER (scratch)" if scratch else "trainformer MLM -> NER"
+    ours_minutes = result["args"]["ner_minutes"] + (0 if scratch else result["args"]["mlm_minutes"])
+    for name, r, minutes in ((ours_name, ours, ours_minutes),
                              ("HF BertForTokenClassification (scratch)", peer, result["args"]["peer_minutes"])):
         t = r["test"]
         rows.append(f"| {name} | {minutes:g} | {r['steps']} | {r['params'] / 1e6:.2f}M | {t['f1']} | {t['precision']} | "
                     f"{t['recall']} | " + " | ".join(str(t.get(k, '-')) for k in types) + " |")
     notes = [
         "", f"CoNLL-2003 test (eng.testb), entity-level seqeval F1 (%). Host: {result['host']}.",
-        f"Ours: MLM {result['args']['mlm_minutes']} min ({ours['mlm_steps']} steps, valid ppl {ours['mlm_ppl']}), "
-        f"then NER {result['args']['ner_minutes']} min; constrained Viterbi decoding.",
+        (f"Ours: random init, NER {result['args']['ner_minutes']} min" if scratch else
+         f"Ours: MLM {result['args']['mlm_minutes']} min ({ours['mlm_steps']} steps, valid ppl {ours['mlm_ppl']}), "
+         f"then NER {result['args']['ner_minutes']} min")
+        + f" (valid F1 {ours['valid'].get('f1')}, {ours['valid'].get('f1_without_prior', '-')} without the tag-bigram "
+        f"prior); constrained Viterbi decoding with the prior (weight {ours['test'].get('transition_weight', '-')}, "
+        "chosen on valid).",
         "Peer: same size, random init, AdamW + linear schedule, fixed-size padded batches, argmax decoding.",
     ]
     return "\n".join(rows + notes) + "\n"
@@ -179,14 +192,24 @@ def main() -> None:
     p.add_argument("--set-mlm", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--set-ner", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--scratch", action="store_true",
+                   help="no pretraining: our NER and the peer both from random weights for --ner-minutes")
     p.add_argument("--out", type=Path, default=Path("runs/bench-ner"))
     p.add_argument("--ours-mlm", type=Path, help="a finished encoder-mlm run dir (with --ours-ner: train nothing of ours)")
     p.add_argument("--ours-ner", type=Path, help="a finished ner-conll2003 run dir started from --ours-mlm")
     args = p.parse_args()
     if bool(args.ours_mlm) != bool(args.ours_ner):
         p.error("--ours-mlm and --ours-ner go together")
+    if args.scratch and args.ours_mlm:
+        p.error("--scratch trains both sides from random weights; it takes no --ours-mlm / --ours-ner")
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.ours_mlm and args.ours_ner:
+    if args.scratch:
+        mlm_dir = ner_dir = args.out / "ours-ner"
+        scratch = ["init_from=null", "data.tokenizer.vocab_size=16000", "data.tokenizer.lowercase=false"]
+        ner = train_ours(ner_dir, "ner-conll2003", args.ner_minutes, [*scratch, *args.set_ner])
+        mlm = {"steps": 0, "valid": {}, "train_time_s": 0.0}
+        args.mlm_minutes = 0.0
+    elif args.ours_mlm and args.ours_ner:
         mlm_dir = args.ours_mlm
         mlm, ner = (read_summary(d) for d in (args.ours_mlm, args.ours_ner))
         args.mlm_minutes = round(mlm["wall_time_s"] / 60, 1)
@@ -195,7 +218,7 @@ def main() -> None:
         mlm_dir, ner_dir = args.out / "ours-mlm", args.out / "ours-ner"
         mlm = train_ours(mlm_dir, "encoder-mlm", args.mlm_minutes, args.set_mlm)
         ner = train_ours(ner_dir, "ner-conll2003", args.ner_minutes, [f"init_from={mlm_dir}", *args.set_ner])
-    args.peer_minutes = args.peer_minutes or args.mlm_minutes + args.ner_minutes
+    args.peer_minutes = args.peer_minutes or args.mlm_minutes + args.ner_minutes  # --scratch: ner minutes
     ours = {"test": ner["test"], "valid": ner["valid"], "steps": ner["steps"], "params": ner["params"],
             "mlm_steps": mlm["steps"], "mlm_ppl": mlm["valid"].get("ppl"), "mlm_accuracy": mlm["valid"].get("accuracy"),
             "ner_train_time_s": ner["train_time_s"], "mlm_train_time_s": mlm["train_time_s"]}

@@ -12,6 +12,7 @@ from trainformer.compression import (
     quantize_model,
     structured_prune,
 )
+from trainformer.compression.distill import distillation_loss
 from trainformer.compression.magnitude import prunable_weights
 from trainformer.compression.quantize import Int8Embedding
 from trainformer.compression.shapes import attention_modules, ffn_modules, ffn_width
@@ -21,6 +22,7 @@ from trainformer.errors import UserError
 from trainformer.generation import beam_translate, generate, greedy_translate
 from trainformer.models import build_model, count_parameters
 from trainformer.nn.embedding import TokenEmbedding
+from trainformer.training.loss import cross_entropy_sum
 
 V, L, BOS, EOS = 40, 5, 1, 2
 
@@ -356,3 +358,38 @@ def test_quantized_models_run_under_bf16_autocast(method):
             out = run(model, family).float()
             generate_all(model, family)
         assert (out - ref).norm() / ref.norm() < 0.05
+
+
+# ----------------------------------------------------------------------------
+# Knowledge distillation
+# ----------------------------------------------------------------------------
+
+
+def test_distillation_loss_mixes_labels_and_teacher():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[1, 3:] = -100  # padding carries no loss
+    ce, n = cross_entropy_sum(student, labels)
+    loss, m = distillation_loss(student, teacher, labels, alpha=0.0)
+    assert torch.allclose(loss, ce) and m == n == 8
+    same, _ = distillation_loss(student, student, labels, alpha=1.0)
+    assert abs(float(same)) < 1e-5  # KL of a distribution from itself
+    # the teacher term is KL summed over the labelled positions only
+    keep = labels != -100
+    kl = (teacher.softmax(-1) * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1)[keep].sum()
+    mixed, _ = distillation_loss(student, teacher, labels, alpha=0.25)
+    assert torch.allclose(mixed, 0.75 * ce + 0.25 * kl, atol=1e-5)
+
+
+def test_distillation_pulls_the_student_onto_the_teacher():
+    torch.manual_seed(0)
+    teacher = torch.randn(4, 7)
+    student = torch.zeros(4, 7, requires_grad=True)
+    labels = torch.zeros(4, dtype=torch.long)  # hard labels that disagree with the teacher
+    opt = torch.optim.SGD([student], lr=2.0)
+    for _ in range(300):
+        opt.zero_grad()
+        distillation_loss(student, teacher, labels, alpha=1.0)[0].backward()
+        opt.step()
+    assert torch.allclose(student.softmax(-1), teacher.softmax(-1), atol=1e-3)

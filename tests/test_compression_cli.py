@@ -216,6 +216,8 @@ def test_user_errors_are_one_line(model_dir, tmp_path, capsys):
         (["quantize", str(quant), "--out", str(tmp_path / "d")], "already quantized"),
         (["prune", str(src_dir), "--out", str(tmp_path / "e"), "--sparsity", "0.5", "--method",
           "magnitude", "--calibrate", "2"], "--calibrate"),
+        (["prune", str(src_dir), "--out", str(tmp_path / "f"), "--sparsity", "0.5", "--distill", "0.5"],
+         "--distill"),  # distillation is a way of fine-tuning: without --finetune-steps it is a mistake
     ]
     capsys.readouterr()
     for argv, expected in cases:
@@ -230,14 +232,14 @@ def test_user_errors_are_one_line(model_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["structured", "magnitude"])
-def test_finetuning_after_pruning(model_dir, tmp_path, method):
+@pytest.mark.parametrize("method,distill", [("structured", 0.0), ("magnitude", 0.0), ("structured", 0.5)])
+def test_finetuning_after_pruning(model_dir, tmp_path, method, distill):
     src_dir, _ = model_dir
     plain, tuned = tmp_path / "plain", tmp_path / "tuned"
     common = ["--method", method, "--sparsity", "0.5"]
     assert main(["prune", str(src_dir), "--out", str(plain), *common]) == 0
     assert main(["prune", str(src_dir), "--out", str(tuned), *common, "--finetune-steps", "3",
-                 "--set", "optim.lr=0.01"]) == 0
+                 "--distill", str(distill), "--set", "optim.lr=0.01"]) == 0
     before, after = load_file(str(plain / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
     assert before.keys() == after.keys()
     assert all(before[k].shape == after[k].shape for k in before)
@@ -249,6 +251,7 @@ def test_finetuning_after_pruning(model_dir, tmp_path, method):
                 assert torch.equal(before[name] == 0, after[name] == 0), name
     history = json.loads((tuned / "compression.json").read_text())["history"]
     assert history[-1]["finetune"]["steps"] == 3 and "bleu" in history[-1]["finetune"]["valid"]
+    assert history[-1]["finetune"]["distill"] == distill
     assert only_safe_files(tuned)  # the run's pickled optimizer state stayed out of the model dir
     assert load_model_dir(tuned).model is not None
 

@@ -7,6 +7,7 @@ cities after "in" (B-LOC). The relation data: "The <e1>a</e1> caused the
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 
 from trainformer.cli import main
 from trainformer.data.readers import strip_entity_markers
+from trainformer.tasks.tagging import TRANSITION_WEIGHTS, load_tagger
 
 FIRST = ["Zoë", "Anna", "Jean-Pierre", "Omar", "Li", "Maria", "Kofi", "Sven"]
 LAST = ["Müller", "Smith", "O'Neill", "Dubois", "Chen", "Garcia", "Mensah", "Berg"]
@@ -123,6 +125,26 @@ def test_tiny_encoder_learns_synthetic_ner(runs):
     summary = json.loads((runs / "ner" / "summary.json").read_text())
     assert summary["test"]["f1"] >= 90, summary["test"]
     assert summary["test"]["f1_PER"] >= 90 and summary["test"]["f1_LOC"] >= 90
+
+
+def test_ner_model_dir_carries_the_prior_chosen_on_valid(runs, tmp_path, capsys):
+    summary = json.loads((runs / "ner" / "summary.json").read_text())
+    chosen = summary["valid"]["transition_weight"]
+    assert chosen in TRANSITION_WEIGHTS and summary["test"]["transition_weight"] == chosen
+    assert summary["valid"]["f1"] >= summary["valid"]["f1_without_prior"]  # 0 is one of the candidates
+    saved = json.loads((runs / "ner" / "model" / "transitions.json").read_text())
+    assert saved["weight"] == chosen and saved["labels"] == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert load_tagger(runs / "ner" / "model").prior.weight == chosen
+    # a copy without the file (a model dir from before the prior) decodes with the BIO rules only
+    old = tmp_path / "old"
+    shutil.copytree(runs / "ner" / "model", old)
+    (old / "transitions.json").unlink()
+    assert load_tagger(old).prior is None
+    (old / "transitions.json").write_text("{not json", encoding="utf-8")
+    text = tmp_path / "in.txt"
+    text.write_text("Anna Smith lives in Paris .\n", encoding="utf-8")
+    code, _, err = cli(capsys, "extract", str(old), "--input", str(text), "--device", "cpu")
+    assert code == 2 and "transitions.json" in err and err.count("\n") == 1, err
 
 
 def test_extract_ner_json_offsets(runs, tmp_path, capsys):

@@ -9,6 +9,7 @@ import torch
 from trainformer.config import TokenizerConfig
 from trainformer.data.tokenizer import train_tokenizer
 from trainformer.tasks.extraction import (
+    TransitionPrior,
     add_marker_tokens,
     bio_labels,
     bio_spans,
@@ -176,3 +177,25 @@ def test_semeval_macro_f1_on_a_hand_example():
     # direction matters: flipping every direction scores zero
     flipped = [g.replace("e1,e2", "x").replace("e2,e1", "e1,e2").replace("x", "e2,e1") for g in gold]
     assert semeval_scores(gold, flipped)["macro_f1"] == 0.0
+
+
+def test_transition_prior_counts_training_bigrams():
+    # O=0, B-LOC=1, I-LOC=2, B-PER=3, I-PER=4
+    prior = TransitionPrior.count([[3, 4, 0], [3, 4, 0, 1]], n_labels=5)
+    probs = prior.trans.exp()
+    assert torch.allclose(probs.sum(1), torch.ones(5))
+    assert probs[3, 4] == pytest.approx(3 / 7)  # B-PER -> I-PER seen twice, add-one over 5 labels
+    assert probs[3, 3] == pytest.approx(1 / 7)
+    assert prior.start.exp()[3] == pytest.approx(3 / 7)
+
+
+def test_prior_keeps_a_two_word_name_whole():
+    """Per-word scores that slightly prefer B-PER on the surname split one name into two
+    entities; the bigram prior of data where B-PER is followed by I-PER joins them."""
+    logp = torch.log(torch.tensor([[0.02, 0.01, 0.01, 0.90, 0.06],  # "Mark": B-PER
+                                   [0.02, 0.01, 0.01, 0.50, 0.46]]))  # "Butcher": B-PER by a hair
+    n = torch.tensor([2])
+    assert viterbi_bio(logp[None], n, LABELS) == [[3, 3]]
+    prior = TransitionPrior.count([[3, 4, 0]] * 20 + [[3, 0, 3]] * 2, n_labels=5)
+    assert viterbi_bio(logp[None], n, LABELS, prior) == [[3, 4]]
+    assert viterbi_bio(logp[None], n, LABELS, prior.with_weight(0.0)) == [[3, 3]]

@@ -148,6 +148,9 @@ class EvalConfig:
     samples: int = 5  # sample outputs printed at the end of a run
     metric: str = "auto"  # the task's main metric (bleu, f1, ppl...)
     max_examples: int = 0  # cap on examples for periodic evaluation; 0 = all
+    # ner: weight of the tag-bigram prior (counted on train) in Viterbi decoding. None = chosen
+    # on valid at each evaluation from TRANSITION_WEIGHTS; 0 = only forbid invalid BIO.
+    transition_weight: float | None = None
 
 
 @dataclass
@@ -222,6 +225,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "eval.batch_tokens": _POSITIVE,
     "eval.samples": _NON_NEGATIVE,
     "eval.max_examples": _NON_NEGATIVE,
+    "eval.transition_weight": (lambda v: v is None or v >= 0, "a number >= 0 or null (chosen on valid)"),
 }
 
 

@@ -5,6 +5,7 @@
       config.json         the resolved training config (model shape, task, data settings)
       tokenizer.json      the HF `tokenizers` file
       labels.json         label names, for tagging / relation models
+      transitions.json    NER only: the tag-bigram prior used in Viterbi decoding, with its weight
       compression.json    present for pruned / quantized models (see trainformer.compression)
 
 Loading never executes code: weights come from safetensors, the rest is JSON.

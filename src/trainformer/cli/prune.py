@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
         "attention head groups and feed-forward neurons that write the least into the residual stream "
         "on 8 training batches of the model's task (--calibrate N; 0 scores by weight norms, without data), "
         "giving a smaller, faster dense model (per-layer sizes in compression.json). "
-        "--finetune-steps N then trains the pruned model N steps on its task's data.",
+        "--finetune-steps N then trains the pruned model N steps on its task's data "
+        "(--distill ALPHA: with the unpruned model as teacher).",
     )
     p.add_argument("--out", required=True, type=Path, help="the pruned model dir to write (new folder)")
     p.add_argument("--method", choices=["magnitude", "structured"], default="structured")
@@ -31,6 +32,9 @@ def add_parser(sub) -> None:
                    "of the model's task (forward passes only; default 8); 0 = by weight norms, no data")
     p.add_argument("--finetune-steps", type=int, default=0, metavar="N",
                    help="fine-tune the pruned model for N steps on its task's data (default: 0, none)")
+    p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+                   help="fine-tuning: also learn the unpruned model's predictions (knowledge distillation); "
+                   "ALPHA in [0, 1] weighs its KL divergence against the labels' cross-entropy (default: 0, off)")
     p.add_argument("--recipe", default=None,
                    help="fine-tuning: recipe for data/optim/train settings (default: the model's config)")
     add_overrides(p)
@@ -57,6 +61,7 @@ def run(args) -> int:
         args.model_dir, args.out, args.method, args.sparsity,
         heads=not args.ffn_only, ffn=not args.heads_only, finetune_steps=args.finetune_steps,
         recipe=args.recipe, overrides=args.overrides, run_dir=args.run_dir, calibrate=args.calibrate,
+        distill=args.distill,
     )
     _print_report(report)
     return 0
@@ -74,4 +79,5 @@ def _print_report(r: dict) -> None:
             if kind in r:
                 print(f"  {kind}: {r[kind]['before']} -> {r[kind]['after']}")
     if r.get("finetune"):
-        print(f"  fine-tuned {r['finetune']['steps']} steps: valid {json.dumps(r['finetune']['valid'])}")
+        how = f" (distilled, alpha {r['finetune']['distill']:g})" if r["finetune"].get("distill") else ""
+        print(f"  fine-tuned {r['finetune']['steps']} steps{how}: valid {json.dumps(r['finetune']['valid'])}")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainformer.compression.distill import DistilledTask
 from trainformer.compression.magnitude import keep_zeros, reapply_masks
 from trainformer.config import Config, apply_overrides, from_dict, load_recipe, to_dict
 from trainformer.errors import UserError
@@ -71,6 +72,8 @@ def finetune(
     overrides: list[str] | None = None,
     run_dir: Path | None = None,
     masks: dict[str, torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
+    distill: float = 0.0,
 ) -> dict[str, Any]:
     """Train the pruned `model` in place for `steps` steps on its task's data; returns the run summary.
 
@@ -84,6 +87,8 @@ def finetune(
             temporary folder, deleted afterwards (it holds pickled optimizer state,
             which must not end up in a model dir).
         masks: for magnitude pruning, the non-zero masks to keep (see `magnitude.zero_masks`).
+        teacher / distill: with `distill` > 0, train on the mix of the labels' cross-entropy
+            and the KL divergence from `teacher` (weight `distill`; see `distill.DistilledTask`).
     """
     from trainformer.rundir import RunDir
     from trainformer.tasks import build_task
@@ -99,8 +104,11 @@ def finetune(
         raise UserError(f"--run-dir {path}: already holds a run; choose another folder")
     handles = keep_zeros(model, masks) if masks else []
     try:
-        task = PrunedModelTask(build_task(ft_cfg), model)
-        trainer = Trainer(ft_cfg, task, RunDir(path))  # type: ignore[arg-type]
+        task: Any = PrunedModelTask(build_task(ft_cfg), model)
+        if distill:
+            assert teacher is not None, "distillation needs the teacher model"
+            task = DistilledTask(task, teacher, distill)
+        trainer = Trainer(ft_cfg, task, RunDir(path))
         summary = trainer.fit()
     finally:
         for h in handles:

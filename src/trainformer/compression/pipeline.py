@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,7 @@ def prune_model_dir(
     overrides: list[str] | None = None,
     run_dir: Path | None = None,
     calibrate: int = 0,
+    distill: float = 0.0,
 ) -> dict[str, Any]:
     """Prune the model of `model_dir` and write it to `out`; returns a report (sizes, counts).
 
@@ -81,6 +83,8 @@ def prune_model_dir(
         recipe / overrides / run_dir: for the fine-tuning run (and the calibration data).
         calibrate: structured only: > 0 scores units by their activations on this many
             training batches of the model's task instead of by weight norms.
+        distill: > 0 fine-tunes against the unpruned model's predictions too, with this
+            weight (knowledge distillation, see `compression.distill`); 0 = labels only.
     """
     if method not in PRUNE_METHODS:
         raise UserError(f"--method: expected one of {', '.join(PRUNE_METHODS)}, got {method!r}")
@@ -89,11 +93,14 @@ def prune_model_dir(
         raise UserError("prune: nothing to prune (both heads and feed-forward neurons excluded)")
     if calibrate < 0 or (calibrate and method != "structured"):
         raise UserError(f"--calibrate: expected a number of batches >= 1 for --method structured, got {calibrate}")
+    if not 0.0 <= distill <= 1.0 or (distill and not finetune_steps):
+        raise UserError(f"--distill: expected a weight in [0, 1] with --finetune-steps N, got {distill}")
     source, out = resolve_model_dir(model_dir), Path(out)
     check_out_dir(source, out)
     loaded = load_float_model(source)
     model, cfg = loaded.model, loaded.cfg
     params_before = count_parameters(model)
+    teacher = copy.deepcopy(model) if distill else None  # the unpruned model, before pruning
     if method == "magnitude":
         stats, fields = magnitude_prune(model, sparsity), {}
     else:
@@ -106,8 +113,8 @@ def prune_model_dir(
         from trainformer.compression.finetune import finetune
 
         masks = zero_masks(model) if method == "magnitude" else None
-        summary = finetune(model, cfg, out, finetune_steps, recipe, overrides, run_dir, masks)
-        step["finetune"] = {"steps": summary.get("steps"), "valid": summary.get("valid", {}),
+        summary = finetune(model, cfg, out, finetune_steps, recipe, overrides, run_dir, masks, teacher, distill)
+        step["finetune"] = {"steps": summary.get("steps"), "distill": distill, "valid": summary.get("valid", {}),
                             "test": summary.get("test", {})}
         save_model_dir(model, cfg, out)
         compression = with_step(loaded.compression, step, **fields)

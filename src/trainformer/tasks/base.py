@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from trainformer.config import Config
+from trainformer.training.loss import cross_entropy_sum
 
 
 def spread_indices(n: int, limit: int) -> list[int]:
@@ -80,12 +81,19 @@ class Task(ABC):
     def train_batches(self) -> StatefulBatches:
         """Training batches for this rank (CPU tensors; the trainer moves them)."""
 
-    @abstractmethod
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of per-token losses, number of tokens that carry loss) for one micro-batch.
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores (..., C), labels (...)) of one micro-batch: what the loss compares.
 
-        Call the model as ``model(...)``: DDP and torch.compile wrap only `forward`.
+        Labels are class ids, -100 where no loss is taken. Call the model as
+        ``model(...)``: DDP and torch.compile wrap only `forward`. Distillation
+        (`compression.distill`) compares a student's scores with a teacher's here.
         """
+        raise NotImplementedError(f"{type(self).__name__} computes its loss without logits()")
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of per-token losses, number of tokens that carry loss) for one micro-batch:
+        the label-smoothed cross-entropy of `logits`."""
+        return cross_entropy_sum(*self.logits(model, batch), self.cfg.train.label_smoothing)
 
     @abstractmethod
     def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:

@@ -59,6 +59,7 @@ from trainformer.tasks.lm import (
     CausalBatches,
     SamplingSettings,
     StreamDecoder,
+    causal_logits,
     causal_loss,
     clean_dailydialog,
     collate_causal,
@@ -346,8 +347,8 @@ class ChatTask(Task):
                 if name in source and name in own:
                     own[name][: self.pretrained_vocab].copy_(source[name][: self.pretrained_vocab])
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return causal_loss(model, batch, self.cfg.train.label_smoothing)
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return causal_logits(model, batch)
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:

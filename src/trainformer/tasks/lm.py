@@ -251,15 +251,19 @@ def eval_rows(docs: Ragged, seq_len: int, sep_id: int = EOS_ID) -> dict[str, tor
 # ----------------------------------------------------------------------------
 
 
-def causal_loss(model: nn.Module, batch: Batch, label_smoothing: float = 0.0, doc_attention: bool = False):
-    """(loss sum, target count) of a batch from `PackedBatches`, `CausalBatches` or `eval_rows`.
+def causal_logits(model: nn.Module, batch: Batch, doc_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, T, V), labels (B, T)) of a batch from `PackedBatches`, `CausalBatches` or `eval_rows`.
 
     Right padding needs no attention mask (causality hides it), which keeps
     SDPA on its fast path.
     """
     doc_ids = batch.get("doc_ids") if doc_attention else None
-    logits = model(batch["ids"], doc_ids=doc_ids)  # (B, T, V)
-    return cross_entropy_sum(logits, batch["labels"], label_smoothing)
+    return model(batch["ids"], doc_ids=doc_ids), batch["labels"]
+
+
+def causal_loss(model: nn.Module, batch: Batch, label_smoothing: float = 0.0, doc_attention: bool = False):
+    """(loss sum, target count) of `causal_logits`."""
+    return cross_entropy_sum(*causal_logits(model, batch, doc_attention), label_smoothing)
 
 
 def perplexity(
@@ -444,8 +448,8 @@ class LanguageModelTask(Task):
             raise ConfigError(f"model.family: the {self.cfg.task} task needs 'decoder', got {self.cfg.model.family!r}")
         return build_model(self.cfg.model)
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return causal_loss(model, batch, self.cfg.train.label_smoothing, self.cfg.data.doc_attention)
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return causal_logits(model, batch, self.cfg.data.doc_attention)
 
     def batch_tokens(self, batch: Batch) -> int:
         return int(batch["mask"].sum()) if "mask" in batch else int(batch["ids"].numel())

@@ -327,11 +327,10 @@ class MaskedLMTask(Task):
     def build_model(self) -> nn.Module:
         return build_model(self.cfg.model)
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]
         chosen = labels != IGNORE_INDEX  # (B, S)
-        logits = mlm_logits(model, batch["ids"], batch["mask"], chosen)  # (N, V)
-        return cross_entropy_sum(logits, labels[chosen], self.cfg.train.label_smoothing)
+        return mlm_logits(model, batch["ids"], batch["mask"], chosen), labels[chosen]  # (N, V), (N,)
 
     def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:
         assert self.tokenizer is not None

@@ -50,7 +50,6 @@ from trainformer.tasks.extraction import (
 from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.tasks.translation import split_key
 from trainformer.textio import warn
-from trainformer.training.loss import cross_entropy_sum
 
 OTHER = "Other"
 DIRECTIONS = ("e1,e2", "e2,e1")
@@ -256,9 +255,8 @@ class RelationTask(FineTuneTask):
     def collate(self, rows: dict[str, list[np.ndarray]]) -> Batch:
         return collate_relations(rows, self.e1_id, self.e2_id)
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(batch["ids"], batch["mask"], batch["e1_pos"], batch["e2_pos"])  # (B, L)
-        return cross_entropy_sum(logits, batch["labels"], self.cfg.train.label_smoothing)
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(batch["ids"], batch["mask"], batch["e1_pos"], batch["e2_pos"]), batch["labels"]  # (B, L), (B,)
 
     def classifier(self, model: nn.Module) -> RelationClassifier:
         assert self.tokenizer is not None, "setup() first"

@@ -8,13 +8,18 @@ tokenizer and shape are taken over (`extraction.inherit_pretrained`).
 Labelling: each word's label sits on its first subword; other subwords,
 padding and the ``<cls>``/``<sep>`` wrappers carry -100 (no loss).
 Decoding: constrained Viterbi over the first-subword log-probabilities
-(`extraction.viterbi_bio`), so the output is always valid BIO.
+(`extraction.viterbi_bio`), so the output is always valid BIO, plus a
+tag-bigram prior counted on the training tags (`TransitionPrior`, saved as
+``model/transitions.json``) whose weight is chosen on valid at each
+evaluation unless ``eval.transition_weight`` fixes it.
 Metric: entity-level precision / recall / F1 with seqeval (conlleval
 rules), micro-averaged and per type.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,7 @@ from trainformer.tasks.base import Batch
 from trainformer.tasks.extraction import (
     OUTSIDE,
     FineTuneTask,
+    TransitionPrior,
     bio_labels,
     entity_dicts,
     inference_batches,
@@ -51,7 +57,6 @@ from trainformer.tasks.extraction import (
 )
 from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.textio import warn
-from trainformer.training.loss import cross_entropy_sum
 
 
 def score_entities(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
@@ -71,6 +76,11 @@ def score_entities(gold: list[list[str]], pred: list[list[str]]) -> dict[str, fl
     return out
 
 
+# Prior weights tried on valid when eval.transition_weight is not set (0 = validity rules only).
+TRANSITION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
+TRANSITIONS_FILE = "transitions.json"
+
+
 # ----------------------------------------------------------------------------
 # Inference
 # ----------------------------------------------------------------------------
@@ -84,6 +94,7 @@ class Tagger:
         labels: label names in id order (BIO).
         max_len: the model's window; longer sentences are cut (their last words get ``O``).
         batch_tokens: padded tokens per inference batch.
+        prior: the tag-bigram prior used in decoding (None: the BIO validity rules only).
     """
 
     def __init__(
@@ -94,8 +105,10 @@ class Tagger:
         max_len: int,
         batch_tokens: int = 8000,
         precision: str = "auto",
+        prior: TransitionPrior | None = None,
     ):
         self.model, self.tokenizer, self.labels = model, tokenizer, labels
+        self.prior = prior
         self.limit = max_len - 2  # room for <cls> and <sep>
         self.batch_tokens = batch_tokens
         self.precision = precision
@@ -129,20 +142,27 @@ class Tagger:
         scores[rows, word_at[first]] = logp[first]
         return scores, torch.tensor(n_words)
 
-    @torch.inference_mode()
     def tag(self, sentences: list[list[str]]) -> list[list[str]]:
         """BIO tags of each sentence (a list of words), one per word, in input order."""
+        weight = self.prior.weight if self.prior is not None else 0.0
+        return self.tag_each_weight(sentences, [weight])[weight]
+
+    @torch.inference_mode()
+    def tag_each_weight(self, sentences: list[list[str]], weights: Sequence[float]) -> dict[float, list[list[str]]]:
+        """For each prior weight, the tags `tag` would give with it; the network runs once."""
         was_training = self.model.training
         self.model.eval()
         self.truncated = 0
-        out: list[list[str]] = [[OUTSIDE] * len(s) for s in sentences]
+        out = {w: [[OUTSIDE] * len(s) for s in sentences] for w in weights}
         todo = [i for i, s in enumerate(sentences) if s]
         encoded = self._encode([sentences[i] for i in todo])
         with inference_autocast(self.device, self.precision):
             for batch in inference_batches([len(e[0]) + 2 for e in encoded], self.batch_tokens):
                 scores, n_words = self._word_scores([encoded[b] for b in batch])
-                for b, path in zip(batch, viterbi_bio(scores, n_words, self.labels)):
-                    out[todo[b]][: len(path)] = [self.labels[k] for k in path]
+                for w in weights:
+                    prior = self.prior.with_weight(w) if self.prior is not None else None
+                    for b, path in zip(batch, viterbi_bio(scores, n_words, self.labels, prior)):
+                        out[w][todo[b]][: len(path)] = [self.labels[k] for k in path]
         self.model.train(was_training)
         return out
 
@@ -167,7 +187,19 @@ def load_tagger(model_dir: str | Path, device: str = "auto", precision: str = "a
     if not loaded.labels:
         raise UserError(f"{loaded.path}: labels.json is missing")
     cfg = loaded.cfg
-    return Tagger(loaded.model, tokenizer, loaded.labels, cfg.model.max_len, cfg.eval.batch_tokens, precision)
+    prior = load_prior(loaded.path / TRANSITIONS_FILE, loaded.labels)
+    return Tagger(loaded.model, tokenizer, loaded.labels, cfg.model.max_len, cfg.eval.batch_tokens, precision, prior)
+
+
+def load_prior(path: Path, labels: list[str]) -> TransitionPrior | None:
+    """The `TransitionPrior` saved in `path`; None if there is none (model dirs from before
+    the prior decode with the BIO validity rules only)."""
+    if not path.is_file():
+        return None
+    try:
+        return TransitionPrior.from_json(json.loads(path.read_text(encoding="utf-8")), labels, path)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: expected the tag-transition file a ner run writes ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------
@@ -192,7 +224,10 @@ class TaggingTask(FineTuneTask):
                                                  cache_key=texts_hash(texts))
         store = tokenize_words_cached([s.tokens for s in examples], self.tokenizer)
         label_id = {t: i for i, t in enumerate(self.labels)}
-        tags = Ragged.from_lists([[label_id[t] for t in s.tags] for s in examples])
+        tag_ids = [[label_id[t] for t in s.tags] for s in examples]
+        tags = Ragged.from_lists(tag_ids)
+        weight = self.cfg.eval.transition_weight
+        self.prior = TransitionPrior.count(tag_ids, len(self.labels), 1.0 if weight is None else weight)
         self.eval_sets = {
             name: [TaggedSentence(s.tokens, to_bio(s.tags), s.line) for s in splits[name].examples]
             for name in ("valid", "test")
@@ -202,21 +237,39 @@ class TaggingTask(FineTuneTask):
     def collate(self, rows: dict[str, list[np.ndarray]]) -> Batch:
         return collate_tagging(rows["ids"], rows["word_ids"], rows["tags"], PAD_ID, CLS_ID, SEP_ID)
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(batch["ids"], batch["mask"])  # (B, S, L)
-        return cross_entropy_sum(logits, batch["labels"], self.cfg.train.label_smoothing)
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(batch["ids"], batch["mask"]), batch["labels"]  # (B, S, L), (B, S)
 
     def tagger(self, model: nn.Module) -> Tagger:
         assert self.tokenizer is not None, "setup() first"
         c = self.cfg
-        return Tagger(model, self.tokenizer, self.labels, c.model.max_len, c.eval.batch_tokens, c.train.precision)
+        return Tagger(model, self.tokenizer, self.labels, c.model.max_len, c.eval.batch_tokens, c.train.precision,
+                      self.prior)
 
     def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:
+        """seqeval scores of `split`. On valid, unless ``eval.transition_weight`` is set, every
+        weight of TRANSITION_WEIGHTS is tried and the best one kept for test and the model dir."""
         data = self.eval_examples(split)
         if not data:
             return {"f1": 0.0, "sentences": 0}
-        pred = self.tagger(model).tag([s.tokens for s in data])
-        return {**score_entities([s.tags for s in data], pred), "sentences": len(data)}
+        sentences, gold = [s.tokens for s in data], [s.tags for s in data]
+        tagger = self.tagger(model)
+        extra = {}
+        if split == "valid" and self.cfg.eval.transition_weight is None:
+            tags = tagger.tag_each_weight(sentences, TRANSITION_WEIGHTS)
+            scored = {w: score_entities(gold, p) for w, p in tags.items()}
+            best = max(scored, key=lambda w: (scored[w]["f1"], -w))  # a tie goes to the smaller weight
+            self.prior = self.prior.with_weight(best)
+            extra = {"f1_without_prior": scored[0.0]["f1"]}
+            result = scored[best]
+        else:
+            result = score_entities(gold, tagger.tag(sentences))
+        return {**result, **extra, "transition_weight": self.prior.weight, "sentences": len(data)}
+
+    def save_artifacts(self, model_dir: Path) -> None:
+        super().save_artifacts(model_dir)
+        text = json.dumps(self.prior.to_json(self.labels), indent=1) + "\n"
+        (model_dir / TRANSITIONS_FILE).write_text(text, encoding="utf-8")
 
     def samples(self, model: nn.Module) -> list[str]:
         lines = [" ".join(s.tokens) for s in self.sample_examples()]

@@ -28,7 +28,6 @@ from trainformer.data.tokenizer import load_or_train_tokenizer
 from trainformer.models import build_model
 from trainformer.tasks.base import Batch, StatefulBatches, Task, spread_indices
 from trainformer.tasks.translate_infer import Translator, score_translations
-from trainformer.training.loss import cross_entropy_sum
 
 _PUNCT = re.compile(r"[\W_]+", re.UNICODE)
 
@@ -121,9 +120,8 @@ class TranslationTask(Task):
     def build_model(self) -> nn.Module:
         return build_model(self.cfg.model)
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(batch["src"], batch["tgt_in"], batch["src_mask"])  # (B, T, V)
-        return cross_entropy_sum(logits, batch["tgt_out"], self.cfg.train.label_smoothing)
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(batch["src"], batch["tgt_in"], batch["src_mask"]), batch["tgt_out"]  # (B, T, V), (B, T)
 
     def loss_tokens(self, batch: Batch) -> int:
         """Target tokens carrying loss, counted before the forward pass (exact accumulation)."""
