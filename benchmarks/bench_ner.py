@@ -204,27 +204,28 @@ def main() -> None:
         p.error("--scratch trains both sides from random weights; it takes no --ours-mlm / --ours-ner")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.scratch:
-        mlm_dir = ner_dir = args.out / "ours-ner"
+        ner_dir = args.out / "ours-ner"
         scratch = ["init_from=null", "data.tokenizer.vocab_size=16000", "data.tokenizer.lowercase=false"]
         ner = train_ours(ner_dir, "ner-conll2003", args.ner_minutes, [*scratch, *args.set_ner])
         mlm = {"steps": 0, "valid": {}, "train_time_s": 0.0}
         args.mlm_minutes = 0.0
+        tokenizer_dir = ner_dir  # the peer uses the tokenizer our run trained
     elif args.ours_mlm and args.ours_ner:
-        mlm_dir = args.ours_mlm
+        tokenizer_dir = args.ours_mlm
         mlm, ner = (read_summary(d) for d in (args.ours_mlm, args.ours_ner))
         args.mlm_minutes = round(mlm["wall_time_s"] / 60, 1)
         args.ner_minutes = round(ner["wall_time_s"] / 60, 1)
     else:
-        mlm_dir, ner_dir = args.out / "ours-mlm", args.out / "ours-ner"
-        mlm = train_ours(mlm_dir, "encoder-mlm", args.mlm_minutes, args.set_mlm)
-        ner = train_ours(ner_dir, "ner-conll2003", args.ner_minutes, [f"init_from={mlm_dir}", *args.set_ner])
+        tokenizer_dir, ner_dir = args.out / "ours-mlm", args.out / "ours-ner"
+        mlm = train_ours(tokenizer_dir, "encoder-mlm", args.mlm_minutes, args.set_mlm)
+        ner = train_ours(ner_dir, "ner-conll2003", args.ner_minutes, [f"init_from={tokenizer_dir}", *args.set_ner])
     args.peer_minutes = args.peer_minutes or args.mlm_minutes + args.ner_minutes  # --scratch: ner minutes
     ours = {"test": ner["test"], "valid": ner["valid"], "steps": ner["steps"], "params": ner["params"],
             "mlm_steps": mlm["steps"], "mlm_ppl": mlm["valid"].get("ppl"), "mlm_accuracy": mlm["valid"].get("accuracy"),
             "ner_train_time_s": ner["train_time_s"], "mlm_train_time_s": mlm["train_time_s"]}
     peer = {"test": {"f1": None, "precision": None, "recall": None}, "steps": 0, "params": 0}
     if not args.skip_peer:
-        peer = train_peer(mlm_dir / "model" / "tokenizer.json", args.peer_minutes, args.peer_batch,
+        peer = train_peer(tokenizer_dir / "model" / "tokenizer.json", args.peer_minutes, args.peer_batch,
                           args.peer_len, args.peer_lr, args.peer_warmup, seed=0)
     host = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "host": host,

@@ -145,6 +145,10 @@ def test_ner_model_dir_carries_the_prior_chosen_on_valid(runs, tmp_path, capsys)
     text.write_text("Anna Smith lives in Paris .\n", encoding="utf-8")
     code, _, err = cli(capsys, "extract", str(old), "--input", str(text), "--device", "cpu")
     assert code == 2 and "transitions.json" in err and err.count("\n") == 1, err
+    saved["transitions"] = saved["transitions"][:2]  # rows missing: a wrong shape, not a traceback
+    (old / "transitions.json").write_text(json.dumps(saved), encoding="utf-8")
+    code, _, err = cli(capsys, "extract", str(old), "--input", str(text), "--device", "cpu")
+    assert code == 2 and "5x5 transition scores" in err and err.count("\n") == 1, err
 
 
 def test_extract_ner_json_offsets(runs, tmp_path, capsys):

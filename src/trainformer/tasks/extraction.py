@@ -119,12 +119,11 @@ class TransitionPrior:
     @classmethod
     def count(cls, sequences: Sequence[Sequence[int]], n_labels: int, weight: float = 1.0) -> TransitionPrior:
         """The prior of label-id sequences (the training sentences' tags)."""
-        start, trans = torch.ones(n_labels), torch.ones(n_labels, n_labels)
-        for seq in sequences:
-            if len(seq):
-                start[seq[0]] += 1
-            for a, b in zip(seq[:-1], seq[1:]):
-                trans[a, b] += 1
+        firsts = [seq[0] for seq in sequences if len(seq)]
+        pairs = [a * n_labels + b for seq in sequences for a, b in zip(seq[:-1], seq[1:])]
+        start = 1.0 + np.bincount(firsts, minlength=n_labels)  # add-one
+        trans = 1.0 + np.bincount(pairs, minlength=n_labels * n_labels).reshape(n_labels, n_labels)
+        start, trans = torch.from_numpy(start).float(), torch.from_numpy(trans).float()
         return cls((start / start.sum()).log(), (trans / trans.sum(1, keepdim=True)).log(), weight)
 
     def to_json(self, labels: Sequence[str]) -> dict[str, Any]:
@@ -135,7 +134,11 @@ class TransitionPrior:
     def from_json(cls, data: dict[str, Any], labels: Sequence[str], source: Path) -> TransitionPrior:
         if data.get("labels") != list(labels):
             raise UserError(f"{source}: its labels differ from labels.json")
-        return cls(torch.tensor(data["start"]), torch.tensor(data["transitions"]), float(data["weight"]))
+        start, trans, n = torch.tensor(data["start"]), torch.tensor(data["transitions"]), len(labels)
+        if start.shape != (n,) or trans.shape != (n, n):
+            raise ValueError(f"expected {n} start and {n}x{n} transition scores, got shapes "
+                             f"{tuple(start.shape)} and {tuple(trans.shape)}")
+        return cls(start, trans, float(data["weight"]))
 
     def with_weight(self, weight: float) -> TransitionPrior:
         return replace(self, weight=weight)
