@@ -12,9 +12,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from trainformer.cli import main
 from trainformer.data.readers import strip_entity_markers
+from trainformer.modeldir import load_model_dir
+from trainformer.tasks import build_task
 from trainformer.tasks.tagging import TRANSITION_WEIGHTS, load_tagger
 
 FIRST = ["Zoë", "Anna", "Jean-Pierre", "Omar", "Li", "Maria", "Kofi", "Sven"]
@@ -90,6 +93,9 @@ def runs(tmp_path_factory):
         "ner": f"task: ner\ndescription: tiny\ninit_from: {root / 'mlm'}\nmodel: {MODEL % 'tagging'}\n"
                f"data: {{dataset: {root / 'train.conll'}, max_tokens: 512, valid_size: 40, test_size: 60}}\n"
                f"optim: {{lr: 0.005, warmup_steps: 5, schedule: linear}}\ntrain: {TRAIN % 70}\n",
+        "ner-crf": f"task: ner\ndescription: tiny\ninit_from: {root / 'mlm'}\nmodel: {MODEL % 'tagging, crf: true'}\n"
+                   f"data: {{dataset: {root / 'train.conll'}, max_tokens: 512, valid_size: 40, test_size: 60}}\n"
+                   f"optim: {{lr: 0.005, warmup_steps: 5, schedule: linear}}\ntrain: {TRAIN % 70}\n",
         "rel": f"task: relations\ndescription: tiny\ninit_from: {root / 'mlm'}\nmodel: {MODEL % 'relation'}\n"
                f"data: {{dataset: {root / 'rel.tsv'}, max_tokens: 512, valid_size: 40, test_size: 40}}\n"
                f"optim: {{lr: 0.005, warmup_steps: 5, schedule: linear}}\ntrain: {TRAIN % 20}\n",
@@ -149,6 +155,29 @@ def test_ner_model_dir_carries_the_prior_chosen_on_valid(runs, tmp_path, capsys)
     (old / "transitions.json").write_text(json.dumps(saved), encoding="utf-8")
     code, _, err = cli(capsys, "extract", str(old), "--input", str(text), "--device", "cpu")
     assert code == 2 and "5x5 transition scores" in err and err.count("\n") == 1, err
+
+
+def test_a_test_evaluation_first_chooses_the_prior_weight_on_valid(runs):
+    """A resumed run that ends without a valid evaluation must not decode test with the
+    default weight: the task chooses it on valid first."""
+    loaded = load_model_dir(runs / "ner" / "model")
+    task = build_task(loaded.cfg)
+    task.setup(None)
+    summary = json.loads((runs / "ner" / "summary.json").read_text())
+    assert task.evaluate(loaded.model, "test")["transition_weight"] == summary["valid"]["transition_weight"]
+
+
+def test_crf_tagger_learns_and_decodes_with_its_learned_transitions(runs):
+    summary = json.loads((runs / "ner-crf" / "summary.json").read_text())
+    assert summary["test"]["f1"] >= 90, summary["test"]
+    assert summary["valid"]["transition_weight"] == 1.0 and "f1_without_prior" in summary["valid"]
+    model_dir = runs / "ner-crf" / "model"
+    assert not (model_dir / "transitions.json").exists()  # the scores are model weights
+    tagger = load_tagger(model_dir, device="cpu")
+    head = tagger.model.head
+    assert torch.equal(tagger.prior.trans, head.crf_trans.detach()) and tagger.prior.weight == 1.0
+    b_per, i_per = tagger.labels.index("B-PER"), tagger.labels.index("I-PER")
+    assert head.crf_trans[b_per, i_per] > head.crf_trans[b_per, b_per]  # names are two words here
 
 
 def test_extract_ner_json_offsets(runs, tmp_path, capsys):

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from trainformer.config import TokenizerConfig
+from trainformer.config import TokenizerConfig, from_dict
 from trainformer.data.tokenizer import train_tokenizer
+from trainformer.errors import ConfigError
+from trainformer.tasks.crf import crf_nll, words_of
 from trainformer.tasks.extraction import (
     TransitionPrior,
     add_marker_tokens,
@@ -79,6 +81,70 @@ def test_viterbi_padding_does_not_change_a_sentence():
 def test_bio_spans():
     tags = ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC"]
     assert bio_spans(tags) == [("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 6)]
+
+
+# ----------------------------------------------------------------------------
+# CRF
+# ----------------------------------------------------------------------------
+
+
+def _brute_force_nll(scores, tags, start, trans):
+    """-log P(tags) by enumerating every valid BIO path of one sentence."""
+    def path_score(path):
+        return float(start[path[0]] + sum(scores[i, k] for i, k in enumerate(path))
+                     + sum(trans[a, b] for a, b in zip(path[:-1], path[1:])))
+    paths = [p for p in itertools.product(range(len(LABELS)), repeat=len(tags))
+             if is_valid_bio([LABELS[k] for k in p])]
+    log_z = torch.logsumexp(torch.tensor([path_score(p) for p in paths]), dim=0)
+    return float(log_z) - path_score(tags)
+
+
+def test_crf_nll_equals_the_sum_over_every_valid_path():
+    torch.manual_seed(0)
+    scores, start, trans = torch.randn(3, 4, 5), torch.randn(5), torch.randn(5, 5)
+    tags = torch.tensor([[3, 4, 0, 1], [1, 2, 2, 0], [0, 3, 0, 0]])
+    lengths = torch.tensor([4, 3, 2])  # rows 2 and 3 are padded; padding must add nothing
+    got = crf_nll(scores, tags, lengths, start, trans, LABELS)
+    want = sum(_brute_force_nll(scores[b, :n], tags[b, :n].tolist(), start, trans)
+               for b, n in enumerate(lengths.tolist()))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    empty = crf_nll(scores[:1], tags[:1], torch.tensor([0]), start, trans, LABELS)
+    assert float(empty) == 0.0
+
+
+def test_crf_gradient_descent_learns_that_i_per_follows_b_per():
+    """Emissions that cannot tell B-PER from I-PER on the second word: only the learned
+    transitions can, and a few steps of descent on the CRF loss learn them."""
+    start = torch.zeros(5, requires_grad=True)
+    trans = torch.zeros(5, 5, requires_grad=True)
+    scores = torch.tensor([[0.0, 0.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 1.0, 1.0]])[None]  # (1, 2, 5)
+    tags, lengths = torch.tensor([[3, 4]]), torch.tensor([2])
+    opt = torch.optim.SGD([start, trans], lr=0.5)
+    for _ in range(20):
+        opt.zero_grad()
+        crf_nll(scores, tags, lengths, start, trans, LABELS).backward()
+        opt.step()
+    assert trans[3, 4] > trans[3, 3]
+    prior = TransitionPrior(start.detach(), trans.detach(), 1.0)
+    assert viterbi_bio(scores, lengths, LABELS) == [[3, 3]]  # a tie broken the wrong way without it
+    assert viterbi_bio(scores, lengths, LABELS, prior) == [[3, 4]]
+
+
+def test_words_of_moves_first_subword_scores_to_words():
+    logits = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    labels = torch.tensor([[-100, 2, -100, 1, -100], [-100, 0, 1, 2, -100]])  # <cls> w0 ## w1 <sep> / 3 words
+    scores, tags, lengths = words_of(logits, labels)
+    assert lengths.tolist() == [2, 3] and tags.tolist() == [[2, 1, 0], [0, 1, 2]]
+    assert torch.equal(scores[0, :2], logits[0, [1, 3]]) and torch.equal(scores[1], logits[1, 1:4])
+    assert torch.equal(scores[0, 2], torch.zeros(3))
+
+
+def test_crf_config_is_checked():
+    with pytest.raises(ConfigError, match="model.crf: only the tagging head"):
+        from_dict({"task": "relations", "model": {"family": "encoder", "head": "relation", "crf": True}})
+    with pytest.raises(ConfigError, match="parallel.strategy: ddp"):
+        from_dict({"task": "ner", "model": {"family": "encoder", "head": "tagging", "crf": True},
+                   "parallel": {"strategy": "fsdp"}})
 
 
 # ----------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class ModelConfig:
     scale_embedding: bool = True  # multiply token embeddings by sqrt(d_model)
     num_labels: int = 0  # tagging / relation heads; 0: taken from the data
     head: Literal["lm", "mlm", "tagging", "relation"] = "lm"
+    crf: bool = False  # tagging head: learn tag-path scores with a linear-chain CRF loss
     init_std: float = 0.02
 
 
@@ -244,6 +245,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_kv_heads: expected a divisor of model.n_heads={m.n_heads}, got {kv}")
     if m.position == "rope" and (m.d_model // m.n_heads) % 2:
         raise ConfigError("model.position: rope needs an even head dimension (d_model / n_heads)")
+    if m.crf and m.head != "tagging":
+        raise ConfigError(f"model.crf: only the tagging head has a CRF (model.head is {m.head!r})")
+    if m.crf and cfg.parallel.strategy == "fsdp":
+        raise ConfigError("model.crf: the CRF scores are read outside the forward pass, which FSDP "
+                          "shards; use parallel.strategy: ddp")
     if cfg.train.precision == "fp16" and cfg.train.device == "cpu":
         raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     if cfg.optim.decay_horizon == "budget" and not cfg.train.max_minutes:

@@ -32,12 +32,21 @@ class MLMHead(nn.Module):
 
 
 class TaggingHead(nn.Module):
-    """Per-token classifier: dropout -> Linear(D, num_labels). Parameters: ``proj``."""
+    """Per-token classifier: dropout -> Linear(D, num_labels).
+
+    Parameters: ``proj``; with ``cfg.crf`` also ``crf_start`` (L,) and ``crf_trans``
+    (L, L, row = previous tag), the tag-path scores of a linear-chain CRF. The
+    head only holds them: the CRF loss and decoding are in `trainformer.tasks.crf`.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.drop = nn.Dropout(cfg.dropout)
         self.proj = nn.Linear(cfg.d_model, cfg.num_labels)
+        self.crf_start = self.crf_trans = None
+        if cfg.crf:
+            self.crf_start = nn.Parameter(torch.zeros(cfg.num_labels))
+            self.crf_trans = nn.Parameter(torch.zeros(cfg.num_labels, cfg.num_labels))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, S, D) -> tag logits (B, S, L)."""

@@ -359,8 +359,8 @@ def dataset_splits(
 # ----------------------------------------------------------------------------
 
 # What a fine-tuned model takes from the model it starts from: everything that
-# shapes the weights. The head, its label count and dropout are the task's own.
-_OWN_KEYS = {"head", "num_labels", "dropout", "preset"}
+# shapes the weights. The head, its label count, its CRF and dropout are the task's own.
+_OWN_KEYS = {"head", "num_labels", "dropout", "preset", "crf"}
 
 
 def pretrained_dir(init_from: str) -> Path:

@@ -11,7 +11,9 @@ Decoding: constrained Viterbi over the first-subword log-probabilities
 (`extraction.viterbi_bio`), so the output is always valid BIO, plus a
 tag-bigram prior counted on the training tags (`TransitionPrior`, saved as
 ``model/transitions.json``) whose weight is chosen on valid at each
-evaluation unless ``eval.transition_weight`` fixes it.
+evaluation unless ``eval.transition_weight`` fixes it. With ``model.crf:
+true`` the head learns those scores instead, trained with a linear-chain CRF
+loss (`trainformer.tasks.crf`), and decoding uses them with weight 1.
 Metric: entity-level precision / recall / F1 with seqeval (conlleval
 rules), micro-averaged and per type.
 """
@@ -42,6 +44,7 @@ from trainformer.data.tokenizer import (
 )
 from trainformer.errors import UserError
 from trainformer.tasks.base import Batch
+from trainformer.tasks.crf import crf_nll, learned_prior, tagging_head, words_of
 from trainformer.tasks.extraction import (
     OUTSIDE,
     FineTuneTask,
@@ -187,7 +190,7 @@ def load_tagger(model_dir: str | Path, device: str = "auto", precision: str = "a
     if not loaded.labels:
         raise UserError(f"{loaded.path}: labels.json is missing")
     cfg = loaded.cfg
-    prior = load_prior(loaded.path / TRANSITIONS_FILE, loaded.labels)
+    prior = learned_prior(loaded.model) or load_prior(loaded.path / TRANSITIONS_FILE, loaded.labels)
     return Tagger(loaded.model, tokenizer, loaded.labels, cfg.model.max_len, cfg.eval.batch_tokens, precision, prior)
 
 
@@ -228,6 +231,7 @@ class TaggingTask(FineTuneTask):
         tags = Ragged.from_lists(tag_ids)
         weight = self.cfg.eval.transition_weight
         self.prior = TransitionPrior.count(tag_ids, len(self.labels), 1.0 if weight is None else weight)
+        self._weight_chosen = weight is not None  # False until a valid evaluation has chosen it
         self.eval_sets = {
             name: [TaggedSentence(s.tokens, to_bio(s.tags), s.line) for s in splits[name].examples]
             for name in ("valid", "test")
@@ -237,29 +241,62 @@ class TaggingTask(FineTuneTask):
     def collate(self, rows: dict[str, list[np.ndarray]]) -> Batch:
         return collate_tagging(rows["ids"], rows["word_ids"], rows["tags"], PAD_ID, CLS_ID, SEP_ID)
 
+    def build_model(self) -> nn.Module:
+        """The tagging encoder; a CRF head starts from the counted prior's log-probabilities,
+        so the learned transitions begin where the counted ones stand (a checkpoint or
+        `init_from` loaded afterwards overrides them)."""
+        model = super().build_model()
+        if self.cfg.model.crf:
+            with torch.no_grad():
+                model.head.crf_start.copy_(self.prior.start)
+                model.head.crf_trans.copy_(self.prior.trans)
+        return model
+
     def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return model(batch["ids"], batch["mask"]), batch["labels"]  # (B, S, L), (B, S)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy per word, or with ``model.crf`` the CRF's negative log-likelihood
+        per sentence, summed (and divided by the words, like the cross-entropy)."""
+        if not self.cfg.model.crf:
+            return super().loss(model, batch)
+        scores, tags, lengths = words_of(*self.logits(model, batch))  # (B, N, L), (B, N), (B,)
+        head = tagging_head(model)
+        nll = crf_nll(scores, tags, lengths, head.crf_start, head.crf_trans, self.labels)
+        return nll, lengths.sum().float()
 
     def tagger(self, model: nn.Module) -> Tagger:
         assert self.tokenizer is not None, "setup() first"
         c = self.cfg
+        prior = learned_prior(model) if c.model.crf else self.prior
         return Tagger(model, self.tokenizer, self.labels, c.model.max_len, c.eval.batch_tokens, c.train.precision,
-                      self.prior)
+                      prior)
 
     def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:
         """seqeval scores of `split`. On valid, unless ``eval.transition_weight`` is set, every
-        weight of TRANSITION_WEIGHTS is tried and the best one kept for test and the model dir."""
+        weight of TRANSITION_WEIGHTS is tried and the best one kept for test and the model dir
+        (a test evaluation in a process that has not chosen one yet, e.g. a resumed run, chooses
+        it on valid first). A CRF model decodes with its learned scores (weight 1); valid also
+        reports them off."""
         data = self.eval_examples(split)
         if not data:
             return {"f1": 0.0, "sentences": 0}
+        if split == "test" and not self._weight_chosen and not self.cfg.model.crf:
+            self.evaluate(model, "valid")
         sentences, gold = [s.tokens for s in data], [s.tags for s in data]
         tagger = self.tagger(model)
         extra = {}
+        if self.cfg.model.crf:
+            weights = (0.0, 1.0) if split == "valid" else (1.0,)
+            scored = {w: score_entities(gold, p) for w, p in tagger.tag_each_weight(sentences, weights).items()}
+            extra = {"f1_without_prior": scored[0.0]["f1"]} if split == "valid" else {}
+            return {**scored[1.0], **extra, "transition_weight": 1.0, "sentences": len(data)}
         if split == "valid" and self.cfg.eval.transition_weight is None:
             tags = tagger.tag_each_weight(sentences, TRANSITION_WEIGHTS)
             scored = {w: score_entities(gold, p) for w, p in tags.items()}
             best = max(scored, key=lambda w: (scored[w]["f1"], -w))  # a tie goes to the smaller weight
             self.prior = self.prior.with_weight(best)
+            self._weight_chosen = True
             extra = {"f1_without_prior": scored[0.0]["f1"]}
             result = scored[best]
         else:
@@ -268,6 +305,8 @@ class TaggingTask(FineTuneTask):
 
     def save_artifacts(self, model_dir: Path) -> None:
         super().save_artifacts(model_dir)
+        if self.cfg.model.crf:
+            return  # the learned transitions are in the model's weights
         text = json.dumps(self.prior.to_json(self.labels), indent=1) + "\n"
         (model_dir / TRANSITIONS_FILE).write_text(text, encoding="utf-8")
 

@@ -10,8 +10,9 @@ from torch import nn
 
 from trainformer.config import OptimConfig
 
-# Substrings of parameter names that never get weight decay.
-NO_DECAY_NAMES = ("embed", "norm")
+# Substrings of parameter names that never get weight decay (a CRF's tag-path scores are
+# log-potentials: decay would pull them toward "every path alike").
+NO_DECAY_NAMES = ("embed", "norm", "crf")
 
 
 def _decays(name: str, param: torch.Tensor) -> bool:
