@@ -71,6 +71,30 @@ def test_beam_with_cache_equals_recomputation():
             assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-5)
 
 
+def test_finished_sentences_leave_the_batch_without_changing_the_others():
+    """Rows that end (EOS or their own length limit) are dropped from the batch; every
+    sentence must still get exactly what it gets when decoded alone."""
+    m, (src, mask) = tiny("encoder_decoder"), sources()
+    with torch.no_grad():
+        m.lm_head.weight[EOS] += 0.6 * m.lm_head.weight[3]  # EOS competes with token 3: ends vary
+    kw = dict(max_len_a=1.0, max_len_b=2)  # limits 9, 6, 8: sources also stop at different steps
+    rows, decode = [], m.decode
+    m.decode = lambda tgt, *a, **k: rows.append(tgt.shape[0]) or decode(tgt, *a, **k)
+    greedy = greedy_translate(m, src, mask, BOS, EOS, **kw)
+    assert rows[0] == 3 and rows[-1] < 3  # the batch shrank as sentences ended
+    rows.clear()
+    beams = beam_translate(m, src, mask, BOS, EOS, beam=3, nbest=2, **kw)
+    assert rows[1] == 9 and rows[-1] < 9
+    del m.decode
+    assert len({len(r) for r in greedy}) > 1 and len({len(h[0][0]) for h in beams}) > 1
+    for i in range(src.shape[0]):
+        one_src, one_mask = src[i : i + 1, : int(mask[i].sum())], mask[i : i + 1, : int(mask[i].sum())]
+        assert greedy[i] == greedy_translate(m, one_src, one_mask, BOS, EOS, **kw)[0]
+        alone = beam_translate(m, one_src, one_mask, BOS, EOS, beam=3, nbest=2, **kw)[0]
+        assert [h for h, _ in beams[i]] == [h for h, _ in alone]
+        assert [sc for _, sc in beams[i]] == pytest.approx([sc for _, sc in alone], abs=1e-5)
+
+
 def test_beam_scores_are_normalised_log_probabilities():
     m, (src, mask) = tiny("encoder_decoder"), sources()
     out = beam_translate(m, src, mask, BOS, EOS, beam=4, nbest=4, length_penalty=1.0, max_len=10)

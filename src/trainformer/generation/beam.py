@@ -124,6 +124,14 @@ def _search(model, src, src_mask, bos_id, eos_id, beam, sources, use_cache) -> N
             s.update_done(alive, n)
         if all(s.done for s in sources):
             return
+        if any(s.done for s in sources):  # finished sources leave the batch: no more work on them
+            keep = torch.tensor([i for i, s in enumerate(sources) if not s.done], device=device)  # (B',)
+            k = scores.shape[1]
+            rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)  # (B' k,)
+            tokens, scores = tokens.index_select(0, rows), scores.index_select(0, keep)
+            stepper.select(rows)
+            sources = [sources[i] for i in keep.tolist()]
+            b = len(sources)
 
 
 def _finish(sources, tokens, rows, token, cand_scores, eos_id, beam, n) -> None:

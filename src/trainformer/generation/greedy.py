@@ -64,17 +64,23 @@ def greedy_translate(
         per sentence, the generated ids without BOS and EOS.
     """
     limits = length_limits(src, src_mask, model.cfg.max_len, max_len, max_len_a, max_len_b)
+    out: list[list[int]] = [[] for _ in limits]
     with eval_mode(model):
         stepper = EncDecStepper(model, src, src_mask, use_cache)
         limit_t = torch.tensor(limits, device=src.device)
-        tokens = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
-        done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+        alive = torch.arange(src.shape[0], device=src.device)  # (A,) sentence of each row still decoding
+        tokens = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)  # (A, t)
         for step in range(max(limits)):
-            nxt = sample_next(stepper.logits(tokens), temperature, top_k, top_p, generator)  # (B,)
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            nxt = sample_next(stepper.logits(tokens), temperature, top_k, top_p, generator)  # (A,)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            done |= (nxt == eos_id) | (step + 1 >= limit_t)
-            if bool(done.all()):
+            done = (nxt == eos_id) | (step + 1 >= limit_t[alive])  # (A,)
+            if not bool(done.any()):
+                continue
+            for row, sentence in zip(done.nonzero().squeeze(1).tolist(), alive[done].tolist()):
+                out[sentence] = tokens[row, 1:].tolist()
+            keep = (~done).nonzero().squeeze(1)  # finished rows leave the batch: no more work on them
+            if keep.numel() == 0:
                 break
-    rows = tokens[:, 1:].tolist()
-    return [strip_eos(row[:limit], eos_id) for row, limit in zip(rows, limits)]
+            alive, tokens = alive[keep], tokens[keep]
+            stepper.select(keep)
+    return [strip_eos(row[:limit], eos_id) for row, limit in zip(out, limits)]
