@@ -87,6 +87,9 @@ def test_finished_sentences_leave_the_batch_without_changing_the_others():
     assert rows[1] == 9 and rows[-1] < 9
     del m.decode
     assert len({len(r) for r in greedy}) > 1 and len({len(h[0][0]) for h in beams}) > 1
+    assert greedy == greedy_translate(m, src, mask, BOS, EOS, drop_finished=False, **kw)
+    kept = beam_translate(m, src, mask, BOS, EOS, beam=3, nbest=2, drop_finished=False, **kw)
+    assert [[h for h, _ in hyps] for hyps in beams] == [[h for h, _ in hyps] for hyps in kept]
     for i in range(src.shape[0]):
         one_src, one_mask = src[i : i + 1, : int(mask[i].sum())], mask[i : i + 1, : int(mask[i].sum())]
         assert greedy[i] == greedy_translate(m, one_src, one_mask, BOS, EOS, **kw)[0]

@@ -75,6 +75,7 @@ def beam_translate(
     nbest: int = 1,
     early_stopping: bool = True,
     use_cache: bool = True,
+    drop_finished: bool = True,
 ) -> list[list[Hypothesis]]:
     """Beam-search translations.
 
@@ -87,6 +88,8 @@ def beam_translate(
         early_stopping: True stops a source once `beam` hypotheses have ended
             (fairseq); False goes on until no alive hypothesis can beat them.
         use_cache: False re-runs the whole prefix each step (slow; for tests).
+        drop_finished: a finished source's beams leave the batch; False keeps stepping them
+            until the whole batch is done (as HF ``generate()`` does). The results are the same.
     Returns:
         per source, up to `nbest` (tokens without BOS/EOS, normalised score), best first.
     """
@@ -95,11 +98,11 @@ def beam_translate(
     limits = length_limits(src, src_mask, model.cfg.max_len, max_len, max_len_a, max_len_b)
     sources = [_Source(beam, limit, length_penalty, early_stopping) for limit in limits]
     with eval_mode(model):
-        _search(model, src, src_mask, bos_id, eos_id, beam, sources, use_cache)
+        _search(model, src, src_mask, bos_id, eos_id, beam, sources, use_cache, drop_finished)
     return [s.best(nbest) for s in sources]
 
 
-def _search(model, src, src_mask, bos_id, eos_id, beam, sources, use_cache) -> None:
+def _search(model, src, src_mask, bos_id, eos_id, beam, sources, use_cache, drop_finished) -> None:
     b, device = src.shape[0], src.device
     stepper = EncDecStepper(model, src, src_mask, use_cache)
     tokens = torch.full((b, 1), bos_id, dtype=torch.long, device=device)  # (B * k, t), k = 1 at first
@@ -124,7 +127,7 @@ def _search(model, src, src_mask, bos_id, eos_id, beam, sources, use_cache) -> N
             s.update_done(alive, n)
         if all(s.done for s in sources):
             return
-        if any(s.done for s in sources):  # finished sources leave the batch: no more work on them
+        if drop_finished and any(s.done for s in sources):  # no more work on finished sources
             keep = torch.tensor([i for i, s in enumerate(sources) if not s.done], device=device)  # (B',)
             k = scores.shape[1]
             rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)  # (B' k,)

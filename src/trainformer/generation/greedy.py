@@ -51,6 +51,7 @@ def greedy_translate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    drop_finished: bool = True,
 ) -> list[list[int]]:
     """Greedy translations of a batch (or sampled ones when temperature > 0).
 
@@ -60,6 +61,9 @@ def greedy_translate(
         max_len: most target tokens per sentence; None = ``max_len_a * src_len + max_len_b``.
         use_cache: False re-runs the whole prefix each step (slow; for tests).
         temperature, top_k, top_p, generator: sampling (see `sample_next`); 0 = argmax.
+        drop_finished: a sentence that has ended leaves the batch, so later steps do no work
+            for it; False keeps stepping it until the whole batch is done (as HF ``generate()``
+            does), for comparison. The results are the same.
     Returns:
         per sentence, the generated ids without BOS and EOS.
     """
@@ -68,19 +72,22 @@ def greedy_translate(
     with eval_mode(model):
         stepper = EncDecStepper(model, src, src_mask, use_cache)
         limit_t = torch.tensor(limits, device=src.device)
-        alive = torch.arange(src.shape[0], device=src.device)  # (A,) sentence of each row still decoding
+        alive = torch.arange(src.shape[0], device=src.device)  # (A,) sentence of each row in the batch
+        ended = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)  # (A,)
         tokens = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)  # (A, t)
         for step in range(max(limits)):
             nxt = sample_next(stepper.logits(tokens), temperature, top_k, top_p, generator)  # (A,)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            done = (nxt == eos_id) | (step + 1 >= limit_t[alive])  # (A,)
+            done = ((nxt == eos_id) | (step + 1 >= limit_t[alive])) & ~ended  # (A,) ends now
             if not bool(done.any()):
                 continue
             for row, sentence in zip(done.nonzero().squeeze(1).tolist(), alive[done].tolist()):
                 out[sentence] = tokens[row, 1:].tolist()
-            keep = (~done).nonzero().squeeze(1)  # finished rows leave the batch: no more work on them
-            if keep.numel() == 0:
+            ended |= done
+            if bool(ended.all()):
                 break
-            alive, tokens = alive[keep], tokens[keep]
-            stepper.select(keep)
+            if drop_finished:
+                keep = (~ended).nonzero().squeeze(1)  # (A',) rows still decoding
+                alive, tokens, ended = alive[keep], tokens[keep], ended[keep]
+                stepper.select(keep)
     return [strip_eos(row[:limit], eos_id) for row, limit in zip(out, limits)]
