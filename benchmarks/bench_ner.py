@@ -172,9 +172,12 @@ def markdown(result: dict) -> str:
         (f"Ours: random init, NER {result['args']['ner_minutes']} min" if scratch else
          f"Ours: MLM {result['args']['mlm_minutes']} min ({ours['mlm_steps']} steps, valid ppl {ours['mlm_ppl']}), "
          f"then NER {result['args']['ner_minutes']} min")
-        + f" (valid F1 {ours['valid'].get('f1')}, {ours['valid'].get('f1_without_prior', '-')} without the tag-bigram "
-        f"prior); constrained Viterbi decoding with the prior (weight {ours['test'].get('transition_weight', '-')}, "
-        "chosen on valid).",
+        + (f" (valid F1 {ours['valid'].get('f1')}, {ours['valid'].get('f1_without_prior', '-')} without the learned "
+           "transitions); a linear-chain CRF over BIO tags, constrained Viterbi decoding."
+           if ours.get("crf") else
+           f" (valid F1 {ours['valid'].get('f1')}, {ours['valid'].get('f1_without_prior', '-')} without the tag-bigram "
+           f"prior); constrained Viterbi decoding with the prior (weight {ours['test'].get('transition_weight', '-')}, "
+           "chosen on valid)."),
         "Peer: same size, random init, AdamW + linear schedule, fixed-size padded batches, argmax decoding.",
     ]
     return "\n".join(rows + notes) + "\n"
@@ -211,7 +214,7 @@ def main() -> None:
         args.mlm_minutes = 0.0
         tokenizer_dir = ner_dir  # the peer uses the tokenizer our run trained
     elif args.ours_mlm and args.ours_ner:
-        tokenizer_dir = args.ours_mlm
+        tokenizer_dir, ner_dir = args.ours_mlm, args.ours_ner
         mlm, ner = (read_summary(d) for d in (args.ours_mlm, args.ours_ner))
         args.mlm_minutes = round(mlm["wall_time_s"] / 60, 1)
         args.ner_minutes = round(ner["wall_time_s"] / 60, 1)
@@ -222,7 +225,8 @@ def main() -> None:
     args.peer_minutes = args.peer_minutes or args.mlm_minutes + args.ner_minutes  # --scratch: ner minutes
     ours = {"test": ner["test"], "valid": ner["valid"], "steps": ner["steps"], "params": ner["params"],
             "mlm_steps": mlm["steps"], "mlm_ppl": mlm["valid"].get("ppl"), "mlm_accuracy": mlm["valid"].get("accuracy"),
-            "ner_train_time_s": ner["train_time_s"], "mlm_train_time_s": mlm["train_time_s"]}
+            "ner_train_time_s": ner["train_time_s"], "mlm_train_time_s": mlm["train_time_s"],
+            "crf": json.loads((ner_dir / "config.json").read_text())["model"].get("crf", False)}
     peer = {"test": {"f1": None, "precision": None, "recall": None}, "steps": 0, "params": 0}
     if not args.skip_peer:
         peer = train_peer(tokenizer_dir / "model" / "tokenizer.json", args.peer_minutes, args.peer_batch,

@@ -142,6 +142,9 @@ def test_words_of_moves_first_subword_scores_to_words():
 def test_crf_config_is_checked():
     with pytest.raises(ConfigError, match="model.crf: only the tagging head"):
         from_dict({"task": "relations", "model": {"family": "encoder", "head": "relation", "crf": True}})
+    with pytest.raises(ConfigError, match="eval.transition_weight: weighs the counted tag prior"):
+        from_dict({"task": "ner", "model": {"family": "encoder", "head": "tagging", "crf": True},
+                   "eval": {"transition_weight": 0.5}})
     with pytest.raises(ConfigError, match="parallel.strategy: ddp"):
         from_dict({"task": "ner", "model": {"family": "encoder", "head": "tagging", "crf": True},
                    "parallel": {"strategy": "fsdp"}})

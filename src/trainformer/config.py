@@ -247,6 +247,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("model.position: rope needs an even head dimension (d_model / n_heads)")
     if m.crf and m.head != "tagging":
         raise ConfigError(f"model.crf: only the tagging head has a CRF (model.head is {m.head!r})")
+    if m.crf and cfg.eval.transition_weight is not None:
+        raise ConfigError("eval.transition_weight: weighs the counted tag prior; a model.crf model decodes "
+                          "with its learned transition scores (set it to null, or model.crf: false)")
     if m.crf and cfg.parallel.strategy == "fsdp":
         raise ConfigError("model.crf: the CRF scores are read outside the forward pass, which FSDP "
                           "shards; use parallel.strategy: ddp")
