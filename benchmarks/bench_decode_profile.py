@@ -23,7 +23,6 @@ flushed ("cold").
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from bench_compression import load_translator, spread, test_data
+from trainformer.bench.report import write_table_report
 from trainformer.modeldir import resolve_model_dir
 from trainformer.rundir import hardware, package_versions
 
@@ -136,25 +136,17 @@ def main() -> None:
             "step_weight_mb": round(step_weight_bytes(tr.model) / 1e6, 2),
             **matmul_share(tr, sentences),
         }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_decode_profile.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     m = results["machine"]
-    lines = [
-        "# Batch-1 greedy decoding: where the time goes",
-        "",
-        f"{time.strftime('%Y-%m-%d')}, {results['hardware']['cpu']}, {args.threads} thread(s), "
-        f"{len(sentences)} test sentences x {args.repeats} repeats, medians.",
-        f"Machine: copy {m['copy_gb_per_s']} GB/s; a 768x192 fp32 linear at M=1 takes "
-        f"{m['linear_768x192_hot_us']} us with its weights in cache, {m['linear_768x192_cold_us']} us after a flush.",
-        "",
-        "| variant | ms / token | weights read per step | matmul share of op time | matmul us / call |",
-        "|---|---|---|---|---|",
-    ]
-    for name, v in results["variants"].items():
-        lines.append(f"| {name} | {v['ms_per_token']:.2f} | {v['step_weight_mb']:.1f} MB | "
-                     f"{100 * v['matmul_share']:.0f}% | {v['matmul_us_per_call']:.0f} |")
-    (args.out / "bench_decode_profile.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    intro = [f"{time.strftime('%Y-%m-%d')}, {results['hardware']['cpu']}, {args.threads} thread(s), "
+             f"{len(sentences)} test sentences x {args.repeats} repeats, medians.",
+             f"Machine: copy {m['copy_gb_per_s']} GB/s; a 768x192 fp32 linear at M=1 takes "
+             f"{m['linear_768x192_hot_us']} us with its weights in cache, {m['linear_768x192_cold_us']} us "
+             "after a flush."]
+    rows = [[name, f"{v['ms_per_token']:.2f}", f"{v['step_weight_mb']:.1f} MB", f"{100 * v['matmul_share']:.0f}%",
+             f"{v['matmul_us_per_call']:.0f}"] for name, v in results["variants"].items()]
+    print(write_table_report(args.out, "bench_decode_profile", results, "Batch-1 greedy decoding: where the time goes",
+                             intro, ["variant", "ms / token", "weights read per step", "matmul share of op time",
+                                     "matmul us / call"], rows))
 
 
 if __name__ == "__main__":

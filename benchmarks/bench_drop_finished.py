@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 import trainformer.tasks.translate_infer as translate_infer
 from bench_compression import load_translator, test_data
+from trainformer.bench.report import write_table_report
 from trainformer.generation import beam_translate, greedy_translate
 from trainformer.modeldir import resolve_model_dir
 from trainformer.rundir import hardware, package_versions
@@ -67,18 +67,13 @@ def main() -> None:
             "drop_sent_per_s": round(rate[True], 1), "keep_sent_per_s": round(rate[False], 1),
             "speedup": round(rate[True] / rate[False], 2), "identical": outputs[True] == outputs[False],
         }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_drop_finished.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    lines = ["# Dropping finished sentences from the batch", "",
-             f"{time.strftime('%Y-%m-%d')}, {results['hardware']['cpu']}, {args.threads} threads, "
-             f"{len(sentences)} test sentences spread over lengths, {model_dir}, medians of {args.repeats}.", "",
-             "| decoding | drop finished (sent/s) | keep stepping them (sent/s) | speed-up | same output |",
-             "|---|---|---|---|---|"]
-    for mode, m in results["modes"].items():
-        lines.append(f"| {mode} | {m['drop_sent_per_s']} | {m['keep_sent_per_s']} | {m['speedup']:.2f}x | "
-                     f"{'yes' if m['identical'] else 'NO'} |")
-    (args.out / "bench_drop_finished.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    intro = [f"{time.strftime('%Y-%m-%d')}, {results['hardware']['cpu']}, {args.threads} threads, "
+             f"{len(sentences)} test sentences spread over lengths, {model_dir}, medians of {args.repeats}."]
+    rows = [[mode, str(m["drop_sent_per_s"]), str(m["keep_sent_per_s"]), f"{m['speedup']:.2f}x",
+             "yes" if m["identical"] else "NO"] for mode, m in results["modes"].items()]
+    print(write_table_report(args.out, "bench_drop_finished", results, "Dropping finished sentences from the batch",
+                             intro, ["decoding", "drop finished (sent/s)", "keep stepping them (sent/s)", "speed-up",
+                                     "same output"], rows))
 
 
 if __name__ == "__main__":

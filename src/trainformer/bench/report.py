@@ -169,3 +169,14 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
         for i, p in enumerate(plot_scaling(scaling, out_dir)):
             paths[f"plot{i}"] = p
     return paths
+
+
+def write_table_report(out_dir: Path, stem: str, results: dict, title: str, intro: list[str],
+                       header: list[str], rows: list[list[str]]) -> str:
+    """OUT/STEM.json (`results`) and OUT/STEM.md (title, intro lines, one table) for a
+    single-table benchmark script; returns the Markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps(results, indent=1, default=str) + "\n")
+    text = "\n".join([f"# {title}", "", *intro, "", *_table(header, rows)])
+    atomic_write_text(out_dir / f"{stem}.md", text)
+    return text
