@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from safetensors import safe_open
 
 from trainformer.compression.pipeline import prune_model_dir, quantize_model_dir
 from trainformer.data.tokenizer import TextTokenizer
+from trainformer.errors import UserError
 from trainformer.modeldir import load_model_dir, read_model_config, resolve_model_dir
 from trainformer.paths import REPO_ROOT
 from trainformer.rundir import hardware, package_versions
@@ -275,4 +277,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad path or model dir: one line, not a traceback
+        sys.exit(f"bench_compression: {e}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench_compression import load_translator, spread, test_data
 from trainformer.bench.report import write_table_report
+from trainformer.errors import UserError
 from trainformer.modeldir import resolve_model_dir
 from trainformer.rundir import hardware, package_versions
 
@@ -150,4 +152,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad path or model dir: one line, not a traceback
+        sys.exit(f"bench_decode_profile: {e}")

@@ -99,7 +99,7 @@ def tagging_head(model: torch.nn.Module) -> torch.nn.Module:
 
 def learned_prior(model: torch.nn.Module) -> TransitionPrior | None:
     """A tagging model's learned CRF scores as a weight-1 `TransitionPrior`; None without a CRF."""
-    head = getattr(getattr(model, "module", model), "head", None)
-    if getattr(head, "crf_start", None) is None:
+    head = tagging_head(model)
+    if head.crf_start is None:
         return None
     return TransitionPrior(head.crf_start.detach().float().cpu(), head.crf_trans.detach().float().cpu(), 1.0)
