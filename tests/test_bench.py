@@ -10,10 +10,10 @@ import torch
 
 from trainformer.bench.decode import source_batches
 from trainformer.bench.memory import PeakMemory, RssProbe
-from trainformer.bench.models import Shape, bench_family, ours, train_flops
+from trainformer.bench.models import FAMILIES, Shape, bench_family, ours, train_flops
 from trainformer.bench.peak import gemm_flops, mfu_peak
 from trainformer.bench.report import markdown, write_report
-from trainformer.bench.suite import SECTIONS, parse_only
+from trainformer.bench.suite import SECTIONS, Options, parse_only, parse_train_models, train_models
 from trainformer.bench.timing import interleaved, summarize
 from trainformer.cli import main
 from trainformer.errors import UserError
@@ -93,9 +93,11 @@ def test_interleaved_alternates_and_drops_warmup():
             return value + len(calls)
         return f
 
-    times = interleaved({"a": run("a", 0.0), "b": run("b", 100.0)}, steps=2, warmup=1)
+    warm: dict = {}
+    times = interleaved({"a": run("a", 0.0), "b": run("b", 100.0)}, steps=2, warmup=1, warmup_out=warm)
     assert calls == ["a", "b", "a", "b", "a", "b"]
     assert times == {"a": [3.0, 5.0], "b": [104.0, 106.0]}  # warm-up calls (1, 2) dropped
+    assert warm == {"a": [1.0], "b": [102.0]}
     assert summarize([3.0, 1.0, 2.0]) == {"median_s": 2.0, "min_s": 1.0, "max_s": 3.0}
     with pytest.raises(ValueError):
         summarize([])
@@ -144,6 +146,31 @@ def test_parse_only():
         parse_only("peak,peek")
 
 
+def test_train_models_choose_and_order_the_rows():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [f for _, f, _ in train_models(Options(), cpu)] == list(FAMILIES)
+    assert [label for label, _, _ in train_models(Options(), cuda)][-1].startswith("decoder (GPT-2 small")
+    assert len(train_models(Options(quick=True), cuda)) == 3  # no GPT-2 small in a smoke run
+    chosen = Options(train_models=parse_train_models("gpt2-small, encoder"))
+    assert [(f, s.layers) for _, f, s in train_models(chosen, cpu)] == [("decoder", 12), ("encoder", 6)]
+    with pytest.raises(UserError, match="gpt3"):
+        parse_train_models("decoder,gpt3")
+    wide = Options(train_models=("gpt2-small",), train_batch=32)
+    assert [(s.batch, s.seq) for _, _, s in train_models(wide, cpu)] == [(32, 1024)]
+
+
+def test_train_section_emits_each_row_as_it_is_measured(monkeypatch):
+    import trainformer.bench.suite as suite
+
+    calls = []
+    monkeypatch.setattr(suite, "bench_family", lambda family, shape, *a: {"family": family, "args": a})
+    o = Options(train_models=("encoder", "decoder"))
+    peaks = {"measured": {"fp32": 2.0}, "spec": {"fp32": 3.0}}
+    rows = suite._train(o, torch.device("cpu"), "fp32", peaks, emit=lambda r: calls.append(len(r)))
+    assert calls == [1, 2] and [r["family"] for r in rows] == ["encoder", "decoder"]
+    assert rows[0]["args"][-4:] == (3.0, False, True, 2.0)  # spec peak for MFU, measured beside it
+
+
 def _fake_results() -> dict:
     side = {"median_s": 0.5, "min_s": 0.4, "max_s": 0.6, "tokens_per_s": 2048.0, "mfu": 0.25, "params": 10}
     return {
@@ -172,6 +199,10 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     assert "| fp32 | square 8 | 50.0 |" in md
     row = next(line for line in md.splitlines() if line.startswith("| decoder"))
     assert "2.00x" in row and "25.0%" in row and "12.5%" in row and "123" in row and "n/a" in row
+    assert "spec-sheet" not in md and "warm-up" not in md
+    results["train"][0]["ours"] |= {"mfu_measured": 0.5, "warmup_s": [30.0, 0.6]}
+    md = markdown(results)
+    assert "25.0% (50.0%)" in md and "spec-sheet" in md and "decoder ours 30 s, HF 0 s" in md
     assert "skipped: shared data absent" in md
     assert "failed: RuntimeError: boom" in md
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))

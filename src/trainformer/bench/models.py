@@ -160,13 +160,15 @@ def step_memory(family: str, which: str, shape: dict, device: str, precision: st
 
 def bench_family(
     family: str, s: Shape, steps: int, warmup: int, device: torch.device, precision: str, peak: float,
-    compile: bool = False, memory: bool = False,
+    compile: bool = False, memory: bool = False, measured_peak: float | None = None,
 ) -> dict:
     """Interleaved training steps of ours vs HF for `family`: medians, min/max, tokens/s, MFU, memory.
 
     Args:
         s: the shared shape; batches are (s.batch, s.seq) random ids.
         peak: FLOP/s for MFU (measured GEMM peak or GPU spec).
+        measured_peak: where `peak` is a spec-sheet figure, the GEMM peak measured in this
+            run; each side then also gets ``mfu_measured`` against it.
         memory: also measure each model's step memory. CUDA: one extra step each, above
             the resident weights and optimizer state. CPU: two steps from a freshly built
             model in a fresh process (`step_memory`), so AdamW's state is included.
@@ -174,15 +176,18 @@ def bench_family(
     x, y = _batch(s, device)
     models = {k: _build(family, k, s, device, compile) for k in ("ours", "hf")}
     runs = {k: make_step(family, k == "ours", m, x, y, device, precision) for k, m in models.items()}
-    times = interleaved(runs, steps, warmup)
+    warm: dict[str, list[float]] = {}
+    times = interleaved(runs, steps, warmup, warm)
     flops = train_flops(family, s)
     tokens = s.batch * s.seq * (2 if family == "encoder_decoder" else 1)
     out = {"family": family, "flops_per_step": flops, "tokens_per_step": tokens}
     for k, m in models.items():
         stats = summarize(times[k])
         tps = tokens / stats["median_s"]
-        out[k] = {"params": count_parameters(m), **stats, "steps_s": times[k], "tokens_per_s": tps,
-                  "mfu": mfu(flops / tokens, tps, peak)}
+        out[k] = {"params": count_parameters(m), **stats, "steps_s": times[k], "warmup_s": warm[k],
+                  "tokens_per_s": tps, "mfu": mfu(flops / tokens, tps, peak)}
+        if measured_peak:
+            out[k]["mfu_measured"] = mfu(flops / tokens, tps, measured_peak)
     out["speedup"] = out["hf"]["median_s"] / out["ours"]["median_s"]
     if memory and device.type == "cuda":
         for k, run in runs.items():  # one more step each, above the resident weights and AdamW state

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -21,6 +21,7 @@ SECTIONS = ("peak", "train", "realdata", "decode", "scaling", "ddp")
 TINY = Shape(layers=2, d=64, heads=2, d_ff=256, vocab=1024, batch=4, seq=64)
 # GPT-2 small (124M) at its full context: the shape whose MFU on a GPU is widely quoted.
 GPT2_SMALL = Shape(layers=12, d=768, heads=12, d_ff=3072, vocab=50257, batch=8, seq=1024)
+TRAIN_MODELS = (*FAMILIES, "gpt2-small")  # names for --train-models
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Options:
     device: str = "cpu"
     precision: str = "auto"
     compile: bool = False
+    train_models: tuple[str, ...] | None = None  # None: the three families (+ gpt2-small on CUDA)
+    train_batch: int | None = None  # sequences per training step for every model (None: each shape's)
     notes: list[str] = field(default_factory=list)
 
 
@@ -46,18 +49,44 @@ def parse_only(text: str | None) -> tuple[str, ...]:
     return names
 
 
-def _train(o: Options, dev: torch.device, prec: str, peaks: dict) -> list[dict]:
+def parse_train_models(text: str | None) -> tuple[str, ...] | None:
+    """'gpt2-small,decoder' -> ('gpt2-small', 'decoder'), in that order; None -> the default set."""
+    if not text:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in TRAIN_MODELS]
+    if bad or not names:
+        raise UserError(f"--train-models: unknown model(s) {', '.join(bad) or '(none)'}; "
+                        f"expected some of {','.join(TRAIN_MODELS)}")
+    return names
+
+
+def train_models(o: Options, dev: torch.device) -> list[tuple[str, str, Shape]]:
+    """(label, family, shape) of each training-step comparison, in the order they run."""
     s = TINY if o.quick else Shape()
+    gpt2 = ("decoder (GPT-2 small, seq 1024)", "decoder", GPT2_SMALL)
+    table = {f: (f, f, s) for f in FAMILIES} | {"gpt2-small": gpt2}
+    names = o.train_models or (*FAMILIES, *(["gpt2-small"] if dev.type == "cuda" and not o.quick else []))
+    rows = [table[n] for n in names]
+    if o.train_batch:
+        rows = [(label, f, replace(shape, batch=o.train_batch)) for label, f, shape in rows]
+    return rows
+
+
+def _train(o: Options, dev: torch.device, prec: str, peaks: dict,
+           emit: Callable[[list[dict]], None] = lambda _rows: None) -> list[dict]:
+    """One row per model of `train_models`; `emit(rows)` after each, so a cut-short run keeps them."""
     steps, warmup = (3, 1) if o.quick else (10, 2)
     memory = dev.type == "cuda" or not o.quick  # CPU memory needs fresh processes: skipped in --quick
     peak = mfu_peak(peaks, prec)
-    out = [bench_family(f, s, steps, warmup, dev, prec, peak, o.compile, memory) for f in FAMILIES]
-    for r in out:
-        r["shape"] = s.__dict__
-    if dev.type == "cuda" and not o.quick:
-        r = bench_family("decoder", GPT2_SMALL, steps, warmup, dev, prec, peak, o.compile, memory)
-        out.append({**r, "family": "decoder (GPT-2 small, seq 1024)", "shape": GPT2_SMALL.__dict__})
-    return out
+    measured = peaks["measured"][prec] if peak != peaks["measured"][prec] else None
+    rows: list[dict] = []
+    for label, family, shape in train_models(o, dev):
+        print(f"bench: train {label} ...", flush=True)
+        r = bench_family(family, shape, steps, warmup, dev, prec, peak, o.compile, memory, measured)
+        rows.append({**r, "family": label, "shape": shape.__dict__})
+        emit(rows)
+    return rows
 
 
 def _realdata(o: Options, dev: torch.device, prec: str, peaks: dict) -> dict:
@@ -68,7 +97,7 @@ def _realdata(o: Options, dev: torch.device, prec: str, peaks: dict) -> dict:
 
 def _decode(o: Options, dev: torch.device, prec: str, peaks: dict) -> dict:
     s = TINY if o.quick else Shape()
-    n, repeats = (50, 1) if o.quick else (1000, 3)
+    n, repeats = (50, 1) if o.quick else (1000, 2 if dev.type == "cuda" else 3)  # GPU timings vary little
     return {"translation": decode.bench_translation(s, dev, prec, n, repeats=repeats),
             "chat": decode.bench_chat(s, dev, prec, new_tokens=32 if o.quick else 128, repeats=repeats)}
 
@@ -90,7 +119,7 @@ def _ddp(o: Options, dev: torch.device, prec: str, peaks: dict) -> dict:
 
 
 RUNNERS: dict[str, Callable[[Options, torch.device, str, dict], object]] = {
-    "train": _train, "realdata": _realdata, "decode": _decode, "scaling": _scaling,
+    "realdata": _realdata, "decode": _decode, "scaling": _scaling,
 }
 
 
@@ -128,9 +157,15 @@ def run_suite(o: Options, on_update: Callable[[dict], None] | None = None) -> di
         results["peak"] = peaks
         update(results)
     for name in o.only:
-        if name in RUNNERS and (name != "train" or "error" not in peaks):
+        if name == "train" and "error" not in peaks:
+            def emit(rows: list[dict]) -> None:
+                update({**results, "train": rows})
+            results[name] = _guarded(name, lambda e=emit: _train(o, dev, prec, peaks, e))
+        elif name in RUNNERS and name != "train":
             results[name] = _guarded(name, lambda n=name: RUNNERS[n](o, dev, prec, peaks))
-            update(results)
+        else:
+            continue
+        update(results)
     if "ddp" in o.only:
         if dev.type == "cpu":
             ddp = _guarded("ddp", lambda: _ddp(o, dev, prec, peaks))

@@ -24,21 +24,26 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(runs: dict[str, Callable[[], float]], steps: int, warmup: int) -> dict[str, list[float]]:
+def interleaved(
+    runs: dict[str, Callable[[], float]], steps: int, warmup: int,
+    warmup_out: dict[str, list[float]] | None = None,
+) -> dict[str, list[float]]:
     """Call each run in turn (a, b, a, b, ...) so background load hits all alike.
 
     Args:
         runs: name -> a callable that returns its own duration in seconds.
         steps: timed calls per run; warmup: untimed calls per run first.
+        warmup_out: if given, filled with name -> the warm-up durations (compile time shows there).
     Returns:
         name -> the `steps` durations.
     """
     times: dict[str, list[float]] = {k: [] for k in runs}
+    warm: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(warmup + steps):
         for name, run in runs.items():
-            dt = run()
-            if i >= warmup:
-                times[name].append(dt)
+            (times if i >= warmup else warm)[name].append(run())
+    if warmup_out is not None:
+        warmup_out.update(warm)
     return times
 
 

@@ -19,21 +19,29 @@ def add_parser(sub) -> None:
                    help="auto: bf16 where the hardware has it natively, else fp32")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave the default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the timed training models")
+    p.add_argument("--train-models", help="comma-separated training-step models, run in this order: "
+                   "decoder,encoder,encoder_decoder,gpt2-small (default: the three families, "
+                   "plus gpt2-small on CUDA)")
+    p.add_argument("--train-batch", type=int, default=0,
+                   help="sequences per training step for every --train-models model (0: each shape's own)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from trainformer.bench.report import markdown, write_report
-    from trainformer.bench.suite import Options, parse_only, run_suite
+    from trainformer.bench.suite import Options, parse_only, parse_train_models, run_suite
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
     if args.threads < 0:
         raise UserError(f"--threads: expected a count >= 0, got {args.threads}")
+    if args.train_batch < 0:
+        raise UserError(f"--train-batch: expected a count >= 1, got {args.train_batch}")
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = Options(quick=args.quick, only=parse_only(args.only), device=args.device,
-                   precision=args.precision, compile=args.compile)
+                   precision=args.precision, compile=args.compile,
+                   train_models=parse_train_models(args.train_models), train_batch=args.train_batch or None)
     results = run_suite(opts, on_update=lambda r: write_report(r, args.out))
     paths = write_report(results, args.out)
     print(markdown(results))
