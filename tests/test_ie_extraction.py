@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainformer.config import TokenizerConfig, from_dict
-from trainformer.data.tokenizer import train_tokenizer
+from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, UNK_ID, train_tokenizer
 from trainformer.errors import ConfigError
 from trainformer.tasks.crf import crf_nll, words_of
 from trainformer.tasks.extraction import (
@@ -29,6 +29,7 @@ from trainformer.tasks.relations import (
     relation_type,
     semeval_scores,
 )
+from trainformer.tasks.tagging import drop_words
 
 LABELS = bio_labels(["PER", "LOC"])  # O, B-LOC, I-LOC, B-PER, I-PER
 
@@ -148,6 +149,31 @@ def test_crf_config_is_checked():
     with pytest.raises(ConfigError, match="parallel.strategy: ddp"):
         from_dict({"task": "ner", "model": {"family": "encoder", "head": "tagging", "crf": True},
                    "parallel": {"strategy": "fsdp"}})
+
+
+def test_word_dropout_hides_whole_words_and_nothing_else():
+    # <cls> w0 w0## w1 w2 w2## w2## <sep> <pad>
+    ids = torch.tensor([[CLS_ID, 10, 11, 12, 13, 14, 15, SEP_ID, PAD_ID]])
+    labels = torch.tensor([[-100, 1, -100, 2, 3, -100, -100, -100, -100]])
+    torch.manual_seed(0)
+    seen = {tuple(drop_words(ids, labels, 0.5)[0].tolist()) for _ in range(200)}
+    words = [(10, 11), (12,), (13, 14, 15)]
+    expected = {(CLS_ID, *itertools.chain(*[(UNK_ID,) * len(w) if d else w for w, d in zip(words, hide)]),
+                 SEP_ID, PAD_ID) for hide in itertools.product([False, True], repeat=3)}
+    assert seen == expected  # every subset of words, each hidden whole
+    assert torch.equal(drop_words(ids, labels, 0.0), ids)
+    big = torch.randint(7, 50, (64, 40))
+    rate = (drop_words(big, torch.zeros_like(big), 0.2) == UNK_ID).float().mean().item()
+    assert 0.17 < rate < 0.23
+
+
+def test_word_dropout_config_is_checked():
+    with pytest.raises(ConfigError, match="data.word_dropout: only tagging"):
+        from_dict({"task": "relations", "model": {"family": "encoder", "head": "relation"},
+                   "data": {"word_dropout": 0.1}})
+    with pytest.raises(ConfigError, match=r"data.word_dropout: expected a number in \[0, 1\)"):
+        from_dict({"task": "ner", "model": {"family": "encoder", "head": "tagging"},
+                   "data": {"word_dropout": 1.0}})
 
 
 # ----------------------------------------------------------------------------

@@ -89,6 +89,9 @@ class DataConfig:
     pack: bool = True  # language modelling: concatenate documents into rows
     doc_attention: bool = False  # packed rows: keep attention inside each document
     mlm_probability: float = 0.15
+    # tagging: in training, each word's subwords become <unk> with this probability, so the model
+    # must tag from context (names unseen in training are the rule at test time)
+    word_dropout: float = 0.0
 
 
 @dataclass
@@ -200,6 +203,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "data.limit": _NON_NEGATIVE,
     "data.seq_len": (lambda v: v >= 2, "an integer >= 2"),
     "data.mlm_probability": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
+    "data.word_dropout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "optim.lr": _POSITIVE,
     "optim.eps": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
@@ -247,6 +251,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("model.position: rope needs an even head dimension (d_model / n_heads)")
     if m.crf and m.head != "tagging":
         raise ConfigError(f"model.crf: only the tagging head has a CRF (model.head is {m.head!r})")
+    if cfg.data.word_dropout and m.head != "tagging":
+        raise ConfigError(f"data.word_dropout: only tagging tasks drop words (model.head is {m.head!r})")
     if m.crf and cfg.eval.transition_weight is not None:
         raise ConfigError("eval.transition_weight: weighs the counted tag prior; a model.crf model decodes "
                           "with its learned transition scores (set it to null, or model.crf: false)")

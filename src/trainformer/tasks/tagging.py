@@ -32,13 +32,14 @@ from seqeval.metrics import classification_report
 from torch import nn
 
 from trainformer.config import Config
-from trainformer.data.batching import collate_tagging
+from trainformer.data.batching import IGNORE_INDEX, collate_tagging
 from trainformer.data.cache import Ragged, TokenStore, texts_hash, tokenize_words_cached
 from trainformer.data.readers import TaggedSentence, read_conll
 from trainformer.data.tokenizer import (
     CLS_ID,
     PAD_ID,
     SEP_ID,
+    UNK_ID,
     TextTokenizer,
     load_or_train_tokenizer,
 )
@@ -210,6 +211,23 @@ def load_prior(path: Path, labels: list[str]) -> TransitionPrior | None:
 # ----------------------------------------------------------------------------
 
 
+def drop_words(ids: torch.Tensor, labels: torch.Tensor, p: float) -> torch.Tensor:
+    """ids (B, S) with each word's subwords replaced by <unk> with probability `p`.
+
+    A word starts at a labelled position (labels != IGNORE_INDEX) and runs up to the
+    next one; <cls>, <sep> and padding are never touched. Uses the global RNG, which
+    checkpoints save, so a resumed run draws the same words.
+    """
+    starts = labels != IGNORE_INDEX  # (B, S) first subwords
+    word = starts.long().cumsum(1)  # (B, S) 1-based word of each position (0: before the first)
+    chosen = starts & (torch.rand(ids.shape, device=ids.device) < p)  # (B, S)
+    dropped = torch.zeros(ids.shape[0], ids.shape[1] + 1, dtype=torch.bool, device=ids.device)
+    dropped.scatter_(1, word.masked_fill(~chosen, 0), chosen)  # (B, S + 1): by word number
+    dropped[:, 0] = False
+    inside = (ids != PAD_ID) & (ids != CLS_ID) & (ids != SEP_ID)  # (B, S)
+    return ids.masked_fill(dropped.gather(1, word) & inside, UNK_ID)
+
+
 class TaggingTask(FineTuneTask):
     main_metric = "f1"
     head = "tagging"
@@ -257,7 +275,12 @@ class TaggingTask(FineTuneTask):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy per word, or with ``model.crf`` the CRF's negative log-likelihood
-        per sentence, summed (and divided by the words, like the cross-entropy)."""
+        per sentence, summed (and divided by the words, like the cross-entropy).
+
+        In training, ``data.word_dropout`` hides whole words (`drop_words`) first.
+        """
+        if model.training and self.cfg.data.word_dropout:
+            batch = {**batch, "ids": drop_words(batch["ids"], batch["labels"], self.cfg.data.word_dropout)}
         if not self.cfg.model.crf:
             return super().loss(model, batch)
         scores, tags, lengths = words_of(*self.logits(model, batch))  # (B, N, L), (B, N), (B,)
