@@ -5,10 +5,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from trainformer.config import TokenizerConfig, from_dict
+from trainformer.config import ModelConfig, TokenizerConfig, from_dict
 from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, UNK_ID, train_tokenizer
 from trainformer.errors import ConfigError
+from trainformer.models import build_model
+from trainformer.models.heads import span_mean
 from trainformer.tasks.crf import crf_nll, words_of
 from trainformer.tasks.extraction import (
     TransitionPrior,
@@ -165,6 +168,28 @@ def test_word_dropout_hides_whole_words_and_nothing_else():
     big = torch.randint(7, 50, (64, 40))
     rate = (drop_words(big, torch.zeros_like(big), 0.2) == UNK_ID).float().mean().item()
     assert 0.17 < rate < 0.23
+
+
+def test_relation_head_can_pool_the_tokens_between_the_markers():
+    h = torch.randn(3, 6, 4)  # (B, S, D)
+    means = span_mean(h, torch.tensor([1, 2, 3]), torch.tensor([4, 3, 3]))
+    assert torch.allclose(means[0], h[0, 1:4].mean(0)) and torch.allclose(means[1], h[1, 2])
+    assert torch.equal(means[2], torch.zeros(4))  # adjacent markers: nothing between
+    cfg = dict(family="encoder", head="relation", vocab_size=30, d_model=8, n_heads=2, n_layers=1, d_ff=16,
+               num_labels=5, dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**cfg, relation_pool="start_between")).eval()
+    assert model.head.dense.in_features == 24
+    ids = torch.randint(7, 30, (2, 9))
+    e1, e2 = torch.tensor([1, 2]), torch.tensor([5, 3])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    h = model.hidden(ids, mask)  # (B, S, D)
+    pair = torch.cat([h[[0, 1], e1], h[[0, 1], e2], torch.stack([h[0, 2:5].mean(0), h[1, 3:3].sum(0)])], -1)
+    head = model.head
+    assert torch.allclose(model(ids, mask, e1, e2), head.proj(F.gelu(head.dense(pair))), atol=1e-6)
+    with pytest.raises(ConfigError, match="model.relation_pool: only the relation head"):
+        from_dict({"task": "ner", "model": {"family": "encoder", "head": "tagging",
+                                            "relation_pool": "start_between"}})
 
 
 def test_word_dropout_config_is_checked():

@@ -59,6 +59,9 @@ class ModelConfig:
     num_labels: int = 0  # tagging / relation heads; 0: taken from the data
     head: Literal["lm", "mlm", "tagging", "relation"] = "lm"
     crf: bool = False  # tagging head: learn tag-path scores with a linear-chain CRF loss
+    # relation head: what it classifies. "start": the two entity-start markers' states;
+    # "start_between": those and the mean state of the tokens between the two markers
+    relation_pool: Literal["start", "start_between"] = "start"
     init_std: float = 0.02
 
 
@@ -249,6 +252,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_kv_heads: expected a divisor of model.n_heads={m.n_heads}, got {kv}")
     if m.position == "rope" and (m.d_model // m.n_heads) % 2:
         raise ConfigError("model.position: rope needs an even head dimension (d_model / n_heads)")
+    if m.relation_pool != "start" and m.head != "relation":
+        raise ConfigError(f"model.relation_pool: only the relation head pools (model.head is {m.head!r})")
     if m.crf and m.head != "tagging":
         raise ConfigError(f"model.crf: only the tagging head has a CRF (model.head is {m.head!r})")
     if cfg.data.word_dropout and m.head != "tagging":

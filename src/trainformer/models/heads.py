@@ -56,18 +56,32 @@ class TaggingHead(nn.Module):
 class RelationHead(nn.Module):
     """Classifies the relation between two marked entities (Baldini Soares et al. 2019, "entity start").
 
-    The hidden states at the two entity-start markers are concatenated and fed
-    to a one-hidden-layer MLP. Parameters: ``dense`` (2D -> D), ``proj`` (D -> L).
+    The hidden states at the two entity-start markers are concatenated (with
+    ``relation_pool: start_between`` also the mean state of the tokens strictly
+    between the markers) and fed to a one-hidden-layer MLP. Parameters:
+    ``dense`` (2D or 3D -> D), ``proj`` (D -> L).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(2 * cfg.d_model, cfg.d_model)
+        self.between = cfg.relation_pool == "start_between"
+        self.dense = nn.Linear((3 if self.between else 2) * cfg.d_model, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.proj = nn.Linear(cfg.d_model, cfg.num_labels)
 
     def forward(self, h: torch.Tensor, e1_pos: torch.Tensor, e2_pos: torch.Tensor) -> torch.Tensor:
         """h (B, S, D), e1_pos / e2_pos (B,) marker indices -> relation logits (B, L)."""
         rows = torch.arange(h.shape[0], device=h.device)
-        pair = torch.cat([h[rows, e1_pos], h[rows, e2_pos]], dim=-1)  # (B, 2D)
+        parts = [h[rows, e1_pos], h[rows, e2_pos]]  # 2 x (B, D)
+        if self.between:
+            parts.append(span_mean(h, torch.minimum(e1_pos, e2_pos) + 1, torch.maximum(e1_pos, e2_pos)))
+        pair = torch.cat(parts, dim=-1)  # (B, 2D) or (B, 3D)
         return self.proj(self.drop(F.gelu(self.dense(self.drop(pair)))))
+
+
+def span_mean(h: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Mean of h[b, start[b]:end[b]] per row: h (B, S, D), start / end (B,) -> (B, D); 0 for empty spans."""
+    pos = torch.arange(h.shape[1], device=h.device)  # (S,)
+    inside = ((pos >= start[:, None]) & (pos < end[:, None])).to(h.dtype)  # (B, S)
+    total = torch.einsum("bs,bsd->bd", inside, h)  # (B, D)
+    return total / inside.sum(1, keepdim=True).clamp_min(1)
