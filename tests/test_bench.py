@@ -201,6 +201,8 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     assert "2.00x" in row and "25.0%" in row and "12.5%" in row and "123" in row and "n/a" in row
     assert "spec-sheet" not in md and "warm-up" not in md
     results["train"][0]["ours"] |= {"mfu_measured": 0.5, "warmup_s": [30.0, 0.6]}
+    assert "warm-up" not in markdown(results)  # not compiled: a slow first step is no compile time
+    results["train"][0]["compiled"] = True
     md = markdown(results)
     assert "25.0% (50.0%)" in md and "spec-sheet" in md and "decoder ours 30 s, HF 0 s" in md
     assert "skipped: shared data absent" in md

@@ -180,7 +180,7 @@ def bench_family(
     times = interleaved(runs, steps, warmup, warm)
     flops = train_flops(family, s)
     tokens = s.batch * s.seq * (2 if family == "encoder_decoder" else 1)
-    out = {"family": family, "flops_per_step": flops, "tokens_per_step": tokens}
+    out = {"family": family, "flops_per_step": flops, "tokens_per_step": tokens, "compiled": compile}
     for k, m in models.items():
         stats = summarize(times[k])
         tps = tokens / stats["median_s"]

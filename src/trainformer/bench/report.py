@@ -56,9 +56,9 @@ def _train_md(results: list[dict]) -> list[str]:
     if any("mfu_measured" in r["ours"] for r in results):
         lines += ["MFU against the GPU's spec-sheet peak; in brackets against the best GEMM measured "
                   "in this run.", ""]
-    warm = [(r["family"], max(r["ours"].get("warmup_s") or [0]), max(r["hf"].get("warmup_s") or [0]))
-            for r in results]
-    if any(max(a, b) > 5 for _, a, b in warm):  # compiling shows in the first steps
+    if any(r.get("compiled") for r in results):  # compiling happens in the first steps
+        warm = [(r["family"], max(r["ours"].get("warmup_s") or [0]), max(r["hf"].get("warmup_s") or [0]))
+                for r in results]
         lines += ["Slowest warm-up step (includes torch.compile): " + "; ".join(
             f"{f} ours {a:.0f} s, HF {b:.0f} s" for f, a, b in warm), ""]
     return lines

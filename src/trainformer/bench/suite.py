@@ -161,7 +161,7 @@ def run_suite(o: Options, on_update: Callable[[dict], None] | None = None) -> di
             def emit(rows: list[dict]) -> None:
                 update({**results, "train": rows})
             results[name] = _guarded(name, lambda e=emit: _train(o, dev, prec, peaks, e))
-        elif name in RUNNERS and name != "train":
+        elif name in RUNNERS:
             results[name] = _guarded(name, lambda n=name: RUNNERS[n](o, dev, prec, peaks))
         else:
             continue
