@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from safetensors import safe_open
 
 from trainformer.compression.pipeline import prune_model_dir, quantize_model_dir
 from trainformer.data.tokenizer import TextTokenizer
-from trainformer.errors import UserError
+from trainformer.errors import run_script
 from trainformer.modeldir import load_model_dir, read_model_config, resolve_model_dir
 from trainformer.paths import REPO_ROOT
 from trainformer.rundir import hardware, package_versions
@@ -277,7 +276,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a bad path or model dir: one line, not a traceback
-        sys.exit(f"bench_compression: {e}")
+    run_script(main, "bench_compression")  # a bad path or model dir: one line, not a traceback

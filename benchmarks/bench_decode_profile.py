@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench_compression import load_translator, spread, test_data
 from trainformer.bench.report import write_table_report
-from trainformer.errors import UserError
+from trainformer.errors import run_script
 from trainformer.modeldir import resolve_model_dir
 from trainformer.rundir import hardware, package_versions
 
@@ -152,7 +151,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a bad path or model dir: one line, not a traceback
-        sys.exit(f"bench_decode_profile: {e}")
+    run_script(main, "bench_decode_profile")  # a bad path or model dir: one line, not a traceback

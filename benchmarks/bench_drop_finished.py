@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 import trainformer.tasks.translate_infer as translate_infer
 from bench_compression import load_translator, test_data
 from trainformer.bench.report import write_table_report
-from trainformer.errors import UserError
+from trainformer.errors import run_script
 from trainformer.generation import beam_translate, greedy_translate
 from trainformer.modeldir import resolve_model_dir
 from trainformer.rundir import hardware, package_versions
@@ -79,7 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a bad path or model dir: one line, not a traceback
-        sys.exit(f"bench_drop_finished: {e}")
+    run_script(main, "bench_drop_finished")  # a bad path or model dir: one line, not a traceback

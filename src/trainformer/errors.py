@@ -8,6 +8,9 @@ was expected.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """A mistake in input, configuration or data that the user can fix."""
@@ -19,3 +22,11 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Missing or malformed data (names the file and, where known, the line)."""
+
+
+def run_script(main: Callable[[], object], prog: str) -> None:
+    """Run a script's `main()`; a `UserError` ends it with one line ``prog: message`` (exit status 1)."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"{prog}: {e}")
