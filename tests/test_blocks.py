@@ -251,6 +251,26 @@ def test_token_embedding_scale_and_learned_positions():
 # ---------------------------------------------------------------------------- feed-forward, norms, layers
 
 
+def test_tied_head_decoding_path_equals_the_linear_and_follows_weight_updates():
+    emb = TokenEmbedding(50, 16)
+    h = torch.randn(3, 1, 16)
+    with torch.no_grad():
+        fast = emb.attend(h)  # decoding rows on the CPU: the cached (D, V) transpose
+        assert "_transposed" in emb.__dict__
+        torch.testing.assert_close(fast, F.linear(h, emb.weight))
+        emb.weight.mul_(2.0)  # an optimizer step or a load: the copy is rebuilt
+        torch.testing.assert_close(emb.attend(h), F.linear(h, emb.weight))
+        many = torch.randn(2, 40, 16)  # teacher-forced evaluation keeps F.linear
+        torch.testing.assert_close(emb.attend(many), F.linear(many, emb.weight))
+    assert list(emb.state_dict()) == ["weight"]  # the copy is never saved
+    with torch.inference_mode():  # weights made in inference mode have no version counter
+        made_there = TokenEmbedding(50, 16)
+        torch.testing.assert_close(made_there.attend(h), F.linear(h, made_there.weight))
+    logits = emb.attend(h)  # with gradients: the plain linear, and the weight gets them
+    logits.sum().backward()
+    assert emb.weight.grad is not None and logits.requires_grad
+
+
 def test_feedforward_activations():
     x = torch.randn(2, 3, D)
     for act, fn in (("gelu", F.gelu), ("relu", F.relu)):
