@@ -180,6 +180,13 @@ def test_crf_tagger_learns_and_decodes_with_its_learned_transitions(runs):
     assert head.crf_trans[b_per, i_per] > head.crf_trans[b_per, b_per]  # names are two words here
 
 
+def test_a_crf_tagger_is_not_distilled(runs, tmp_path, capsys):
+    code, _, err = cli(capsys, "prune", str(runs / "ner-crf" / "model"), "--out", str(tmp_path / "p"),
+                       "--sparsity", "0.25", "--finetune-steps", "2", "--distill", "0.5")
+    assert code == 2 and "CRF tagger" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "p").exists()
+
+
 def test_extract_ner_json_offsets(runs, tmp_path, capsys):
     lines = ["Zoë Müller met friends in Paris and in Paris .", "", "later, in Oslo, Kofi Chen said!"]
     src = tmp_path / "in.txt"

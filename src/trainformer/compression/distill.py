@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainformer.tasks.base import TaskWrapper
 from trainformer.training.loss import IGNORE_INDEX, cross_entropy_sum
 
 
@@ -48,7 +49,7 @@ def distillation_loss(
     return (1.0 - alpha) * hard + alpha * temperature**2 * soft, n
 
 
-class DistilledTask:
+class DistilledTask(TaskWrapper):
     """`task` with its loss replaced by `distillation_loss` against a frozen `teacher`.
 
     Every other attribute (data, evaluation, model building) is `task`'s. The
@@ -58,7 +59,7 @@ class DistilledTask:
     def __init__(self, task: Any, teacher: nn.Module, alpha: float, temperature: float = 1.0):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha: expected a weight in [0, 1], got {alpha}")
-        self._task = task
+        super().__init__(task)
         self.teacher = teacher.eval().requires_grad_(False)
         self.alpha, self.temperature = alpha, temperature
 
@@ -71,6 +72,3 @@ class DistilledTask:
         student, labels = self._task.logits(model, batch)
         return distillation_loss(student, teacher, labels, self.alpha, self.temperature,
                                  self._task.cfg.train.label_smoothing)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._task, name)

@@ -24,20 +24,18 @@ from trainformer.compression.distill import DistilledTask
 from trainformer.compression.magnitude import keep_zeros, reapply_masks
 from trainformer.config import Config, apply_overrides, from_dict, load_recipe, to_dict
 from trainformer.errors import UserError
+from trainformer.tasks.base import TaskWrapper
 
 
-class PrunedModelTask:
+class PrunedModelTask(TaskWrapper):
     """A task whose `build_model` returns a given model; every other attribute is `task`'s."""
 
     def __init__(self, task: Any, model: nn.Module):
-        self._task = task
+        super().__init__(task)
         self._model = model
 
     def build_model(self) -> nn.Module:
         return self._model
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._task, name)
 
 
 def finetune_config(

@@ -99,6 +99,9 @@ def prune_model_dir(
     check_out_dir(source, out)
     loaded = load_float_model(source)
     model, cfg = loaded.model, loaded.cfg
+    if distill and cfg.model.crf:
+        raise UserError(f"--distill: {source} is a CRF tagger, whose loss is the CRF's, not a per-token "
+                        "distribution to distil; fine-tune it on labels only (leave out --distill)")
     params_before = count_parameters(model)
     teacher = copy.deepcopy(model) if distill else None  # the unpruned model, before pruning
     if method == "magnitude":
