@@ -184,6 +184,23 @@ def test_generation_stops_at_eos_and_streams_tokens():
     assert out[0] == free[: free.index(eos)] and streamed == out[0]
 
 
+def test_finished_rows_leave_the_batch_with_the_same_results():
+    m = tiny("decoder", position="rope")
+    free = generate(m, PROMPTS, 8, temperature=0)
+    eos = free[1][1]  # the second prompt ends after one token, the others later or never
+    sizes = []
+    m.layers[0].register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[0]))
+    dropped = generate(m, PROMPTS, 8, eos_id=eos, temperature=0)
+    steps_dropped, sizes[:] = list(sizes), []
+    kept = generate(m, PROMPTS, 8, eos_id=eos, temperature=0, drop_finished=False)
+    assert dropped == kept == [row[: row.index(eos)] if eos in row else row for row in free]
+    assert sizes == [3] * len(sizes) and steps_dropped[0] == 3 and steps_dropped[-1] < 3  # rows left
+    kw = dict(eos_id=eos, temperature=1.2, top_k=20, repetition_penalty=1.2)
+    cached = generate(m, PROMPTS, 10, generator=torch.Generator().manual_seed(5), **kw)
+    recomputed = generate(m, PROMPTS, 10, generator=torch.Generator().manual_seed(5), use_cache=False, **kw)
+    assert cached == recomputed  # dropping rows keeps the cache equal to recomputation
+
+
 def test_top_k_one_is_greedy():
     m = tiny("decoder")
     greedy = generate(m, PROMPTS, 6, temperature=0)

@@ -90,6 +90,7 @@ def generate(
     generator: torch.Generator | None = None,
     stream: Callable[[int, int], None] | None = None,
     use_cache: bool = True,
+    drop_finished: bool = True,
 ) -> list[list[int]]:
     """Continue prompts with a `Decoder`.
 
@@ -102,6 +103,10 @@ def generate(
         generator: `torch.Generator` on the model's device that fixes the samples.
         stream: called as ``stream(row, token)`` for each new token as soon as it is chosen.
         use_cache: False re-runs the whole sequence each step (slow; for tests).
+        drop_finished: a row that has generated `eos_id` leaves the batch, with its KV cache
+            rows, so later steps do no work for it; False keeps stepping it until every row is
+            done (as HF ``generate()`` does). Greedy results are the same either way; sampled
+            ones differ, because the remaining rows draw from the generator in another order.
     Returns:
         per row, the generated token ids (without EOS).
     """
@@ -114,33 +119,40 @@ def generate(
     with eval_mode(model):
         new = _sample_loop(
             model, tokens, prompt_mask, steps, eos_id, temperature, top_k, top_p,
-            repetition_penalty, generator, stream, use_cache,
+            repetition_penalty, generator, stream, use_cache, drop_finished,
         )
     return new
 
 
 def _sample_loop(model, tokens, prompt_mask, steps, eos_id, temperature, top_k, top_p,
-                 repetition_penalty, generator, stream, use_cache) -> list[list[int]]:
+                 repetition_penalty, generator, stream, use_cache, drop_finished) -> list[list[int]]:
     n, vocab = tokens.shape[0], model.cfg.vocab_size
     stepper = DecoderStepper(model, prompt_mask, use_cache)
-    seen = torch.zeros(n, vocab, dtype=torch.bool, device=tokens.device)
+    seen = torch.zeros(n, vocab, dtype=torch.bool, device=tokens.device)  # (A, V)
     real = prompt_mask if prompt_mask is not None else torch.ones_like(tokens, dtype=torch.bool)
     seen.scatter_(1, tokens, real)  # padding does not count as seen
-    done = torch.zeros(n, dtype=torch.bool, device=tokens.device)
+    alive = list(range(n))  # the prompt of each row in the batch
+    done = torch.zeros(n, dtype=torch.bool, device=tokens.device)  # (A,)
     out: list[list[int]] = [[] for _ in range(n)]
     for _ in range(max(steps, 0)):
         logits = apply_repetition_penalty(stepper.logits(tokens), seen, repetition_penalty)
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (N,)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (A,)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)  # (A, t)
         seen.scatter_(1, nxt[:, None], True)
-        for i, (tok, finished) in enumerate(zip(nxt.tolist(), done.tolist())):
+        for prompt, tok, finished in zip(alive, nxt.tolist(), done.tolist()):
             if finished or tok == eos_id:
                 continue
-            out[i].append(tok)
+            out[prompt].append(tok)
             if stream is not None:
-                stream(i, tok)
-        if eos_id is not None:
-            done |= nxt == eos_id
-            if bool(done.all()):
-                break
+                stream(prompt, tok)
+        if eos_id is None:
+            continue
+        done |= nxt == eos_id
+        if bool(done.all()):
+            break
+        if drop_finished and bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)  # (A',) rows still generating
+            alive = [alive[i] for i in keep.tolist()]
+            tokens, seen, done = tokens[keep], seen[keep], done[keep]
+            stepper.select(keep)
     return out

@@ -75,6 +75,13 @@ class DecoderStepper:
         self.fed = tokens.shape[1]
         return self.model(new, mask=mask, cache=self.cache)[:, -1].float()
 
+    def select(self, index: torch.Tensor) -> None:
+        """Row i becomes old row index[i] (rows that finished leave the batch)."""
+        if self.cache is not None:
+            self.cache.select(index)
+        if self.prompt_mask is not None:
+            self.prompt_mask = self.prompt_mask.index_select(0, index)
+
     def _mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
         if self.prompt_mask is None:
             return None
