@@ -14,7 +14,10 @@ memory decides which compression can speed it up. For each model dir
 
 and, for the machine: copy bandwidth, and one fp32 decoder-shaped linear
 (M = 1) timed with its weights in cache ("hot") and after the caches are
-flushed ("cold").
+flushed ("cold"). The first model also runs a second time with its tied
+output head on `F.linear` ("head via F.linear"), the path used before the
+head multiplied by a cached (D, V) transpose at decoding (see
+`TokenEmbedding.attend`), so the two are compared in the same process.
 
     python benchmarks/bench_decode_profile.py runs/en-fr-60/model [MORE_MODEL_DIRS ...]
         [--threads 1] [--sentences 12] [--repeats 3] [--out benchmarks/results/decode_profile]
@@ -23,6 +26,7 @@ flushed ("cold").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+import trainformer.nn.embedding as embedding
 from bench_compression import load_translator, spread, test_data
 from trainformer.bench.report import write_table_report
 from trainformer.errors import run_script
@@ -85,6 +90,17 @@ def step_weight_bytes(model: torch.nn.Module) -> int:
     return total + sum(t.numel() * t.element_size() for t in [*head.parameters(), *head.buffers()])
 
 
+@contextlib.contextmanager
+def linear_head(on: bool):
+    """With ``on``, the tied head multiplies by the (V, D) weight with `F.linear` at every size."""
+    saved = embedding.FAST_HEAD_ROWS
+    embedding.FAST_HEAD_ROWS = 0 if on else saved
+    try:
+        yield
+    finally:
+        embedding.FAST_HEAD_ROWS = saved
+
+
 def per_token_ms(tr, sentences: list[str]) -> list[float]:
     """Per sentence: wall milliseconds of batch-1 greedy translation / tokens generated (EOS included)."""
     out = []
@@ -121,21 +137,27 @@ def main() -> None:
     sources, _ = test_data(dirs[0], None)
     sentences = spread(sources, args.sentences)
     translators = {d.name if d.name != "model" else d.parent.name: load_translator(d) for d in dirs}
-    for tr in translators.values():
-        tr.translate(sentences[:2], beam=1)  # warm-up
+    slow = f"{next(iter(translators))}, head via F.linear"
+    translators[slow] = load_translator(dirs[0])
+    for name, tr in translators.items():
+        with linear_head(name == slow):
+            tr.translate(sentences[:2], beam=1)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in translators}
     for _ in range(args.repeats):  # interleaved: every variant sees the same machine state
         for name, tr in translators.items():
-            times[name] += per_token_ms(tr, sentences)
+            with linear_head(name == slow):
+                times[name] += per_token_ms(tr, sentences)
     results: dict[str, Any] = {
         "settings": {"threads": args.threads, "sentences": len(sentences), "repeats": args.repeats},
         "machine": machine_memory(), "hardware": hardware(), "versions": package_versions(), "variants": {},
     }
     for name, tr in translators.items():
+        with linear_head(name == slow):
+            share = matmul_share(tr, sentences)
         results["variants"][name] = {
             "ms_per_token": round(statistics.median(times[name]), 3),
             "step_weight_mb": round(step_weight_bytes(tr.model) / 1e6, 2),
-            **matmul_share(tr, sentences),
+            **share,
         }
     m = results["machine"]
     intro = [f"{time.strftime('%Y-%m-%d')}, {results['hardware']['cpu']}, {args.threads} thread(s), "
