@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from torch.profiler import ProfilerActivity, profile
 import trainformer.nn.embedding as embedding
 from bench_compression import load_translator, spread, test_data
 from trainformer.bench.report import write_table_report
+from trainformer.compression.quantize import dynamic_int8
 from trainformer.errors import run_script
 from trainformer.modeldir import resolve_model_dir
 from trainformer.rundir import hardware, package_versions
@@ -60,18 +62,27 @@ def median_us(fn, n: int = 200, before=None) -> float:
     return statistics.median(times)
 
 
-def machine_memory() -> dict[str, float]:
-    """Copy bandwidth (GB/s, read + write) and a (768 x 192) fp32 linear at M = 1, hot and cold."""
+@torch.inference_mode()
+def machine_memory() -> dict[str, Any]:
+    """Copy bandwidth (GB/s, read + write); a (768 x 192) fp32 linear at M = 1, hot and cold;
+    the same linear at M = 256 in fp32 and as torch.ao's dynamic int8, and the SIMD level
+    PyTorch found (int8 GEMMs outrun fp32 ones only with VNNI / AMX instructions)."""
     src = torch.randn(16 * 2**20)  # 64 MiB, far above any cache
     dst = torch.empty_like(src)
     dst.copy_(src)
     copy_s = median_us(lambda: dst.copy_(src), n=10) / 1e6
     weight, x = torch.randn(768, 192), torch.randn(1, 192)
     flush = torch.empty(8 * 2**20)  # 32 MiB written between calls evicts the weight
+    linear = torch.nn.Linear(192, 768)
+    int8 = dynamic_int8(torch.nn.Sequential(copy.deepcopy(linear)))
+    rows = torch.randn(256, 192)
     return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "copy_gb_per_s": round(2 * src.numel() * 4 / copy_s / 1e9, 2),
         "linear_768x192_hot_us": round(median_us(lambda: F.linear(x, weight)), 1),
         "linear_768x192_cold_us": round(median_us(lambda: F.linear(x, weight), before=lambda: flush.fill_(1.0)), 1),
+        "linear_768x192_m256_fp32_us": round(median_us(lambda: linear(rows), n=50), 1),
+        "linear_768x192_m256_int8_us": round(median_us(lambda: int8(rows), n=50), 1),
     }
 
 
@@ -164,7 +175,9 @@ def main() -> None:
              f"{len(sentences)} test sentences x {args.repeats} repeats, medians.",
              f"Machine: copy {m['copy_gb_per_s']} GB/s; a 768x192 fp32 linear at M=1 takes "
              f"{m['linear_768x192_hot_us']} us with its weights in cache, {m['linear_768x192_cold_us']} us "
-             "after a flush."]
+             f"after a flush. At M=256 it takes {m['linear_768x192_m256_fp32_us']} us in fp32 and "
+             f"{m['linear_768x192_m256_int8_us']} us as dynamic int8; PyTorch's SIMD level: "
+             f"{m['cpu_capability']}."]
     rows = [[name, f"{v['ms_per_token']:.2f}", f"{v['step_weight_mb']:.1f} MB", f"{100 * v['matmul_share']:.0f}%",
              f"{v['matmul_us_per_call']:.0f}"] for name, v in results["variants"].items()]
     print(write_table_report(args.out, "bench_decode_profile", results, "Batch-1 greedy decoding: where the time goes",
