@@ -248,6 +248,60 @@ def test_extract_relation_json(runs, tmp_path, capsys):
     assert code == 2 and "rel.txt:2" in err and "<e1>" in err
 
 
+def test_an_ensemble_of_relation_models_is_one_model_dir(runs, tmp_path, capsys):
+    rel, ens = runs / "rel", tmp_path / "ens"
+    code, out, err = cli(capsys, "ensemble", str(rel), str(rel / "model"), "--out", str(ens))
+    assert code == 0 and "ensemble of 2 models" in out, err
+    assert sorted(p.name for p in ens.iterdir()) == ["config.json", "ensemble.json", "labels.json",
+                                                      "member-0", "member-1", "tokenizer.json"]
+    sem = tmp_path / "eval.tsv"
+    sem.write_text(semeval_text(relation_rows(30, 5)), encoding="utf-8")
+    scores = {}
+    for name, model_dir in (("one", rel), ("ensemble", ens)):  # two copies of one model vote like it
+        code, out, err = cli(capsys, "evaluate", str(model_dir), "--data", str(sem), "--json", "--device", "cpu")
+        assert code == 0, err
+        scores[name] = json.loads(out)
+        code, out, err = cli(capsys, "extract", str(model_dir), "--input", str(sem), "--device", "cpu")
+        scores[name]["extract"] = out
+    assert scores["ensemble"] == scores["one"]
+
+
+def test_a_ner_ensemble_of_copies_tags_like_its_member(runs, tmp_path, capsys):
+    ner, ens = runs / "ner-crf", tmp_path / "ens"
+    assert cli(capsys, "ensemble", str(ner), str(ner), str(ner / "model"), "--out", str(ens))[0] == 0
+    conll = tmp_path / "eval.conll"
+    conll.write_text(conll_text(40, 99), encoding="utf-8")
+    scores = {}
+    for name, model_dir in (("one", ner), ("ensemble", ens)):
+        code, out, err = cli(capsys, "evaluate", str(model_dir), "--data", str(conll), "--json", "--device", "cpu")
+        assert code == 0, err
+        scores[name] = json.loads(out)
+    assert scores["ensemble"] == scores["one"] and scores["one"]["f1"] >= 90
+
+
+def test_ensemble_mistakes_are_one_line_errors(runs, tmp_path, capsys):
+    rel = runs / "rel"
+    odd = tmp_path / "odd"
+    shutil.copytree(rel / "model", odd)
+    (odd / "tokenizer.json").write_text((odd / "tokenizer.json").read_text() + "\n", encoding="utf-8")
+    ens = tmp_path / "ens"
+    assert cli(capsys, "ensemble", str(rel), str(rel), "--out", str(ens))[0] == 0
+    cases = {
+        (str(rel),): "expected two or more",
+        (str(rel), str(runs / "ner")): "a 'ner' model",
+        (str(rel), str(odd)): "tokenizer.json differs",
+        (str(rel), str(ens)): "already an ensemble",
+        (str(runs / "mlm"), str(runs / "mlm")): "ensembles combine 'relations' or 'ner' models",
+    }
+    for members, expected in cases.items():
+        code, _, err = cli(capsys, "ensemble", *members, "--out", str(tmp_path / "new"))
+        assert code == 2 and expected in err and err.count("\n") == 1, err
+    code, _, err = cli(capsys, "ensemble", str(rel), str(rel), "--out", str(ens))
+    assert code == 2 and "not empty" in err
+    code, _, err = cli(capsys, "quantize", str(ens), "--out", str(tmp_path / "q"))  # a one-model verb
+    assert code == 2 and "an ensemble" in err and err.count("\n") == 1, err
+
+
 def test_evaluate_each_task(runs, tmp_path, capsys):
     conll = tmp_path / "eval.conll"
     conll.write_text(conll_text(40, 99), encoding="utf-8")

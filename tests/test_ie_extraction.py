@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from trainformer.config import ModelConfig, TokenizerConfig, from_dict
 from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, UNK_ID, train_tokenizer
-from trainformer.errors import ConfigError
+from trainformer.errors import ConfigError, UserError
 from trainformer.models import build_model
 from trainformer.models.heads import span_mean
 from trainformer.tasks.crf import crf_nll, words_of
@@ -27,6 +27,7 @@ from trainformer.tasks.extraction import (
     viterbi_bio,
 )
 from trainformer.tasks.relations import (
+    RelationClassifier,
     collate_relations,
     relation_labels,
     relation_type,
@@ -260,6 +261,40 @@ def test_relation_batch_points_at_the_start_markers(tokenizer):
     assert (batch["ids"][rows_idx, batch["e2_pos"]] == e2).all()
     assert batch["e1_pos"][0] < batch["e2_pos"][0] and batch["e2_pos"][1] < batch["e1_pos"][1]
     assert batch["labels"].tolist() == [3, 0] and batch["mask"].sum(1).tolist() == [len(r) + 2 for r in rows["ids"]]
+
+
+def test_an_ensemble_averages_its_members_distributions(tokenizer):
+    e1, e2 = add_marker_tokens(tokenizer)
+    labels = relation_labels(["Cause-Effect(e1,e2)", "Component-Whole(e1,e2)"])
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(build_model(ModelConfig(
+            family="encoder", head="relation", vocab_size=tokenizer.vocab_size, d_model=16, n_heads=2, n_layers=1,
+            d_ff=32, num_labels=len(labels), dropout=0.0)).eval())
+    sents = ["The <e1>storm</e1> caused the <e2>flood</e2> .", "The <e2>wheel</e2> is part of the <e1>car</e1> ."]
+    t = collate_relations({"ids": [np.asarray(tokenizer.encode(s)) for s in sents], "label": [np.zeros(1)] * 2},
+                          e1, e2)
+    with torch.no_grad():
+        probs = [torch.softmax(m(t["ids"], t["mask"], t["e1_pos"], t["e2_pos"]), -1) for m in members]
+    mean = (probs[0] + probs[1]) / 2
+    got = RelationClassifier(members, tokenizer, labels, max_len=64, precision="fp32").predict(sents)
+    assert got == [(labels[int(r.argmax())], pytest.approx(float(r.max()))) for r in mean]
+    assert got != RelationClassifier(members[0], tokenizer, labels, max_len=64, precision="fp32").predict(sents)
+
+
+def test_the_mean_prior_averages_the_members_weighted_scores():
+    from trainformer.tasks.extraction import TransitionPrior
+    from trainformer.tasks.tagging import mean_prior
+
+    a = TransitionPrior(torch.tensor([0.0, -1.0]), torch.tensor([[0.0, -2.0], [-1.0, 0.0]]), 1.0)
+    b = TransitionPrior(torch.tensor([-2.0, 0.0]), torch.tensor([[-4.0, 0.0], [0.0, -2.0]]), 0.5)
+    m = mean_prior([a, b], "ens")
+    assert m.weight == 1.0 and torch.equal(m.start, torch.tensor([-0.5, -0.5]))
+    assert torch.equal(m.trans, torch.tensor([[-1.0, -1.0], [-0.5, -0.5]]))
+    assert mean_prior([a], "one") is a and mean_prior([None, None], "none") is None
+    with pytest.raises(UserError, match="some members decode with a tag-transition prior"):
+        mean_prior([a, None], "ens")
 
 
 def test_fit_window_keeps_the_markers():

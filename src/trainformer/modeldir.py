@@ -92,6 +92,9 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     from trainformer.models import build_model
 
     p = resolve_model_dir(path)
+    if (p / "ensemble.json").is_file():
+        raise UserError(f"{p}: an ensemble of several models; only `evaluate` and `extract` of relation "
+                        "models read ensembles (give one of its member-* folders here)")
     cfg = read_model_config(p)
     compression = {}
     if (p / "compression.json").is_file():

@@ -18,6 +18,7 @@ Metric: the official score, `semeval_scores`.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,17 +142,19 @@ def collate_relations(rows: dict[str, list[np.ndarray]], e1_id: int, e2_id: int)
 
 
 class RelationClassifier:
-    """Batched relation classification of marked sentences with a trained relation encoder."""
+    """Batched relation classification of marked sentences with a trained relation encoder,
+    or with several (an ensemble: their label distributions are averaged)."""
 
     def __init__(
-        self, model: nn.Module, tokenizer: TextTokenizer, labels: list[str], max_len: int,
+        self, model: nn.Module | Sequence[nn.Module], tokenizer: TextTokenizer, labels: list[str], max_len: int,
         batch_tokens: int = 8000, precision: str = "auto",
     ):
-        self.model, self.tokenizer, self.labels = model, tokenizer, labels
+        self.models = list(model) if isinstance(model, Sequence) else [model]
+        self.model, self.tokenizer, self.labels = self.models[0], tokenizer, labels
         self.e1_id, self.e2_id = add_marker_tokens(tokenizer)
         self.limit = max_len - 2
         self.batch_tokens, self.precision = batch_tokens, precision
-        self.device = next(model.parameters()).device
+        self.device = next(self.model.parameters()).device
         self.truncated = 0
 
     def _encode(self, sentences: list[str]) -> list[list[int]]:
@@ -167,8 +170,9 @@ class RelationClassifier:
     @torch.inference_mode()
     def predict(self, sentences: list[str]) -> list[tuple[str, float]]:
         """(label, probability) of each marked sentence, in input order."""
-        was_training = self.model.training
-        self.model.eval()
+        was_training = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
         self.truncated = 0
         encoded = self._encode(sentences)
         out: list[tuple[str, float]] = [(OTHER, 0.0)] * len(sentences)
@@ -176,11 +180,13 @@ class RelationClassifier:
             for batch in inference_batches([len(e) + 2 for e in encoded], self.batch_tokens):
                 rows = {"ids": [np.asarray(encoded[b]) for b in batch], "label": [np.zeros(1)] * len(batch)}
                 t = collate_relations(rows, self.e1_id, self.e2_id)
-                logits = self.model(*(t[k].to(self.device) for k in ("ids", "mask", "e1_pos", "e2_pos")))
-                prob, best = torch.softmax(logits.float(), dim=-1).max(dim=-1)  # (B,)
+                inputs = [t[k].to(self.device) for k in ("ids", "mask", "e1_pos", "e2_pos")]
+                probs = sum(torch.softmax(m(*inputs).float(), dim=-1) for m in self.models) / len(self.models)
+                prob, best = probs.max(dim=-1)  # (B,)
                 for b, k, p in zip(batch, best.tolist(), prob.tolist()):
                     out[b] = (self.labels[k], p)
-        self.model.train(was_training)
+        for m, mode in zip(self.models, was_training):
+            m.train(mode)
         return out
 
     def extract(self, lines: list[str], source: str = "<input>") -> list[dict[str, Any]]:
@@ -201,16 +207,23 @@ class RelationClassifier:
 
 
 def load_classifier(model_dir: str | Path, device: str = "auto", precision: str = "auto") -> RelationClassifier:
-    """A `RelationClassifier` for a trained ``relations`` model directory."""
+    """A `RelationClassifier` for a trained ``relations`` model directory, or an ensemble of them
+    (see `trainformer.ensemble`)."""
+    from trainformer.ensemble import is_ensemble, member_dirs
     from trainformer.tasks.loading import load_for_task
 
-    loaded, tokenizer = load_for_task(model_dir, "relations", device)
+    dirs = member_dirs(model_dir) if is_ensemble(model_dir) else [model_dir]
+    members = [load_for_task(d, "relations", device) for d in dirs]
+    loaded, tokenizer = members[0]
     if not loaded.labels:
         raise UserError(f"{loaded.path}: labels.json is missing")
     if any(tokenizer.token_to_id(m) is None for m in MARKERS):
         raise UserError(f"{loaded.path}: tokenizer.json has no entity markers ({' '.join(MARKERS)})")
+    if any(m.labels != loaded.labels for m, _ in members):
+        raise UserError(f"{model_dir}: its members' labels.json differ")
     c = loaded.cfg
-    return RelationClassifier(loaded.model, tokenizer, loaded.labels, c.model.max_len, c.eval.batch_tokens, precision)
+    return RelationClassifier([m.model for m, _ in members], tokenizer, loaded.labels, c.model.max_len,
+                              c.eval.batch_tokens, precision)
 
 
 # ----------------------------------------------------------------------------

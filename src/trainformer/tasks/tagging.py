@@ -91,10 +91,13 @@ TRANSITIONS_FILE = "transitions.json"
 
 
 class Tagger:
-    """Batched BIO tagging of pre-split sentences with a trained tagging encoder.
+    """Batched BIO tagging of pre-split sentences with a trained tagging encoder, or several.
 
     Args:
-        model: an `Encoder` with a tagging head; tokenizer: its tokenizer.
+        model: an `Encoder` with a tagging head, or several trained on the same labels and
+            tokenizer (an ensemble: their per-word log-probabilities are averaged, and with
+            the mean of their priors Viterbi finds the path of highest mean score);
+            tokenizer: its tokenizer.
         labels: label names in id order (BIO).
         max_len: the model's window; longer sentences are cut (their last words get ``O``).
         batch_tokens: padded tokens per inference batch.
@@ -103,7 +106,7 @@ class Tagger:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Sequence[nn.Module],
         tokenizer: TextTokenizer,
         labels: list[str],
         max_len: int,
@@ -111,12 +114,13 @@ class Tagger:
         precision: str = "auto",
         prior: TransitionPrior | None = None,
     ):
-        self.model, self.tokenizer, self.labels = model, tokenizer, labels
+        self.models = list(model) if isinstance(model, Sequence) else [model]
+        self.model, self.tokenizer, self.labels = self.models[0], tokenizer, labels
         self.prior = prior
         self.limit = max_len - 2  # room for <cls> and <sep>
         self.batch_tokens = batch_tokens
         self.precision = precision
-        self.device = next(model.parameters()).device
+        self.device = next(self.model.parameters()).device
         self.truncated = 0
 
     def _encode(self, sentences: list[list[str]]) -> list[tuple[list[int], list[int]]]:
@@ -138,7 +142,7 @@ class Tagger:
             [np.arange(n) for n in n_words], PAD_ID, CLS_ID, SEP_ID,
         )
         ids, mask, word_at = (batch[k].to(self.device) for k in ("ids", "mask", "labels"))
-        logp = F.log_softmax(self.model(ids, mask).float(), dim=-1)  # (B, S, L)
+        logp = sum(F.log_softmax(m(ids, mask).float(), dim=-1) for m in self.models) / len(self.models)  # (B, S, L)
         first = word_at >= 0  # (B, S)
         rows = torch.arange(ids.shape[0], device=self.device)[:, None].expand_as(first)[first]
         # a word with no subword at all (e.g. only a zero-width space) keeps score 0: no preference
@@ -154,8 +158,9 @@ class Tagger:
     @torch.inference_mode()
     def tag_each_weight(self, sentences: list[list[str]], weights: Sequence[float]) -> dict[float, list[list[str]]]:
         """For each prior weight, the tags `tag` would give with it; the network runs once."""
-        was_training = self.model.training
-        self.model.eval()
+        was_training = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
         self.truncated = 0
         out = {w: [[OUTSIDE] * len(s) for s in sentences] for w in weights}
         todo = [i for i, s in enumerate(sentences) if s]
@@ -167,7 +172,8 @@ class Tagger:
                     prior = self.prior.with_weight(w) if self.prior is not None else None
                     for b, path in zip(batch, viterbi_bio(scores, n_words, self.labels, prior)):
                         out[w][todo[b]][: len(path)] = [self.labels[k] for k in path]
-        self.model.train(was_training)
+        for m, mode in zip(self.models, was_training):
+            m.train(mode)
         return out
 
     def extract(self, lines: list[str]) -> list[dict[str, Any]]:
@@ -184,15 +190,33 @@ class Tagger:
 
 
 def load_tagger(model_dir: str | Path, device: str = "auto", precision: str = "auto") -> Tagger:
-    """A `Tagger` for a trained ``ner`` model directory."""
+    """A `Tagger` for a trained ``ner`` model directory, or an ensemble of them (see
+    `trainformer.ensemble`)."""
+    from trainformer.ensemble import is_ensemble, member_dirs
     from trainformer.tasks.loading import load_for_task
 
-    loaded, tokenizer = load_for_task(model_dir, "ner", device)
+    dirs = member_dirs(model_dir) if is_ensemble(model_dir) else [model_dir]
+    members = [load_for_task(d, "ner", device)[0] for d in dirs[1:]]
+    loaded, tokenizer = load_for_task(dirs[0], "ner", device)
+    members.insert(0, loaded)
     if not loaded.labels:
         raise UserError(f"{loaded.path}: labels.json is missing")
+    priors = [learned_prior(m.model) or load_prior(m.path / TRANSITIONS_FILE, m.labels) for m in members]
     cfg = loaded.cfg
-    prior = learned_prior(loaded.model) or load_prior(loaded.path / TRANSITIONS_FILE, loaded.labels)
-    return Tagger(loaded.model, tokenizer, loaded.labels, cfg.model.max_len, cfg.eval.batch_tokens, precision, prior)
+    return Tagger([m.model for m in members], tokenizer, loaded.labels, cfg.model.max_len, cfg.eval.batch_tokens,
+                  precision, mean_prior(priors, model_dir))
+
+
+def mean_prior(priors: Sequence[TransitionPrior | None], source: str | Path) -> TransitionPrior | None:
+    """The weight-1 prior whose scores are the mean of the members' weighted scores (one
+    member: its own prior). Members must all have a prior or all lack one."""
+    if len(priors) == 1 or all(p is None for p in priors):
+        return priors[0]
+    if any(p is None for p in priors):
+        raise UserError(f"{source}: some members decode with a tag-transition prior and some without")
+    start = sum(p.weight * p.start for p in priors) / len(priors)
+    trans = sum(p.weight * p.trans for p in priors) / len(priors)
+    return TransitionPrior(start, trans, 1.0)
 
 
 def load_prior(path: Path, labels: list[str]) -> TransitionPrior | None:
