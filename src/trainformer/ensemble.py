@@ -25,10 +25,11 @@ import json
 import shutil
 from pathlib import Path
 
+from trainformer.data.tokenizer import TextTokenizer
 from trainformer.errors import UserError
-from trainformer.modeldir import read_model_config, resolve_model_dir
+from trainformer.modeldir import ENSEMBLE_MANIFEST as MANIFEST
+from trainformer.modeldir import LoadedModel, read_model_config, resolve_model_dir
 
-MANIFEST = "ensemble.json"
 SHARED = ("config.json", "tokenizer.json", "labels.json")
 TASKS = ("relations", "ner")
 
@@ -52,6 +53,18 @@ def member_dirs(path: str | Path) -> list[Path]:
     return members
 
 
+def load_members(model_dir: str | Path, task: str, device: str = "auto") -> list[tuple[LoadedModel, TextTokenizer]]:
+    """(model, tokenizer) of each member of the ensemble at `model_dir`, or of the one model there;
+    every member has the same labels."""
+    from trainformer.tasks.loading import load_for_task
+
+    dirs = member_dirs(model_dir) if is_ensemble(model_dir) else [model_dir]
+    members = [load_for_task(d, task, device) for d in dirs]
+    if any(m.labels != members[0][0].labels for m, _ in members):
+        raise UserError(f"{model_dir}: its members' labels.json differ")
+    return members
+
+
 def build_ensemble(model_dirs: list[str | Path], out: str | Path) -> Path:
     """Copy the member model dirs into a new ensemble directory `out`; returns it."""
     if len(model_dirs) < 2:
@@ -60,13 +73,13 @@ def build_ensemble(model_dirs: list[str | Path], out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out}: exists and is not empty; choose a new folder")
-    first = dirs[0]
+    first, kind = dirs[0], read_model_config(dirs[0]).task
     for d in dirs:
         if is_ensemble(d):
             raise UserError(f"{d}: already an ensemble; list its members instead")
         task = read_model_config(d).task
-        if task != read_model_config(first).task:
-            raise UserError(f"{d}: a {task!r} model, but {first} is a {read_model_config(first).task!r} one")
+        if task != kind:
+            raise UserError(f"{d}: a {task!r} model, but {first} is a {kind!r} one")
         if task not in TASKS:
             raise UserError(f"{d}: a {task!r} model; ensembles combine {' or '.join(map(repr, TASKS))} models")
         for name in ("tokenizer.json", "labels.json"):
@@ -83,6 +96,6 @@ def build_ensemble(model_dirs: list[str | Path], out: str | Path) -> Path:
         names.append(name)
     for name in SHARED:
         shutil.copyfile(first / name, out / name)
-    manifest = {"task": read_model_config(first).task, "members": names, "sources": [str(d) for d in dirs]}
+    manifest = {"task": kind, "members": names, "sources": [str(d) for d in dirs]}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return out

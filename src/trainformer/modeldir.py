@@ -26,6 +26,8 @@ from torch import nn
 from trainformer.config import Config, from_dict, to_dict
 from trainformer.errors import UserError
 
+ENSEMBLE_MANIFEST = "ensemble.json"  # marks an ensemble of model dirs (see trainformer.ensemble)
+
 
 @dataclass
 class LoadedModel:
@@ -92,9 +94,9 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     from trainformer.models import build_model
 
     p = resolve_model_dir(path)
-    if (p / "ensemble.json").is_file():
-        raise UserError(f"{p}: an ensemble of several models; only `evaluate` and `extract` of relation "
-                        "models read ensembles (give one of its member-* folders here)")
+    if (p / ENSEMBLE_MANIFEST).is_file():
+        raise UserError(f"{p}: an ensemble of several models; only `evaluate` and `extract` of ner and "
+                        "relation models read ensembles (give one of its member-* folders here)")
     cfg = read_model_config(p)
     compression = {}
     if (p / "compression.json").is_file():

@@ -17,15 +17,17 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode (no dropout) without gradients; restore the model's mode after."""
-    was_training = model.training
-    model.eval()
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Run in eval mode (no dropout) without gradients; restore each model's mode after."""
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
         with torch.inference_mode():
             yield
     finally:
-        model.train(was_training)
+        for m, mode in zip(models, was_training):
+            m.train(mode)
 
 
 class EncDecStepper:

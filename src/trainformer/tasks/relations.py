@@ -38,6 +38,7 @@ from trainformer.data.tokenizer import (
     load_or_train_tokenizer,
 )
 from trainformer.errors import ConfigError, DataError, UserError
+from trainformer.generation.steppers import eval_mode
 from trainformer.tasks.base import Batch
 from trainformer.tasks.extraction import (
     MARKERS,
@@ -167,16 +168,12 @@ class RelationClassifier:
             out.append(ids)
         return out
 
-    @torch.inference_mode()
     def predict(self, sentences: list[str]) -> list[tuple[str, float]]:
         """(label, probability) of each marked sentence, in input order."""
-        was_training = [m.training for m in self.models]
-        for m in self.models:
-            m.eval()
         self.truncated = 0
         encoded = self._encode(sentences)
         out: list[tuple[str, float]] = [(OTHER, 0.0)] * len(sentences)
-        with inference_autocast(self.device, self.precision):
+        with eval_mode(*self.models), inference_autocast(self.device, self.precision):
             for batch in inference_batches([len(e) + 2 for e in encoded], self.batch_tokens):
                 rows = {"ids": [np.asarray(encoded[b]) for b in batch], "label": [np.zeros(1)] * len(batch)}
                 t = collate_relations(rows, self.e1_id, self.e2_id)
@@ -185,8 +182,6 @@ class RelationClassifier:
                 prob, best = probs.max(dim=-1)  # (B,)
                 for b, k, p in zip(batch, best.tolist(), prob.tolist()):
                     out[b] = (self.labels[k], p)
-        for m, mode in zip(self.models, was_training):
-            m.train(mode)
         return out
 
     def extract(self, lines: list[str], source: str = "<input>") -> list[dict[str, Any]]:
@@ -209,18 +204,14 @@ class RelationClassifier:
 def load_classifier(model_dir: str | Path, device: str = "auto", precision: str = "auto") -> RelationClassifier:
     """A `RelationClassifier` for a trained ``relations`` model directory, or an ensemble of them
     (see `trainformer.ensemble`)."""
-    from trainformer.ensemble import is_ensemble, member_dirs
-    from trainformer.tasks.loading import load_for_task
+    from trainformer.ensemble import load_members
 
-    dirs = member_dirs(model_dir) if is_ensemble(model_dir) else [model_dir]
-    members = [load_for_task(d, "relations", device) for d in dirs]
+    members = load_members(model_dir, "relations", device)
     loaded, tokenizer = members[0]
     if not loaded.labels:
         raise UserError(f"{loaded.path}: labels.json is missing")
     if any(tokenizer.token_to_id(m) is None for m in MARKERS):
         raise UserError(f"{loaded.path}: tokenizer.json has no entity markers ({' '.join(MARKERS)})")
-    if any(m.labels != loaded.labels for m, _ in members):
-        raise UserError(f"{model_dir}: its members' labels.json differ")
     c = loaded.cfg
     return RelationClassifier([m.model for m, _ in members], tokenizer, loaded.labels, c.model.max_len,
                               c.eval.batch_tokens, precision)

@@ -44,6 +44,7 @@ from trainformer.data.tokenizer import (
     load_or_train_tokenizer,
 )
 from trainformer.errors import UserError
+from trainformer.generation.steppers import eval_mode
 from trainformer.tasks.base import Batch
 from trainformer.tasks.crf import crf_nll, learned_prior, tagging_head, words_of
 from trainformer.tasks.extraction import (
@@ -155,25 +156,19 @@ class Tagger:
         weight = self.prior.weight if self.prior is not None else 0.0
         return self.tag_each_weight(sentences, [weight])[weight]
 
-    @torch.inference_mode()
     def tag_each_weight(self, sentences: list[list[str]], weights: Sequence[float]) -> dict[float, list[list[str]]]:
         """For each prior weight, the tags `tag` would give with it; the network runs once."""
-        was_training = [m.training for m in self.models]
-        for m in self.models:
-            m.eval()
         self.truncated = 0
         out = {w: [[OUTSIDE] * len(s) for s in sentences] for w in weights}
         todo = [i for i, s in enumerate(sentences) if s]
         encoded = self._encode([sentences[i] for i in todo])
-        with inference_autocast(self.device, self.precision):
+        with eval_mode(*self.models), inference_autocast(self.device, self.precision):
             for batch in inference_batches([len(e[0]) + 2 for e in encoded], self.batch_tokens):
                 scores, n_words = self._word_scores([encoded[b] for b in batch])
                 for w in weights:
                     prior = self.prior.with_weight(w) if self.prior is not None else None
                     for b, path in zip(batch, viterbi_bio(scores, n_words, self.labels, prior)):
                         out[w][todo[b]][: len(path)] = [self.labels[k] for k in path]
-        for m, mode in zip(self.models, was_training):
-            m.train(mode)
         return out
 
     def extract(self, lines: list[str]) -> list[dict[str, Any]]:
@@ -192,18 +187,15 @@ class Tagger:
 def load_tagger(model_dir: str | Path, device: str = "auto", precision: str = "auto") -> Tagger:
     """A `Tagger` for a trained ``ner`` model directory, or an ensemble of them (see
     `trainformer.ensemble`)."""
-    from trainformer.ensemble import is_ensemble, member_dirs
-    from trainformer.tasks.loading import load_for_task
+    from trainformer.ensemble import load_members
 
-    dirs = member_dirs(model_dir) if is_ensemble(model_dir) else [model_dir]
-    members = [load_for_task(d, "ner", device)[0] for d in dirs[1:]]
-    loaded, tokenizer = load_for_task(dirs[0], "ner", device)
-    members.insert(0, loaded)
+    members = load_members(model_dir, "ner", device)
+    loaded, tokenizer = members[0]
     if not loaded.labels:
         raise UserError(f"{loaded.path}: labels.json is missing")
-    priors = [learned_prior(m.model) or load_prior(m.path / TRANSITIONS_FILE, m.labels) for m in members]
+    priors = [learned_prior(m.model) or load_prior(m.path / TRANSITIONS_FILE, m.labels) for m, _ in members]
     cfg = loaded.cfg
-    return Tagger([m.model for m in members], tokenizer, loaded.labels, cfg.model.max_len, cfg.eval.batch_tokens,
+    return Tagger([m.model for m, _ in members], tokenizer, loaded.labels, cfg.model.max_len, cfg.eval.batch_tokens,
                   precision, mean_prior(priors, model_dir))
 
 
