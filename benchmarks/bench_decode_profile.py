@@ -40,6 +40,7 @@ from torch.profiler import ProfilerActivity, profile
 import trainformer.nn.embedding as embedding
 from bench_compression import load_translator, spread, test_data
 from trainformer.bench.report import write_table_report
+from trainformer.cli.common import require_positive
 from trainformer.compression.quantize import dynamic_int8
 from trainformer.errors import run_script
 from trainformer.modeldir import resolve_model_dir
@@ -143,6 +144,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_profile"))
     args = ap.parse_args()
+    require_positive(ap, args, "sentences", "repeats", "threads")
     torch.set_num_threads(args.threads)
     dirs = [resolve_model_dir(d) for d in args.model_dirs]
     sources, _ = test_data(dirs[0], None)

@@ -30,6 +30,7 @@ import torch
 import trainformer.tasks.translate_infer as translate_infer
 from bench_compression import load_translator, test_data
 from trainformer.bench.report import write_table_report
+from trainformer.cli.common import require_positive
 from trainformer.errors import run_script
 from trainformer.generation import beam_translate, greedy_translate
 from trainformer.modeldir import resolve_model_dir
@@ -92,9 +93,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/drop_finished"))
     args = ap.parse_args()
+    require_positive(ap, args, "sentences", "prompts", "repeats", "threads")
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(args.model_dir)
     tr = load_translator(model_dir)
+    chat = chat_replies(resolve_model_dir(args.chat), args.prompts) if args.chat is not None else None
     sources, _ = test_data(model_dir, None)
     sentences = [sources[i] for i in spread_indices(len(sources), args.sentences)]  # short to long
     results: dict = {"model_dir": str(model_dir), "sentences": len(sentences), "threads": args.threads,
@@ -102,8 +105,8 @@ def main() -> None:
     for mode, beam in (("greedy", 1), ("beam4", 4)):
         results["modes"][mode] = timed_pair(functools.partial(translate_with, tr, sentences, beam),
                                             len(sentences), args.repeats)
-    if args.chat is not None:
-        run, n = chat_replies(resolve_model_dir(args.chat), args.prompts)
+    if chat is not None:
+        run, n = chat
         results["chat_model_dir"], results["prompts"] = str(args.chat), n
         results["modes"]["chat greedy replies"] = timed_pair(run, n, args.repeats)
     intro = [f"{time.strftime('%Y-%m-%d')}, {results['hardware']['cpu']}, {args.threads} threads, "

@@ -27,3 +27,11 @@ def add_runtime_args(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 where this device runs it fast, else fp32")
+
+
+def require_positive(parser, args, *names: str) -> None:
+    """Exit through `parser.error` (one line, status 2) if an integer option ``--NAME`` is below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name}: expected an integer >= 1, got {value}")

@@ -32,11 +32,11 @@ class TokenEmbedding(nn.Embedding):
         """The tied output projection: h (..., D) -> logits (..., V), one per embedding row.
 
         Decoding on the CPU (no gradients, fp32, at most `FAST_HEAD_ROWS` rows)
-        multiplies by a cached (D, V) copy of the weight instead: for a (1, D)
-        row against an (V, D) matrix, CPU GEMV kernels are 2.5-4x slower than
-        for the same product against its contiguous transpose (8000 x 192: 555
-        against 219 us, 1 thread), and the head is the largest matmul of a
-        decoding step. The copy costs V x D floats of memory while decoding.
+        multiplies by a cached (D, V) copy of the weight instead: for a few rows
+        against a (V, D) matrix, CPU GEMV kernels are slower than for the same
+        product against its contiguous transpose, and the head is the largest
+        matmul of a decoding step (benchmarks/bench_decode_profile.py compares
+        both, row "head via F.linear"). The copy costs V x D floats of memory.
         """
         if self._fast_head(h):
             return h @ self._transposed_weight()  # (..., D) @ (D, V)
