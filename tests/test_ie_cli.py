@@ -302,6 +302,76 @@ def test_ensemble_mistakes_are_one_line_errors(runs, tmp_path, capsys):
     assert code == 2 and "an ensemble" in err and err.count("\n") == 1, err
 
 
+def test_train_seeds_trains_each_seed_and_scores_their_ensemble(runs, tmp_path, capsys):
+    out = tmp_path / "seeds"
+    cmd = ("train", str(runs / "rel.yaml"), "--seeds", "3", "5", "--out", str(out))
+    code, printed, err = cli(capsys, *cmd)
+    assert code == 0, err
+    assert "ensemble of 2 seeds: valid" in printed and sorted(p.name for p in out.iterdir()) == [
+        "model", "seed-3", "seed-5", "seeds.json", "summary.json"]
+    seeds = {s: load_model_dir(out / f"seed-{s}", device="cpu") for s in (3, 5)}
+    assert [seeds[s].cfg.train.seed for s in (3, 5)] == [3, 5]
+    w3, w5 = (seeds[s].model.state_dict()["head.proj.weight"] for s in (3, 5))
+    assert not torch.equal(w3, w5)  # two different models
+    assert json.loads((out / "model" / "ensemble.json").read_text())["members"] == ["member-0", "member-1"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [3, 5] and summary["main_metric"] == "macro_f1"
+    for s in (3, 5):
+        own = json.loads((out / f"seed-{s}" / "summary.json").read_text())
+        assert summary["members"][str(s)] == {"valid": own["valid"], "test": own["test"]}
+    assert summary["test"]["examples"] == summary["members"]["3"]["test"]["examples"] > 0
+    assert 0 <= summary["test"]["macro_f1"] <= 100 and 0 <= summary["valid"]["macro_f1"] <= 100
+
+    # the scoring path reads the model from disk and splits the data as training did: a
+    # member scored through it matches the score its own run reported at the end
+    from trainformer.cli.train_seeds import score_model_dir
+
+    alone = score_model_dir(seeds[3].cfg, out / "seed-3" / "model")
+    assert alone["test"] == summary["members"]["3"]["test"]
+
+    # a rerun keeps finished seeds, resumes an interrupted one, rebuilds the ensemble
+    (out / "seed-5" / "summary.json").unlink()
+    weights = (out / "seed-3" / "model" / "model.safetensors").stat().st_mtime_ns
+    code, printed, err = cli(capsys, *cmd)
+    assert code == 0, err
+    assert "seed 3: finished earlier, kept" in printed and "seed 5: resuming" in printed
+    assert (out / "seed-3" / "model" / "model.safetensors").stat().st_mtime_ns == weights
+    assert json.loads((out / "summary.json").read_text())["test"] == summary["test"]
+
+
+@pytest.mark.parametrize("name", ["ner", "ner-crf"])
+def test_a_saved_tagger_scores_on_its_splits_as_its_run_reported(runs, name):
+    from trainformer.cli.train_seeds import score_model_dir
+
+    cfg = load_model_dir(runs / name, device="cpu").cfg
+    own = json.loads((runs / name / "summary.json").read_text())
+    scores = score_model_dir(cfg, runs / name / "model")  # decoded with the prior saved in the model dir
+    assert scores["test"]["f1"] == own["test"]["f1"] and scores["test"]["sentences"] == own["test"]["sentences"]
+
+
+def test_train_seeds_mistakes_are_one_line_errors(runs, tmp_path, capsys):
+    rel = str(runs / "rel.yaml")
+    out = tmp_path / "seeds"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    cases = [
+        (("train", rel, "--seeds", "1", "--out", str(out)), "two or more seeds"),
+        (("train", rel, "--seeds", "1", "1", "--out", str(out)), "each seed once"),
+        (("train", rel, "--seeds", "1", "2", "--set", "train.seed=4", "--out", str(out)), "drop --set train.seed"),
+        (("train", str(runs / "mlm" / "config.yaml"), "--seeds", "1", "2", "--out", str(out)), "a 'mlm' recipe"),
+        (("train", "--resume", str(runs / "rel"), "--seeds", "1", "2"), "rerun the same --seeds command"),
+        (("train", rel, "--seeds", "1", "2", "--out", str(tmp_path / "full")), "holds no --seeds run"),
+    ]
+    for args, expected in cases:
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert not out.exists()
+    out.mkdir()
+    (out / "seeds.json").write_text(json.dumps({"recipe": rel, "overrides": [], "seeds": [1, 2]}))
+    code, _, err = cli(capsys, "train", rel, "--seeds", "1", "2", "--set", "optim.lr=0.01", "--out", str(out))
+    assert code == 2 and "rerun that to continue it" in err and err.count("\n") == 1, err
+
+
 def test_evaluate_each_task(runs, tmp_path, capsys):
     conll = tmp_path / "eval.conll"
     conll.write_text(conll_text(40, 99), encoding="utf-8")

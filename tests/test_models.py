@@ -195,8 +195,9 @@ def test_encoder_padding_does_not_change_real_tokens(head, position):
     assert not torch.allclose(m(padded)[:, :6], m(x))  # without the mask the padding is seen
 
 
-def test_relation_head_uses_the_marked_positions_and_ignores_padding():
-    m, x = model("encoder", head="relation"), ids(2, 6)
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_relation_head_uses_the_marked_positions_and_ignores_padding(position):
+    m, x = model("encoder", head="relation", position=position), ids(2, 6)
     e1, e2 = torch.tensor([0, 1]), torch.tensor([3, 4])
     padded, mask = _pad_right(x, 3)
     close(m(padded, mask, e1, e2), m(x, None, e1, e2))

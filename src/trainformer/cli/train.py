@@ -1,4 +1,4 @@
-"""`trainformer train RECIPE`: train a model; `--resume RUN_DIR` continues a run."""
+"""`trainformer train RECIPE`: train a model; `--resume RUN_DIR` continues a run; `--seeds` trains an ensemble."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue RUN_DIR from its newest complete checkpoint (--set still applies)")
     p.add_argument("--max-steps", type=int, metavar="N", help="shorthand for --set train.max_steps=N")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="N",
+                   help="ner / relations: train once per seed into RUN_DIR/seed-N, then ensemble the models "
+                   "into RUN_DIR/model and score it (rerun the same command to continue after a crash)")
     p.set_defaults(func=run)
 
 
@@ -73,6 +76,8 @@ def run(args) -> int:
     if args.resume is not None:
         if args.recipe:
             raise UserError("train: --resume reads the recipe from RUN_DIR/config.yaml; drop RECIPE")
+        if args.seeds:
+            raise UserError("train: --seeds continues by itself; rerun the same --seeds command instead of --resume")
         run_dir, cfg = args.resume, resume_config(args.resume, overrides)
     else:
         if not args.recipe:
@@ -80,20 +85,44 @@ def run(args) -> int:
         resolve_recipe(args.recipe)
         cfg = load_recipe(args.recipe, overrides)
         run_dir = args.out or _default_run_dir(args.recipe, cfg)
+        if args.seeds:
+            return _run_seeds(args, overrides, run_dir)
         if (run_dir / "config.yaml").exists():
             raise UserError(f"--out {run_dir}: already holds a run; continue it with --resume {run_dir} "
                             "or choose another --out")
+    fit_run(cfg, run_dir, resume=args.resume is not None)
+    return 0
+
+
+def fit_run(cfg: Config, run_dir: Path, resume: bool) -> dict:
+    """Train (or continue) one run; the main process prints where it went. Returns its summary."""
     from trainformer.tasks import build_task  # late: tasks import models and data
     from trainformer.training import distributed
     from trainformer.training.trainer import Trainer
 
     try:
         trainer = Trainer(cfg, build_task(cfg), RunDir(run_dir))
-        summary = trainer.fit(resume=args.resume is not None)
+        summary = trainer.fit(resume=resume)
     finally:
         distributed.shutdown()
     if trainer.env.is_main:
         best = summary.get("best", {})
         print(f"run dir: {run_dir}  (steps {summary['steps']}, stop: {summary['stop_reason']}, "
               f"best {summary.get('main_metric')} {best.get('value')})")
+    return summary
+
+
+def _run_seeds(args, overrides: list[str], out: Path) -> int:
+    from trainformer.cli.train_seeds import train_seeds
+    from trainformer.training import distributed as D
+
+    if D.env_from_torchrun().distributed:
+        raise UserError("train: --seeds trains the seeds one after another in one process; run it without torchrun")
+    summary = train_seeds(args.recipe, overrides, args.seeds, out, fit_run, resume_config)
+    metric = summary["main_metric"]
+    for seed, scores in summary["members"].items():
+        print(f"seed {seed}: " + "  ".join(f"{split} {s.get(metric)}" for split, s in scores.items()))
+    print(f"ensemble of {len(args.seeds)} seeds: " + "  ".join(
+        f"{split} {summary[split].get(metric)}" for split in ("valid", "test") if split in summary))
+    print(f"model dir: {out / 'model'} (`trainformer evaluate` and `extract` take it); scores in {out / 'summary.json'}")
     return 0

@@ -269,11 +269,17 @@ class RelationTask(FineTuneTask):
                                   c.train.precision)
 
     def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:
+        return self._score(self.classifier(model), split)
+
+    def evaluate_model_dir(self, model_dir: Path, split: str) -> dict[str, float]:
+        """The scores on `split` of a saved model or ensemble (e.g. of several seeds' runs)."""
+        return self._score(load_classifier(model_dir, self.cfg.train.device, self.cfg.train.precision), split)
+
+    def _score(self, classifier: RelationClassifier, split: str) -> dict[str, float]:
         data = self.eval_examples(split)
         if not data:
             return {"macro_f1": 0.0, "examples": 0}
-        pred = [p for p, _ in self.classifier(model).predict([e.sentence for e in data])]
-        return {**semeval_scores([e.relation for e in data], pred), "examples": len(data)}
+        return score_relations(classifier, data)
 
     def samples(self, model: nn.Module) -> list[str]:
         picks = self.sample_examples()
@@ -290,7 +296,11 @@ def evaluate_file(cfg: Config, args) -> dict:
     """The official SemEval-2010 Task 8 scores of a ``relations`` model on a SemEval TSV file."""
     classifier = load_classifier(args.model_dir, args.device, getattr(args, "precision", "auto"))
     result = read_eval_file(args, read_semeval, "a header, then id<TAB>sentence<TAB>relation")
-    pred = [p for p, _ in classifier.predict([e.sentence for e in result.examples])]
-    gold = [e.relation for e in result.examples]
-    return {**semeval_scores(gold, pred), "examples": len(gold), "bad_lines": result.bad.total,
+    return {**score_relations(classifier, result.examples), "bad_lines": result.bad.total,
             "truncated": classifier.truncated}
+
+
+def score_relations(classifier: RelationClassifier, examples: Sequence[Any]) -> dict[str, float]:
+    """The official scores of `classifier`'s predictions for SemEval examples (sentence, relation)."""
+    pred = [p for p, _ in classifier.predict([e.sentence for e in examples])]
+    return {**semeval_scores([e.relation for e in examples], pred), "examples": len(examples)}

@@ -342,6 +342,15 @@ class TaggingTask(FineTuneTask):
             result = score_entities(gold, tagger.tag(sentences))
         return {**result, **extra, "transition_weight": self.prior.weight, "sentences": len(data)}
 
+    def evaluate_model_dir(self, model_dir: Path, split: str) -> dict[str, float]:
+        """The scores on `split` of a saved model or ensemble (e.g. of several seeds' runs), decoded
+        with the transitions saved there."""
+        data = self.eval_examples(split)
+        if not data:
+            return {"f1": 0.0, "sentences": 0}
+        tagger = load_tagger(model_dir, self.cfg.train.device, self.cfg.train.precision)
+        return score_tagger(tagger, [s.tokens for s in data], [s.tags for s in data])
+
     def save_artifacts(self, model_dir: Path) -> None:
         super().save_artifacts(model_dir)
         if self.cfg.model.crf:
@@ -365,6 +374,10 @@ def evaluate_file(cfg: Config, args) -> dict:
     tagger = load_tagger(args.model_dir, args.device, getattr(args, "precision", "auto"))
     result = read_eval_file(args, read_conll, "CoNLL: one 'token ... tag' per line, blank lines between sentences")
     gold = [to_bio(s.tags) for s in result.examples]
-    pred = tagger.tag([s.tokens for s in result.examples])
-    return {**score_entities(gold, pred), "sentences": len(gold), "bad_lines": result.bad.total,
+    return {**score_tagger(tagger, [s.tokens for s in result.examples], gold), "bad_lines": result.bad.total,
             "truncated": tagger.truncated}
+
+
+def score_tagger(tagger: Tagger, sentences: list[list[str]], gold: list[list[str]]) -> dict[str, float]:
+    """seqeval scores of `tagger`'s BIO tags for `sentences` against `gold` (BIO)."""
+    return {**score_entities(gold, tagger.tag(sentences)), "sentences": len(gold)}
