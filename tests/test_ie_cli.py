@@ -358,6 +358,7 @@ def test_train_seeds_mistakes_are_one_line_errors(runs, tmp_path, capsys):
         (("train", rel, "--seeds", "1", "--out", str(out)), "two or more seeds"),
         (("train", rel, "--seeds", "1", "1", "--out", str(out)), "each seed once"),
         (("train", rel, "--seeds", "1", "2", "--set", "train.seed=4", "--out", str(out)), "drop --set train.seed"),
+        (("train", rel, "--seeds", "-1", "2", "--out", str(out)), "train.seed"),
         (("train", str(runs / "mlm" / "config.yaml"), "--seeds", "1", "2", "--out", str(out)), "a 'mlm' recipe"),
         (("train", "--resume", str(runs / "rel"), "--seeds", "1", "2"), "rerun the same --seeds command"),
         (("train", rel, "--seeds", "1", "2", "--out", str(tmp_path / "full")), "holds no --seeds run"),

@@ -213,6 +213,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "optim.warmup_steps": _NON_NEGATIVE,
     "optim.min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
     "optim.clip_grad": _NON_NEGATIVE,
+    "train.seed": _NON_NEGATIVE,
     "train.max_steps": _POSITIVE,
     "train.max_minutes": _NON_NEGATIVE,
     "train.max_epochs": _NON_NEGATIVE,

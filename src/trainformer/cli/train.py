@@ -118,7 +118,7 @@ def _run_seeds(args, overrides: list[str], out: Path) -> int:
 
     if D.env_from_torchrun().distributed:
         raise UserError("train: --seeds trains the seeds one after another in one process; run it without torchrun")
-    summary = train_seeds(args.recipe, overrides, args.seeds, out, fit_run, resume_config)
+    summary = train_seeds(args.recipe, overrides, args.seeds, out)
     metric = summary["main_metric"]
     for seed, scores in summary["members"].items():
         print(f"seed {seed}: " + "  ".join(f"{split} {s.get(metric)}" for split, s in scores.items()))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,6 @@ from trainformer.rundir import atomic_write_text
 
 REQUEST = "seeds.json"
 SPLITS = ("valid", "test")
-
-# (config, run dir, resume) -> the run's summary; cli/train.py passes its own
-FitRun = Callable[[Config, Path, bool], dict[str, Any]]
-# (run dir, overrides) -> the config saved there
-RunConfig = Callable[[Path, list[str]], Config]
 
 
 def check_seeds(seeds: list[int], overrides: list[str]) -> None:
@@ -46,22 +40,22 @@ def check_seeds(seeds: list[int], overrides: list[str]) -> None:
         raise UserError("--seeds sets train.seed for each run; drop --set train.seed")
 
 
-def train_seeds(recipe: str, overrides: list[str], seeds: list[int], out: Path,
-                fit_run: FitRun, run_config: RunConfig) -> dict[str, Any]:
+def train_seeds(recipe: str, overrides: list[str], seeds: list[int], out: Path) -> dict[str, Any]:
     """Train `recipe` once per seed under `out`, ensemble the models, score it; returns the summary."""
+    from trainformer.cli.train import resume_config
     from trainformer.ensemble import TASKS
 
     check_seeds(seeds, overrides)
-    cfg = load_recipe(recipe, overrides)  # a config mistake fails before anything is written
-    if cfg.task not in TASKS:
-        raise UserError(f"--seeds: {recipe} is a {cfg.task!r} recipe; ensembles combine "
+    configs = {seed: load_recipe(recipe, [*overrides, f"train.seed={seed}"]) for seed in seeds}  # fail before writing
+    task = configs[seeds[0]].task
+    if task not in TASKS:
+        raise UserError(f"--seeds: {recipe} is a {task!r} recipe; ensembles combine "
                         f"{' or '.join(map(repr, TASKS))} models")
     _claim(out, {"recipe": recipe, "overrides": overrides, "seeds": seeds})
     runs = [out / f"seed-{seed}" for seed in seeds]
-    members = {seed: _train_one(recipe, overrides, seed, run, fit_run, run_config)
-               for seed, run in zip(seeds, runs)}
+    members = {seed: _train_one(configs[seed], seed, run) for seed, run in zip(seeds, runs)}
     model_dir = _rebuild_ensemble(runs, out / "model")
-    first = run_config(runs[0], [])
+    first = resume_config(runs[0], [])
     first.data.tokenizer.path = str(runs[0] / "model" / "tokenizer.json")  # the members' own; none is trained
     scores = score_model_dir(first, model_dir)
     summary = {
@@ -92,18 +86,20 @@ def _claim(out: Path, request: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(request, indent=2) + "\n")
 
 
-def _train_one(recipe: str, overrides: list[str], seed: int, run_dir: Path,
-               fit_run: FitRun, run_config: RunConfig) -> dict[str, Any]:
-    """The summary of seed `seed`'s run: read when it finished earlier, else trained (or resumed)."""
+def _train_one(cfg: Config, seed: int, run_dir: Path) -> dict[str, Any]:
+    """The summary of seed `seed`'s run (config `cfg`): read when it finished earlier, else trained
+    (or resumed from the config saved in `run_dir`)."""
+    from trainformer.cli.train import fit_run, resume_config
+
     done = run_dir / "summary.json"
     if done.is_file():
         print(f"seed {seed}: finished earlier, kept ({run_dir})")
         return json.loads(done.read_text(encoding="utf-8"))
     if (run_dir / "config.yaml").is_file():
         print(f"seed {seed}: resuming {run_dir}")
-        return fit_run(run_config(run_dir, []), run_dir, True)
+        return fit_run(resume_config(run_dir, []), run_dir, True)
     print(f"seed {seed}: training into {run_dir}")
-    return fit_run(load_recipe(recipe, [*overrides, f"train.seed={seed}"]), run_dir, False)
+    return fit_run(cfg, run_dir, False)
 
 
 def _rebuild_ensemble(runs: list[Path], model_dir: Path) -> Path:
