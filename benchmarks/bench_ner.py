@@ -174,10 +174,13 @@ def markdown(result: dict) -> str:
          f"then NER {result['args']['ner_minutes']} min")
         + (f" (valid F1 {ours['valid'].get('f1')}, {ours['valid'].get('f1_without_prior', '-')} without the learned "
            "transitions); a linear-chain CRF over BIO tags, constrained Viterbi decoding."
-           if ours.get("crf") else
+           if ours["model"].get("crf") else
            f" (valid F1 {ours['valid'].get('f1')}, {ours['valid'].get('f1_without_prior', '-')} without the tag-bigram "
            f"prior); constrained Viterbi decoding with the prior (weight {ours['test'].get('transition_weight', '-')}, "
            "chosen on valid)."),
+        f"Our encoder: {ours['model'].get('position')} positions"
+        + (f", a character CNN of {ours['model']['char_cnn']} filters over each word" if ours["model"].get("char_cnn") else "")
+        + "; the peer: BERT's learned positions, subwords only.",
         "Peer: same size, random init, AdamW + linear schedule, fixed-size padded batches, argmax decoding.",
     ]
     return "\n".join(rows + notes) + "\n"
@@ -223,10 +226,11 @@ def main() -> None:
         mlm = train_ours(tokenizer_dir, "encoder-mlm", args.mlm_minutes, args.set_mlm)
         ner = train_ours(ner_dir, "ner-conll2003", args.ner_minutes, [f"init_from={tokenizer_dir}", *args.set_ner])
     args.peer_minutes = args.peer_minutes or args.mlm_minutes + args.ner_minutes  # --scratch: ner minutes
+    ner_model = json.loads((ner_dir / "model" / "config.json").read_text())["model"]
     ours = {"test": ner["test"], "valid": ner["valid"], "steps": ner["steps"], "params": ner["params"],
             "mlm_steps": mlm["steps"], "mlm_ppl": mlm["valid"].get("ppl"), "mlm_accuracy": mlm["valid"].get("accuracy"),
             "ner_train_time_s": ner["train_time_s"], "mlm_train_time_s": mlm["train_time_s"],
-            "crf": json.loads((ner_dir / "config.json").read_text())["model"].get("crf", False)}
+            "model": {k: ner_model.get(k) for k in ("position", "crf", "char_cnn")}}
     peer = {"test": {"f1": None, "precision": None, "recall": None}, "steps": 0, "params": 0}
     if not args.skip_peer:
         peer = train_peer(tokenizer_dir / "model" / "tokenizer.json", args.peer_minutes, args.peer_batch,

@@ -180,6 +180,29 @@ def test_collate_tagging_labels_first_subwords_only():
     assert plain["labels"].tolist() == [[1, 2, no]]
 
 
+def test_collate_tagging_gives_each_subword_its_words_bytes():
+    from trainformer.data.chars import CHAR_WIDTH, word_bytes
+
+    words = [["Zoë", "O'Neill"], ["x"]]
+    chars = [word_bytes(w) for w in words]
+    batch = collate_tagging([[7, 8, 9], [5]], [[0, 1, 1], [0]], [[1, 2], [3]], pad_id=0, cls_id=6, sep_id=5,
+                            word_chars_list=[c.ravel() for c in chars])
+    got = batch["chars"]
+    assert got.shape == (2, 5, CHAR_WIDTH) and got.dtype == torch.long
+    assert got[0, 1].tolist() == chars[0][0].tolist()  # <cls> shifts the words by one
+    assert got[0, 2].tolist() == got[0, 3].tolist() == chars[0][1].tolist()  # both subwords of O'Neill
+    assert bytes(b - 1 for b in got[0, 1].tolist() if b) == "Zoë".encode()
+    assert not got[0, 0].any() and not got[0, 4].any() and not got[1, 2:].any()  # wrappers and padding
+
+
+def test_word_bytes_keep_the_head_and_tail_of_long_words():
+    from trainformer.data.chars import word_bytes
+
+    row = word_bytes(["Verkehrsministerkonferenzen"], width=10)[0]
+    assert bytes(b - 1 for b in row) == b"Verke" + b"enzen"  # "-enzen" survives
+    assert word_bytes([""]).sum() == 0
+
+
 def test_store_batches_resume_yields_the_same_tensors():
     rng = np.random.default_rng(0)
     src = [rng.integers(7, 50, size=rng.integers(1, 12)).tolist() for _ in range(120)]

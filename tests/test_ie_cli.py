@@ -96,6 +96,11 @@ def runs(tmp_path_factory):
         "ner-crf": f"task: ner\ndescription: tiny\ninit_from: {root / 'mlm'}\nmodel: {MODEL % 'tagging, crf: true'}\n"
                    f"data: {{dataset: {root / 'train.conll'}, max_tokens: 512, valid_size: 40, test_size: 60}}\n"
                    f"optim: {{lr: 0.005, warmup_steps: 5, schedule: linear}}\ntrain: {TRAIN % 70}\n",
+        "ner-chars": f"task: ner\ndescription: tiny\ninit_from: {root / 'mlm'}\n"
+                     f"model: {MODEL % 'tagging, crf: true, char_cnn: 16'}\n"
+                     f"data: {{dataset: {root / 'train.conll'}, max_tokens: 512, valid_size: 40, test_size: 60,"
+                     " word_dropout: 0.1}\n"
+                     f"optim: {{lr: 0.005, warmup_steps: 5, schedule: linear}}\ntrain: {TRAIN % 70}\n",
         "rel": f"task: relations\ndescription: tiny\ninit_from: {root / 'mlm'}\nmodel: {MODEL % 'relation'}\n"
                f"data: {{dataset: {root / 'rel.tsv'}, max_tokens: 512, valid_size: 40, test_size: 40}}\n"
                f"optim: {{lr: 0.005, warmup_steps: 5, schedule: linear}}\ntrain: {TRAIN % 20}\n",
@@ -339,7 +344,18 @@ def test_train_seeds_trains_each_seed_and_scores_their_ensemble(runs, tmp_path, 
     assert json.loads((out / "summary.json").read_text())["test"] == summary["test"]
 
 
-@pytest.mark.parametrize("name", ["ner", "ner-crf"])
+def test_a_character_cnn_tagger_learns_from_a_pretrained_encoder_without_one(runs, capsys):
+    summary = json.loads((runs / "ner-chars" / "summary.json").read_text())
+    assert summary["test"]["f1"] >= 90, summary["test"]
+    weights = load_model_dir(runs / "ner-chars", device="cpu").model.state_dict()
+    assert {"char_cnn.embed.weight", "char_cnn.conv.weight", "char_cnn.proj.weight"} <= set(weights)
+    tagger = load_tagger(runs / "ner-chars" / "model", device="cpu")
+    assert tagger.chars
+    row = tagger.extract(["Anna Smith went home in Paris ."])[0]
+    assert [(e["type"], e["text"]) for e in row["entities"]] == [("PER", "Anna Smith"), ("LOC", "Paris")]
+
+
+@pytest.mark.parametrize("name", ["ner", "ner-crf", "ner-chars"])
 def test_a_saved_tagger_scores_on_its_splits_as_its_run_reported(runs, name):
     from trainformer.cli.train_seeds import score_model_dir
 

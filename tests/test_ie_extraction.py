@@ -155,20 +155,36 @@ def test_crf_config_is_checked():
                    "parallel": {"strategy": "fsdp"}})
 
 
+def _drop_ids(ids, labels, p):
+    return drop_words({"ids": ids, "labels": labels}, p)["ids"]
+
+
 def test_word_dropout_hides_whole_words_and_nothing_else():
     # <cls> w0 w0## w1 w2 w2## w2## <sep> <pad>
     ids = torch.tensor([[CLS_ID, 10, 11, 12, 13, 14, 15, SEP_ID, PAD_ID]])
     labels = torch.tensor([[-100, 1, -100, 2, 3, -100, -100, -100, -100]])
     torch.manual_seed(0)
-    seen = {tuple(drop_words(ids, labels, 0.5)[0].tolist()) for _ in range(200)}
+    seen = {tuple(_drop_ids(ids, labels, 0.5)[0].tolist()) for _ in range(200)}
     words = [(10, 11), (12,), (13, 14, 15)]
     expected = {(CLS_ID, *itertools.chain(*[(UNK_ID,) * len(w) if d else w for w, d in zip(words, hide)]),
                  SEP_ID, PAD_ID) for hide in itertools.product([False, True], repeat=3)}
     assert seen == expected  # every subset of words, each hidden whole
-    assert torch.equal(drop_words(ids, labels, 0.0), ids)
+    assert torch.equal(_drop_ids(ids, labels, 0.0), ids)
     big = torch.randint(7, 50, (64, 40))
-    rate = (drop_words(big, torch.zeros_like(big), 0.2) == UNK_ID).float().mean().item()
+    rate = (_drop_ids(big, torch.zeros_like(big), 0.2) == UNK_ID).float().mean().item()
     assert 0.17 < rate < 0.23
+
+
+def test_word_dropout_hides_the_dropped_words_characters_too():
+    ids = torch.tensor([[CLS_ID, 10, 11, 12, SEP_ID]])
+    labels = torch.tensor([[-100, 1, -100, 2, -100]])
+    chars = torch.randint(1, 200, (1, 5, 4))
+    torch.manual_seed(0)
+    for _ in range(50):
+        out = drop_words({"ids": ids, "labels": labels, "chars": chars}, 0.5)
+        hidden = out["ids"][0] == UNK_ID  # (S,)
+        assert torch.equal(out["chars"][0][hidden], torch.zeros_like(chars[0][hidden]))
+        assert torch.equal(out["chars"][0][~hidden], chars[0][~hidden])
 
 
 def test_relation_head_can_pool_the_tokens_between_the_markers():

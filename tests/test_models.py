@@ -195,6 +195,37 @@ def test_encoder_padding_does_not_change_real_tokens(head, position):
     assert not torch.allclose(m(padded)[:, :6], m(x))  # without the mask the padding is seen
 
 
+def test_char_cnn_features_follow_the_word_and_stay_out_of_wrappers_and_padding():
+    from trainformer.data.chars import word_bytes
+    from trainformer.nn import CharCNN
+
+    torch.manual_seed(0)
+    cnn = CharCNN(d_model=32, filters=16).eval()
+    rows = torch.from_numpy(word_bytes(["Paris", "paris", "Paris", ""]).astype("int64"))  # (4, W)
+    out = cnn(rows[None])[0]  # (4, D)
+    close(out[0], out[2])  # the same word, the same features
+    assert not torch.allclose(out[0], out[1])  # casing is seen
+    assert torch.equal(out[3], torch.zeros(32))  # no bytes (wrapper, padding): zeros
+
+
+def test_a_char_cnn_encoder_needs_its_characters_and_uses_them():
+    m, x = model("encoder", head="tagging", position="rope", char_cnn=8), ids(2, 6)
+    with pytest.raises(ValueError, match="char_cnn"):
+        m(x)
+    chars = torch.randint(1, 257, (2, 6, 20), generator=torch.Generator().manual_seed(2))
+    other = chars.clone()
+    other[0, 2] = (other[0, 2] % 200) + 1  # another word at one position
+    a, b = m(x, chars=chars), m(x, chars=other)
+    assert not torch.allclose(a[0], b[0]) and torch.equal(a[1], b[1])
+    padded, mask = _pad_right(x, 3)
+    pad_chars = torch.cat([chars, torch.zeros(2, 3, 20, dtype=torch.long)], dim=1)
+    close(m(padded, mask, chars=pad_chars)[:, :6], a)
+    with pytest.raises(ConfigError, match="char_cnn"):
+        from trainformer.config import from_dict
+
+        from_dict({"task": "relations", "model": {"family": "encoder", "head": "relation", "char_cnn": 8}})
+
+
 @pytest.mark.parametrize("position", ["learned", "rope"])
 def test_relation_head_uses_the_marked_positions_and_ignores_padding(position):
     m, x = model("encoder", head="relation", position=position), ids(2, 6)

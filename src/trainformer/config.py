@@ -59,6 +59,9 @@ class ModelConfig:
     num_labels: int = 0  # tagging / relation heads; 0: taken from the data
     head: Literal["lm", "mlm", "tagging", "relation"] = "lm"
     crf: bool = False  # tagging head: learn tag-path scores with a linear-chain CRF loss
+    # tagging: filters of a CNN over each word's UTF-8 bytes, whose output is added to the
+    # word's subword embeddings (0 = off); see `trainformer.nn.CharCNN`
+    char_cnn: int = 0
     # relation head: what it classifies. "start": the two entity-start markers' states;
     # "start_between": those and the mean state of the tokens between the two markers
     relation_pool: Literal["start", "start_between"] = "start"
@@ -198,6 +201,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "model.norm_eps": _POSITIVE,
     "model.init_std": _POSITIVE,
     "model.num_labels": _NON_NEGATIVE,
+    "model.char_cnn": _NON_NEGATIVE,
     "data.tokenizer.vocab_size": (lambda v: v >= 64, "an integer >= 64"),
     "data.max_tokens": _POSITIVE,
     "data.max_len": (lambda v: v >= 2, "an integer >= 2"),
@@ -257,6 +261,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.relation_pool: only the relation head pools (model.head is {m.head!r})")
     if m.crf and m.head != "tagging":
         raise ConfigError(f"model.crf: only the tagging head has a CRF (model.head is {m.head!r})")
+    if m.char_cnn and (m.head != "tagging" or m.family != "encoder"):
+        raise ConfigError(f"model.char_cnn: only the tagging encoder reads word characters "
+                          f"(model.family is {m.family!r}, model.head {m.head!r})")
     if cfg.data.word_dropout and m.head != "tagging":
         raise ConfigError(f"data.word_dropout: only tagging tasks drop words (model.head is {m.head!r})")
     if m.crf and cfg.eval.transition_weight is not None:

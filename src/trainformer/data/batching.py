@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from trainformer.data.cache import TokenStore
+from trainformer.data.chars import CHAR_WIDTH, subword_chars
 from trainformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from trainformer.errors import DataError
 
@@ -274,6 +275,7 @@ def collate_tagging(
     pad_id: int,
     cls_id: int | None = None,
     sep_id: int | None = None,
+    word_chars_list: Sequence[np.ndarray] | None = None,
 ) -> Batch:
     """Token-tagging batch: one label per word, carried by its first subword.
 
@@ -281,9 +283,11 @@ def collate_tagging(
         ids_list: subword ids per sentence; word_ids_list: word index of each subword.
         word_labels_list: label id per word.
         cls_id, sep_id: when given, wrap each sentence as [cls] ... [sep] (label -100).
+        word_chars_list: each sentence's `word_bytes` (N, W) or flattened, for a character CNN.
     Returns:
         ids (B, S) long, mask (B, S) bool, labels (B, S) long with -100 on padding,
-        wrappers and non-first subwords.
+        wrappers and non-first subwords; with `word_chars_list` also chars (B, S, W) long,
+        the bytes of each subword's word (0 on wrappers and padding).
     """
     labels = [first_subword_labels(w, lab) for w, lab in zip(word_ids_list, word_labels_list)]
     ids = [list(s) for s in ids_list]
@@ -295,11 +299,18 @@ def collate_tagging(
         labels = [np.concatenate([lab, [IGNORE_INDEX]]) for lab in labels]
     lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     width = int(lens.max())
-    return {
+    batch = {
         "ids": torch.from_numpy(pad_to_array(ids, pad_id, width)),
         "mask": torch.from_numpy(np.arange(width) < lens[:, None]),
         "labels": torch.from_numpy(pad_to_array(labels, IGNORE_INDEX, width)),
     }
+    if word_chars_list is not None:
+        chars = np.zeros((len(ids), width, CHAR_WIDTH), dtype=np.int64)  # (B, S, W)
+        start = int(cls_id is not None)
+        for row, (w, wc) in enumerate(zip(word_ids_list, word_chars_list)):
+            chars[row, start : start + len(w)] = subword_chars(wc, w)
+        batch["chars"] = torch.from_numpy(chars)
+    return batch
 
 
 def _pair_rows(

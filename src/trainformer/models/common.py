@@ -68,11 +68,17 @@ def embed_inputs(
     pos_embed: nn.Module | None,
     rope: RotaryEmbedding | None,
     drop: nn.Module,
+    extra: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Rope | None]:
-    """Token ids (B, T) and positions (T,) or (B, T) -> (x (B, T, D), rope (cos, sin) or None)."""
+    """Token ids (B, T) and positions (T,) or (B, T) -> (x (B, T, D), rope (cos, sin) or None).
+
+    `extra` (B, T, D), e.g. word-character features, is added before the dropout.
+    """
     x = tok_embed(ids)  # (B, T, D)
     if pos_embed is not None:
         x = x + pos_embed(positions)  # (T, D) or (B, T, D) broadcast
+    if extra is not None:
+        x = x + extra
     return drop(x), (rope(positions) if rope is not None else None)
 
 

@@ -3,6 +3,7 @@
 from trainformer.nn.attention import MultiHeadAttention, reference_attention
 from trainformer.nn.cache import KVCache, LayerKV
 from trainformer.nn.embedding import (
+    CharCNN,
     LearnedPositions,
     RotaryEmbedding,
     SinusoidalPositions,
@@ -17,7 +18,7 @@ from trainformer.nn.masks import causal_mask, key_padding_mask, positions_for, s
 from trainformer.nn.norm import make_norm
 
 __all__ = [
-    "DecoderLayer", "EncoderLayer", "FeedForward", "KVCache", "LayerKV", "LearnedPositions",
+    "CharCNN", "DecoderLayer", "EncoderLayer", "FeedForward", "KVCache", "LayerKV", "LearnedPositions",
     "MultiHeadAttention", "RotaryEmbedding", "SinusoidalPositions", "TokenEmbedding",
     "apply_rotary", "causal_mask", "init_weights", "key_padding_mask", "make_norm",
     "positions_for", "reference_attention", "scale_residual_projections",

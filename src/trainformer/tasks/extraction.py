@@ -359,8 +359,9 @@ def dataset_splits(
 # ----------------------------------------------------------------------------
 
 # What a fine-tuned model takes from the model it starts from: everything that
-# shapes the weights. The head, its label count, its CRF and dropout are the task's own.
-_OWN_KEYS = {"head", "num_labels", "dropout", "preset", "crf"}
+# shapes the weights. The head, its label count, its CRF, its character CNN and dropout
+# are the task's own (the pretrained encoder never has a character CNN: it starts fresh).
+_OWN_KEYS = {"head", "num_labels", "dropout", "preset", "crf", "char_cnn"}
 
 
 def pretrained_dir(init_from: str) -> Path:

@@ -34,6 +34,7 @@ from torch import nn
 from trainformer.config import Config
 from trainformer.data.batching import IGNORE_INDEX, collate_tagging
 from trainformer.data.cache import Ragged, TokenStore, texts_hash, tokenize_words_cached
+from trainformer.data.chars import word_bytes
 from trainformer.data.readers import TaggedSentence, read_conll
 from trainformer.data.tokenizer import (
     CLS_ID,
@@ -103,6 +104,7 @@ class Tagger:
         max_len: the model's window; longer sentences are cut (their last words get ``O``).
         batch_tokens: padded tokens per inference batch.
         prior: the tag-bigram prior used in decoding (None: the BIO validity rules only).
+        chars: give the models each word's bytes (`trainformer.data.chars`), for a character CNN.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class Tagger:
         batch_tokens: int = 8000,
         precision: str = "auto",
         prior: TransitionPrior | None = None,
+        chars: bool = False,
     ):
         self.models = list(model) if isinstance(model, Sequence) else [model]
         self.model, self.tokenizer, self.labels = self.models[0], tokenizer, labels
@@ -121,29 +124,33 @@ class Tagger:
         self.limit = max_len - 2  # room for <cls> and <sep>
         self.batch_tokens = batch_tokens
         self.precision = precision
+        self.chars = chars
         self.device = next(self.model.parameters()).device
         self.truncated = 0
 
-    def _encode(self, sentences: list[list[str]]) -> list[tuple[list[int], list[int]]]:
-        """(ids, word index of each id) per sentence, cut to the window (counted)."""
+    def _encode(self, sentences: list[list[str]]) -> list[tuple[list[int], list[int], np.ndarray | None]]:
+        """(ids, word index of each id, the words' bytes or None) per sentence, cut to the
+        window (counted)."""
         out = []
-        for ids, word_ids in self.tokenizer.encode_words_batch(sentences):
+        for words, (ids, word_ids) in zip(sentences, self.tokenizer.encode_words_batch(sentences)):
             if len(ids) > self.limit:
                 ids, word_ids = ids[: self.limit], word_ids[: self.limit]
                 self.truncated += 1
-            out.append((ids, word_ids))
+            out.append((ids, word_ids, word_bytes(words) if self.chars else None))
         return out
 
-    def _word_scores(self, encoded: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _word_scores(self, encoded: list[tuple[list[int], list[int], np.ndarray | None]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-word log-probabilities (B, N, L) from the first subwords, and words per sentence (B,)."""
-        n_words = [max(w, default=-1) + 1 for _, w in encoded]
+        n_words = [max(w, default=-1) + 1 for _, w, _ in encoded]
         # collate puts each word's index on its first subword (the "label"), -100 elsewhere
         batch = collate_tagging(
-            [ids for ids, _ in encoded], [w for _, w in encoded],
+            [ids for ids, _, _ in encoded], [w for _, w, _ in encoded],
             [np.arange(n) for n in n_words], PAD_ID, CLS_ID, SEP_ID,
+            [c for _, _, c in encoded] if self.chars else None,
         )
-        ids, mask, word_at = (batch[k].to(self.device) for k in ("ids", "mask", "labels"))
-        logp = sum(F.log_softmax(m(ids, mask).float(), dim=-1) for m in self.models) / len(self.models)  # (B, S, L)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        ids, mask, word_at, chars = batch["ids"], batch["mask"], batch["labels"], batch.get("chars")
+        logp = sum(F.log_softmax(m(ids, mask, chars=chars).float(), dim=-1) for m in self.models) / len(self.models)  # (B, S, L)
         first = word_at >= 0  # (B, S)
         rows = torch.arange(ids.shape[0], device=self.device)[:, None].expand_as(first)[first]
         # a word with no subword at all (e.g. only a zero-width space) keeps score 0: no preference
@@ -195,8 +202,9 @@ def load_tagger(model_dir: str | Path, device: str = "auto", precision: str = "a
         raise UserError(f"{loaded.path}: labels.json is missing")
     priors = [learned_prior(m.model) or load_prior(m.path / TRANSITIONS_FILE, m.labels) for m, _ in members]
     cfg = loaded.cfg
+    chars = any(m.cfg.model.char_cnn for m, _ in members)
     return Tagger([m.model for m, _ in members], tokenizer, loaded.labels, cfg.model.max_len, cfg.eval.batch_tokens,
-                  precision, mean_prior(priors, model_dir))
+                  precision, mean_prior(priors, model_dir), chars)
 
 
 def mean_prior(priors: Sequence[TransitionPrior | None], source: str | Path) -> TransitionPrior | None:
@@ -227,13 +235,15 @@ def load_prior(path: Path, labels: list[str]) -> TransitionPrior | None:
 # ----------------------------------------------------------------------------
 
 
-def drop_words(ids: torch.Tensor, labels: torch.Tensor, p: float) -> torch.Tensor:
-    """ids (B, S) with each word's subwords replaced by <unk> with probability `p`.
+def drop_words(batch: Batch, p: float) -> Batch:
+    """`batch` with each word's subwords replaced by <unk> with probability `p` (and, when the
+    batch has ``chars``, the word's bytes by padding, so the character CNN cannot see it either).
 
     A word starts at a labelled position (labels != IGNORE_INDEX) and runs up to the
     next one; <cls>, <sep> and padding are never touched. Uses the global RNG, which
     checkpoints save, so a resumed run draws the same words.
     """
+    ids, labels = batch["ids"], batch["labels"]  # (B, S), (B, S)
     starts = labels != IGNORE_INDEX  # (B, S) first subwords
     word = starts.long().cumsum(1)  # (B, S) 1-based word of each position (0: before the first)
     chosen = starts & (torch.rand(ids.shape, device=ids.device) < p)  # (B, S)
@@ -241,7 +251,11 @@ def drop_words(ids: torch.Tensor, labels: torch.Tensor, p: float) -> torch.Tenso
     dropped.scatter_(1, word.masked_fill(~chosen, 0), chosen)  # (B, S + 1): by word number
     dropped[:, 0] = False
     inside = (ids != PAD_ID) & (ids != CLS_ID) & (ids != SEP_ID)  # (B, S)
-    return ids.masked_fill(dropped.gather(1, word) & inside, UNK_ID)
+    hidden = dropped.gather(1, word) & inside  # (B, S)
+    out = {**batch, "ids": ids.masked_fill(hidden, UNK_ID)}
+    if "chars" in batch:
+        out["chars"] = batch["chars"].masked_fill(hidden[..., None], 0)  # (B, S, W)
+    return out
 
 
 class TaggingTask(FineTuneTask):
@@ -260,6 +274,9 @@ class TaggingTask(FineTuneTask):
         self.tokenizer = load_or_train_tokenizer(lambda: iter(texts), self.cfg.data.tokenizer,
                                                  cache_key=texts_hash(texts))
         store = tokenize_words_cached([s.tokens for s in examples], self.tokenizer)
+        fields = dict(store.fields)
+        if self.cfg.model.char_cnn:
+            fields["chars"] = Ragged.from_lists([word_bytes(s.tokens).ravel() for s in examples])
         label_id = {t: i for i, t in enumerate(self.labels)}
         tag_ids = [[label_id[t] for t in s.tags] for s in examples]
         tags = Ragged.from_lists(tag_ids)
@@ -270,10 +287,10 @@ class TaggingTask(FineTuneTask):
             name: [TaggedSentence(s.tokens, to_bio(s.tags), s.line) for s in splits[name].examples]
             for name in ("valid", "test")
         }
-        self.finish_setup(run_dir, rank, world_size, train, TokenStore({**store.fields, "tags": tags}), report)
+        self.finish_setup(run_dir, rank, world_size, train, TokenStore({**fields, "tags": tags}), report)
 
     def collate(self, rows: dict[str, list[np.ndarray]]) -> Batch:
-        return collate_tagging(rows["ids"], rows["word_ids"], rows["tags"], PAD_ID, CLS_ID, SEP_ID)
+        return collate_tagging(rows["ids"], rows["word_ids"], rows["tags"], PAD_ID, CLS_ID, SEP_ID, rows.get("chars"))
 
     def build_model(self) -> nn.Module:
         """The tagging encoder; a CRF head starts from the counted prior's log-probabilities,
@@ -287,7 +304,7 @@ class TaggingTask(FineTuneTask):
         return model
 
     def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return model(batch["ids"], batch["mask"]), batch["labels"]  # (B, S, L), (B, S)
+        return model(batch["ids"], batch["mask"], chars=batch.get("chars")), batch["labels"]  # (B, S, L), (B, S)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy per word, or with ``model.crf`` the CRF's negative log-likelihood
@@ -296,7 +313,7 @@ class TaggingTask(FineTuneTask):
         In training, ``data.word_dropout`` hides whole words (`drop_words`) first.
         """
         if model.training and self.cfg.data.word_dropout:
-            batch = {**batch, "ids": drop_words(batch["ids"], batch["labels"], self.cfg.data.word_dropout)}
+            batch = drop_words(batch, self.cfg.data.word_dropout)
         if not self.cfg.model.crf:
             return super().loss(model, batch)
         scores, tags, lengths = words_of(*self.logits(model, batch))  # (B, N, L), (B, N), (B,)
@@ -309,7 +326,7 @@ class TaggingTask(FineTuneTask):
         c = self.cfg
         prior = learned_prior(model) if c.model.crf else self.prior
         return Tagger(model, self.tokenizer, self.labels, c.model.max_len, c.eval.batch_tokens, c.train.precision,
-                      prior)
+                      prior, c.model.char_cnn > 0)
 
     def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:
         """seqeval scores of `split`. On valid, unless ``eval.transition_weight`` is set, every
