@@ -355,6 +355,21 @@ def test_a_character_cnn_tagger_learns_from_a_pretrained_encoder_without_one(run
     assert [(e["type"], e["text"]) for e in row["entities"]] == [("PER", "Anna Smith"), ("LOC", "Paris")]
 
 
+def test_a_character_cnn_tagger_survives_quantization_and_pruning(runs, tmp_path, capsys):
+    sentence = ["Anna Smith went home in Paris ."]
+    expected = load_tagger(runs / "ner-chars" / "model", device="cpu").extract(sentence)[0]["entities"]
+    code, _, err = cli(capsys, "quantize", str(runs / "ner-chars" / "model"), "--out", str(tmp_path / "q"),
+                       "--method", "dynamic")
+    assert code == 0, err
+    assert load_tagger(tmp_path / "q", device="cpu").extract(sentence)[0]["entities"] == expected
+    code, _, err = cli(capsys, "prune", str(runs / "ner-chars" / "model"), "--out", str(tmp_path / "p"),
+                       "--sparsity", "0.25", "--finetune-steps", "2")
+    assert code == 0, err
+    pruned = load_model_dir(tmp_path / "p", device="cpu")
+    assert pruned.cfg.model.char_cnn == 16 and "char_cnn.conv.weight" in pruned.model.state_dict()
+    assert load_tagger(tmp_path / "p", device="cpu").extract(sentence)[0]["text"] == sentence[0]
+
+
 @pytest.mark.parametrize("name", ["ner", "ner-crf", "ner-chars"])
 def test_a_saved_tagger_scores_on_its_splits_as_its_run_reported(runs, name):
     from trainformer.cli.train_seeds import score_model_dir
