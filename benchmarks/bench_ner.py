@@ -14,8 +14,8 @@ tokens), first-subword labels, the same WordPiece tokenizer (ours, from the
 MLM run), argmax decoding, seqeval on the test split.
 
 With ``--scratch`` both sides start from random weights and train for
-``--ner-minutes`` each: ours is ``ner-conll2003`` with ``init_from=null`` (its
-own cased 16k WordPiece, which the peer then uses too). This isolates the
+``--ner-minutes`` each: ours is the ``ner-conll2003`` recipe as it stands (random
+weights, its own cased 16k WordPiece, which the peer then uses too). This isolates the
 fine-tuning recipe and decoding from the pretraining.
 
 Writes OUT/bench_ner.json and OUT/bench_ner.md.
@@ -57,12 +57,18 @@ from trainformer.tasks.extraction import OUTSIDE, bio_labels, tag_type, to_bio
 from trainformer.tasks.tagging import score_entities
 
 
-def read_summary(run_dir: Path) -> dict:
-    """A finished run's summary.json, or a one-line exit naming what is missing."""
-    path = run_dir / "summary.json"
+def run_file(run_dir: Path, name: str) -> str:
+    """The text of a finished run's file `name` (e.g. summary.json), or a one-line exit
+    naming what is missing."""
+    path = run_dir / name
     if not path.is_file():
         sys.exit(f"bench_ner: {path}: not found; expected a finished run directory")
-    return json.loads(path.read_text())
+    return path.read_text()
+
+
+def read_summary(run_dir: Path) -> dict:
+    """A finished run's summary.json (see `run_file`)."""
+    return json.loads(run_file(run_dir, "summary.json"))
 
 
 def train_ours(out: Path, recipe: str, minutes: float, overrides: list[str]) -> dict:
@@ -236,13 +242,12 @@ def main() -> None:
     if args.scratch and args.ours_ner:
         ner_dir = tokenizer_dir = args.ours_ner
         ner = read_summary(ner_dir)
-        args.ner_minutes = float(yaml.safe_load((ner_dir / "config.yaml").read_text())["train"]["max_minutes"])
+        args.ner_minutes = float(yaml.safe_load(run_file(ner_dir, "config.yaml"))["train"]["max_minutes"])
         mlm = {"steps": 0, "valid": {}, "train_time_s": 0.0}
         args.mlm_minutes = 0.0
     elif args.scratch:
         ner_dir = args.out / "ours-ner"
-        scratch = ["init_from=null", "data.tokenizer.vocab_size=16000", "data.tokenizer.lowercase=false"]
-        ner = train_ours(ner_dir, "ner-conll2003", args.ner_minutes, [*scratch, *args.set_ner])
+        ner = train_ours(ner_dir, "ner-conll2003", args.ner_minutes, args.set_ner)  # the recipe starts from random weights
         mlm = {"steps": 0, "valid": {}, "train_time_s": 0.0}
         args.mlm_minutes = 0.0
         tokenizer_dir = ner_dir  # the peer uses the tokenizer our run trained
@@ -256,7 +261,7 @@ def main() -> None:
         mlm = train_ours(tokenizer_dir, "encoder-mlm", args.mlm_minutes, args.set_mlm)
         ner = train_ours(ner_dir, "ner-conll2003", args.ner_minutes, [f"init_from={tokenizer_dir}", *args.set_ner])
     args.peer_minutes = args.peer_minutes or args.mlm_minutes + args.ner_minutes  # --scratch: ner minutes
-    ner_model = json.loads((ner_dir / "model" / "config.json").read_text())["model"]
+    ner_model = json.loads(run_file(ner_dir, "model/config.json"))["model"]
     ours = {"test": ner["test"], "valid": ner["valid"], "steps": ner["steps"], "params": ner["params"],
             "mlm_steps": mlm["steps"], "mlm_ppl": mlm["valid"].get("ppl"), "mlm_accuracy": mlm["valid"].get("accuracy"),
             "ner_train_time_s": ner["train_time_s"], "mlm_train_time_s": mlm["train_time_s"],

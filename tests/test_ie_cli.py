@@ -99,7 +99,7 @@ def runs(tmp_path_factory):
         "ner-chars": f"task: ner\ndescription: tiny\ninit_from: {root / 'mlm'}\n"
                      f"model: {MODEL % 'tagging, crf: true, char_cnn: 16'}\n"
                      f"data: {{dataset: {root / 'train.conll'}, max_tokens: 512, valid_size: 40, test_size: 60,"
-                     " word_dropout: 0.1}\n"
+                     " word_dropout: 0.1, rare_word_dropout: 0.5}\n"
                      f"optim: {{lr: 0.005, warmup_steps: 5, schedule: linear}}\ntrain: {TRAIN % 70}\n",
         "rel": f"task: relations\ndescription: tiny\ninit_from: {root / 'mlm'}\nmodel: {MODEL % 'relation'}\n"
                f"data: {{dataset: {root / 'rel.tsv'}, max_tokens: 512, valid_size: 40, test_size: 40}}\n"

@@ -33,7 +33,7 @@ from trainformer.tasks.relations import (
     relation_type,
     semeval_scores,
 )
-from trainformer.tasks.tagging import drop_words
+from trainformer.tasks.tagging import drop_words, word_flags
 
 LABELS = bio_labels(["PER", "LOC"])  # O, B-LOC, I-LOC, B-PER, I-PER
 
@@ -187,6 +187,28 @@ def test_word_dropout_hides_the_dropped_words_characters_too():
         assert torch.equal(out["chars"][0][~hidden], chars[0][~hidden])
 
 
+def test_rare_word_dropout_hides_only_rare_words_and_keeps_their_characters():
+    # <cls> w0 w0## w1 w2 <sep> <pad>: w0 and w2 occur once in training, w1 often
+    word_ids = [np.array([0, 0, 1, 2])]
+    rare = word_flags(word_ids, [np.array([1, 0, 1])], 7)
+    assert rare.tolist() == [[False, True, True, False, True, False, False]]
+    ids = torch.tensor([[CLS_ID, 10, 11, 12, 13, SEP_ID, PAD_ID]])
+    labels = torch.tensor([[-100, 1, -100, 2, 3, -100, -100]])
+    chars = torch.randint(1, 200, (1, 7, 4))
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(100):
+        out = drop_words({"ids": ids, "labels": labels, "chars": chars}, 0.5, only=rare, keep_chars=True)
+        seen.add(tuple(out["ids"][0].tolist()))
+        assert torch.equal(out["chars"], chars)  # the characters stay: the model learns to read them
+    words = {(10, 11): True, (12,): False, (13,): True}
+    expected = {(CLS_ID, *itertools.chain(*[(UNK_ID,) * len(w) if r and d else w for (w, r), d in zip(words.items(), hide)]),
+                 SEP_ID, PAD_ID) for hide in itertools.product([False, True], repeat=3)}
+    assert seen == expected  # w1 is never hidden; w0 (whole) and w2 are, in every combination
+    # a separator between two windowed sentences (word -1) is no word
+    assert word_flags([np.array([0, -1, 1])], [np.array([1, 1])], 5).tolist() == [[False, True, False, True, False]]
+
+
 def test_relation_head_can_pool_the_tokens_between_the_markers():
     h = torch.randn(3, 6, 4)  # (B, S, D)
     means = span_mean(h, torch.tensor([1, 2, 3]), torch.tensor([4, 3, 3]))
@@ -213,6 +235,9 @@ def test_word_dropout_config_is_checked():
     with pytest.raises(ConfigError, match="data.word_dropout: only tagging"):
         from_dict({"task": "relations", "model": {"family": "encoder", "head": "relation"},
                    "data": {"word_dropout": 0.1}})
+    with pytest.raises(ConfigError, match="data.rare_word_dropout: only tagging"):
+        from_dict({"task": "relations", "model": {"family": "encoder", "head": "relation"},
+                   "data": {"rare_word_dropout": 0.5}})
     with pytest.raises(ConfigError, match=r"data.word_dropout: expected a number in \[0, 1\)"):
         from_dict({"task": "ner", "model": {"family": "encoder", "head": "tagging"},
                    "data": {"word_dropout": 1.0}})

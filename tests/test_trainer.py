@@ -337,6 +337,40 @@ def test_early_stopping_and_best(tmp_path):
     assert json.loads((t.run_dir.checkpoints / "best/best.json").read_text())["step"] == 2
 
 
+def peaking_task(script: list[float]):
+    """A task whose valid accuracy follows `script`, one value per distinct set of weights, so
+    weights loaded again score what they scored before (test: a tenth of it)."""
+
+    class PeakTask(ToyTask):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.script, self.seen = iter(script), {}
+
+        def evaluate(self, model, split="valid"):
+            key = tuple(round(float(p.detach().double().sum()), 9) for p in model.parameters())
+            if key not in self.seen:
+                self.seen[key] = next(self.script)
+            return {"accuracy": self.seen[key] if split == "valid" else self.seen[key] / 10}
+
+    return PeakTask
+
+
+def test_keep_best_ends_with_the_weights_best_on_valid(tmp_path):
+    t = make_trainer(tmp_path, "train.eval_every=1", "train.max_steps=4", "train.keep_best=true",
+                     task_cls=peaking_task([0.5, 0.9, 0.4, 0.3, 0.0]))
+    summary = t.fit()
+    assert summary["kept_best"] and summary["best"] == {"step": 2, "value": 0.9}
+    assert summary["valid"]["accuracy"] == 0.9 and summary["test"]["accuracy"] == pytest.approx(0.09)
+    best = load_file(t.run_dir.checkpoints / "best" / "model.safetensors")
+    final = load_file(t.run_dir.path / "model" / "model.safetensors")
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+    # the last weights are the best: nothing to restore
+    t = make_trainer(tmp_path, "train.eval_every=1", "train.max_steps=3", "train.keep_best=true",
+                     task_cls=peaking_task([0.3, 0.5, 0.9]), name="rising")
+    summary = t.fit()
+    assert not summary["kept_best"] and summary["valid"]["accuracy"] == 0.9
+
+
 def test_max_epochs_stops_at_the_end_of_an_epoch(tmp_path):
     t = make_trainer(tmp_path, "train.max_epochs=1", "train.max_steps=1000", "train.eval_every=0",
                      task_cls=lambda cfg: ToyTask(cfg, n_train=30))

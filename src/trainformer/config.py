@@ -98,6 +98,12 @@ class DataConfig:
     # tagging: in training, each word's subwords become <unk> with this probability, so the model
     # must tag from context (names unseen in training are the rule at test time)
     word_dropout: float = 0.0
+    # tagging: in training, each word seen only once in the training data becomes <unk> with this
+    # probability, its characters kept (Lample et al. 2016): practice at names never seen before
+    rare_word_dropout: float = 0.0
+    # tagging: consecutive sentences (file or input order) are read together in windows of up to
+    # this many subwords, so each is tagged with its neighbours in view (0: each sentence alone)
+    context_window: int = 0
 
 
 @dataclass
@@ -138,6 +144,9 @@ class TrainConfig:
     keep_last: int = 3
     average_last: int = 0  # average the last N checkpoints at the end (fairseq style); 0 = off
     early_stopping: int = 0  # evaluations without improvement before stopping; 0 = off
+    # at the end, test and model/ use the weights that scored best on valid (saved at each new
+    # best in checkpoints/best), when they beat the last (or averaged) ones
+    keep_best: bool = False
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
     progress: bool = True
 
@@ -211,6 +220,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "data.seq_len": (lambda v: v >= 2, "an integer >= 2"),
     "data.mlm_probability": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "data.word_dropout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "data.context_window": _NON_NEGATIVE,
+    "data.rare_word_dropout": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
     "optim.lr": _POSITIVE,
     "optim.eps": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
@@ -264,8 +275,14 @@ def _validate(cfg: Config) -> None:
     if m.char_cnn and (m.head != "tagging" or m.family != "encoder"):
         raise ConfigError(f"model.char_cnn: only the tagging encoder reads word characters "
                           f"(model.family is {m.family!r}, model.head {m.head!r})")
-    if cfg.data.word_dropout and m.head != "tagging":
-        raise ConfigError(f"data.word_dropout: only tagging tasks drop words (model.head is {m.head!r})")
+    for key in ("word_dropout", "rare_word_dropout"):
+        if getattr(cfg.data, key) and m.head != "tagging":
+            raise ConfigError(f"data.{key}: only tagging tasks drop words (model.head is {m.head!r})")
+    if cfg.data.context_window and m.head != "tagging":
+        raise ConfigError(f"data.context_window: only tagging tasks read sentences in windows (model.head is {m.head!r})")
+    if cfg.data.context_window > min(cfg.data.max_len, m.max_len):
+        raise ConfigError(f"data.context_window: expected at most data.max_len and model.max_len "
+                          f"({min(cfg.data.max_len, m.max_len)}), got {cfg.data.context_window}")
     if m.crf and cfg.eval.transition_weight is not None:
         raise ConfigError("eval.transition_weight: weighs the counted tag prior; a model.crf model decodes "
                           "with its learned transition scores (set it to null, or model.crf: false)")

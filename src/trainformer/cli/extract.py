@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
         "in input order. NER model: {\"text\", \"entities\": [{\"type\", \"text\", \"start\", \"end\"}]} "
         "with character offsets into the line (end exclusive). Relation model: each line marks two "
         "entities with <e1>..</e1> and <e2>..</e2>; output {\"text\", \"relation\", \"score\"}. "
-        "Empty lines give empty results; over-long lines are truncated with a warning.",
+        "Empty lines give empty results; over-long lines are truncated with a warning. A NER model "
+        "trained with data.context_window reads consecutive lines together, as one document.",
         model_help="a model/ directory or a run directory (ner or relations)",
     )
     add_io_args(p)

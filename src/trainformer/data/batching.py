@@ -31,6 +31,7 @@ import torch
 from trainformer.data.cache import TokenStore
 from trainformer.data.chars import CHAR_WIDTH, subword_chars
 from trainformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from trainformer.data.windows import sentence_index
 from trainformer.errors import DataError
 
 Batch = dict[str, torch.Tensor]
@@ -259,10 +260,12 @@ def collate_pairs(
 
 
 def first_subword_labels(word_ids: Sequence[int], word_labels: Sequence[int]) -> np.ndarray:
-    """(S,) the word's label on its first subword, -100 on the others."""
+    """(S,) the word's label on its first subword, -100 on the others (and on word index -1:
+    a separator between sentences, `trainformer.data.windows`)."""
     w = np.asarray(word_ids, dtype=np.int64)
     first = np.ones(len(w), dtype=bool)
     first[1:] = w[1:] != w[:-1]
+    first &= w >= 0
     labels = np.full(len(w), IGNORE_INDEX, dtype=np.int64)
     labels[first] = np.asarray(word_labels, dtype=np.int64)[w[first]]
     return labels
@@ -276,18 +279,24 @@ def collate_tagging(
     cls_id: int | None = None,
     sep_id: int | None = None,
     word_chars_list: Sequence[np.ndarray] | None = None,
+    sentence_words_list: Sequence[Sequence[int]] | None = None,
 ) -> Batch:
     """Token-tagging batch: one label per word, carried by its first subword.
 
     Args:
-        ids_list: subword ids per sentence; word_ids_list: word index of each subword.
+        ids_list: subword ids per sentence (or window of sentences); word_ids_list: word
+            index of each subword (-1: a separator, no word).
         word_labels_list: label id per word.
         cls_id, sep_id: when given, wrap each sentence as [cls] ... [sep] (label -100).
         word_chars_list: each sentence's `word_bytes` (N, W) or flattened, for a character CNN.
+        sentence_words_list: for windows of several sentences (`trainformer.data.windows`),
+            each row's word count per sentence.
     Returns:
         ids (B, S) long, mask (B, S) bool, labels (B, S) long with -100 on padding,
         wrappers and non-first subwords; with `word_chars_list` also chars (B, S, W) long,
-        the bytes of each subword's word (0 on wrappers and padding).
+        the bytes of each subword's word (0 on wrappers and padding); with
+        `sentence_words_list` also sentence (B, S) long, the batch-wide number of each
+        subword's sentence (-1 on wrappers, separators and padding).
     """
     labels = [first_subword_labels(w, lab) for w, lab in zip(word_ids_list, word_labels_list)]
     ids = [list(s) for s in ids_list]
@@ -310,6 +319,9 @@ def collate_tagging(
         for row, (w, wc) in enumerate(zip(word_ids_list, word_chars_list)):
             chars[row, start : start + len(w)] = subword_chars(wc, w)
         batch["chars"] = torch.from_numpy(chars)
+    if sentence_words_list is not None:
+        batch["sentence"] = torch.from_numpy(sentence_index(word_ids_list, sentence_words_list, width,
+                                                            int(cls_id is not None)))
     return batch
 
 

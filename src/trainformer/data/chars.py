@@ -29,6 +29,9 @@ def word_bytes(words: Sequence[str], width: int = CHAR_WIDTH) -> np.ndarray:
 
 def subword_chars(word_chars: np.ndarray, word_ids: Sequence[int], width: int = CHAR_WIDTH) -> np.ndarray:
     """The bytes of the word each subword came from: word_chars (N * width,) or (N, width),
-    word_ids (S,) -> (S, width)."""
+    word_ids (S,) -> (S, width); zeros where the word index is -1 (a separator)."""
     rows = np.asarray(word_chars).reshape(-1, width)
-    return rows[np.asarray(word_ids, dtype=np.int64)]
+    w = np.asarray(word_ids, dtype=np.int64)
+    if len(rows) == 0:
+        return np.zeros((len(w), width), dtype=rows.dtype)
+    return np.where((w >= 0)[:, None], rows[np.maximum(w, 0)], 0)  # word -1 (a separator): no bytes

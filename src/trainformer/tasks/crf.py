@@ -29,24 +29,35 @@ from trainformer.tasks.extraction import TransitionPrior, allowed_transitions
 FORBIDDEN = -1e4
 
 
-def words_of(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-subword logits -> per-word ones, using the first-subword labels.
+def words_of(
+    logits: torch.Tensor, labels: torch.Tensor, sentence: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-subword logits -> per-word ones of each sentence, using the first-subword labels.
 
     Args:
         logits: (B, S, L) tag logits of every subword.
         labels: (B, S) a word's tag id on its first subword, -100 elsewhere.
+        sentence: (B, S) the batch-wide sentence number of each subword when a row holds
+            several sentences (`trainformer.data.windows`); None: one sentence per row.
     Returns:
-        scores (B, N, L), tags (B, N) (0 past a sentence's end), lengths (B,), N = most words.
+        scores (K, N, L), tags (K, N) (0 past a sentence's end), lengths (K,): K sentences
+        (B without `sentence`), N = most words.
     """
     first = labels >= 0  # (B, S)
-    lengths = first.sum(dim=1)  # (B,)
+    if sentence is None:
+        owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(first)[first]  # (n,)
+        k = labels.shape[0]
+    else:
+        owner = sentence[first]  # (n,) ascending: sentences are numbered row by row
+        k = int(sentence.max()) + 1 if sentence.numel() else 0
+    lengths = torch.bincount(owner, minlength=k)  # (K,)
+    start = lengths.cumsum(0) - lengths  # (K,) where each sentence's words begin among the n
+    word = torch.arange(owner.numel(), device=labels.device) - start[owner]  # (n,) index within its sentence
     n = max(int(lengths.max()), 1) if lengths.numel() else 1
-    word = first.long().cumsum(dim=1) - 1  # (B, S): index of the word a first subword starts
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(first)[first]
-    scores = logits.new_zeros(labels.shape[0], n, logits.shape[-1])  # (B, N, L)
-    scores[rows, word[first]] = logits[first]
-    tags = labels.new_zeros(labels.shape[0], n)  # (B, N)
-    tags[rows, word[first]] = labels[first]
+    scores = logits.new_zeros(k, n, logits.shape[-1])  # (K, N, L)
+    scores[owner, word] = logits[first]
+    tags = labels.new_zeros(k, n)  # (K, N)
+    tags[owner, word] = labels[first]
     return scores, tags, lengths
 
 

@@ -476,8 +476,13 @@ class FineTuneTask(Task):
         m = self.cfg.model
         m.vocab_size, m.num_labels, m.head = self.tokenizer.vocab_size, len(self.labels), self.head
         self.report = {**report, "labels": self.labels, "train_examples": int(len(self.train_index)),
-                       "train_dropped_too_long": int(len(train) - len(self.train_index))}
+                       "train_dropped_too_long": int(len(train) - len(self.train_index)), **self.pack_train()}
         self.write_data_report(run_dir, rank)
+
+    def pack_train(self) -> dict[str, Any]:
+        """Regroup the kept training rows (`store`, `train_index`, `lengths`) before batching;
+        returns what to add to the data report. Default: nothing to do."""
+        return {}
 
     def collate(self, rows: dict[str, list[np.ndarray]]) -> Batch:
         """A training batch from ``store.take(rows)``."""

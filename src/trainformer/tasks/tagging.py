@@ -21,6 +21,7 @@ rules), micro-averaged and per type.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from trainformer.data.tokenizer import (
     TextTokenizer,
     load_or_train_tokenizer,
 )
+from trainformer.data.windows import join_sentences, window_groups, window_store
 from trainformer.errors import UserError
 from trainformer.generation.steppers import eval_mode
 from trainformer.tasks.base import Batch
@@ -91,6 +93,10 @@ TRANSITIONS_FILE = "transitions.json"
 # Inference
 # ----------------------------------------------------------------------------
 
+# One sentence ready for the model: subword ids, their word indexes, the words' bytes (or
+# None), the number of words.
+Encoded = tuple[list[int], list[int], np.ndarray | None, int]
+
 
 class Tagger:
     """Batched BIO tagging of pre-split sentences with a trained tagging encoder, or several.
@@ -105,6 +111,8 @@ class Tagger:
         batch_tokens: padded tokens per inference batch.
         prior: the tag-bigram prior used in decoding (None: the BIO validity rules only).
         chars: give the models each word's bytes (`trainformer.data.chars`), for a character CNN.
+        context_window: read consecutive sentences together in windows of up to this many
+            positions (`trainformer.data.windows`; 0: each sentence alone), as the model was trained.
     """
 
     def __init__(
@@ -117,6 +125,7 @@ class Tagger:
         precision: str = "auto",
         prior: TransitionPrior | None = None,
         chars: bool = False,
+        context_window: int = 0,
     ):
         self.models = list(model) if isinstance(model, Sequence) else [model]
         self.model, self.tokenizer, self.labels = self.models[0], tokenizer, labels
@@ -125,37 +134,48 @@ class Tagger:
         self.batch_tokens = batch_tokens
         self.precision = precision
         self.chars = chars
+        self.context_window = min(context_window, max_len)
         self.device = next(self.model.parameters()).device
         self.truncated = 0
 
-    def _encode(self, sentences: list[list[str]]) -> list[tuple[list[int], list[int], np.ndarray | None]]:
-        """(ids, word index of each id, the words' bytes or None) per sentence, cut to the
-        window (counted)."""
+    def _encode(self, sentences: list[list[str]]) -> list[Encoded]:
+        """(ids, word index of each id, the words' bytes or None, word count) per sentence, cut
+        to the window (counted)."""
         out = []
         for words, (ids, word_ids) in zip(sentences, self.tokenizer.encode_words_batch(sentences)):
             if len(ids) > self.limit:
                 ids, word_ids = ids[: self.limit], word_ids[: self.limit]
                 self.truncated += 1
-            out.append((ids, word_ids, word_bytes(words) if self.chars else None))
+            out.append((ids, word_ids, word_bytes(words) if self.chars else None, len(words)))
         return out
 
-    def _word_scores(self, encoded: list[tuple[list[int], list[int], np.ndarray | None]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-word log-probabilities (B, N, L) from the first subwords, and words per sentence (B,)."""
-        n_words = [max(w, default=-1) + 1 for _, w, _ in encoded]
-        # collate puts each word's index on its first subword (the "label"), -100 elsewhere
+    def _windows(self, encoded: list[Encoded]) -> list[list[int]]:
+        """Positions in `encoded` of each window of consecutive sentences read together
+        (one sentence per window without a context window)."""
+        if not self.context_window:
+            return [[i] for i in range(len(encoded))]
+        return window_groups([len(e[0]) for e in encoded], self.context_window)
+
+    def _word_scores(self, windows: list[list[Encoded]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-word log-probabilities (K, N, L) of the K sentences of `windows`, in order, from
+        their first subwords, and words per sentence (K,) up to the last word with a subword."""
+        rows = [join_sentences([e[0] for e in win], [e[1] for e in win], [e[3] for e in win], SEP_ID)
+                for win in windows]
+        # collate puts each word's index within its sentence on its first subword, -100 elsewhere
         batch = collate_tagging(
-            [ids for ids, _, _ in encoded], [w for _, w, _ in encoded],
-            [np.arange(n) for n in n_words], PAD_ID, CLS_ID, SEP_ID,
-            [c for _, _, c in encoded] if self.chars else None,
+            [ids for ids, _ in rows], [w for _, w in rows],
+            [np.concatenate([np.arange(e[3]) for e in win]) for win in windows], PAD_ID, CLS_ID, SEP_ID,
+            [np.concatenate([e[2] for e in win]) for win in windows] if self.chars else None,
+            [[e[3] for e in win] for win in windows],
         )
         batch = {k: v.to(self.device) for k, v in batch.items()}
         ids, mask, word_at, chars = batch["ids"], batch["mask"], batch["labels"], batch.get("chars")
         logp = sum(F.log_softmax(m(ids, mask, chars=chars).float(), dim=-1) for m in self.models) / len(self.models)  # (B, S, L)
         first = word_at >= 0  # (B, S)
-        rows = torch.arange(ids.shape[0], device=self.device)[:, None].expand_as(first)[first]
+        n_words = [max(e[1], default=-1) + 1 for win in windows for e in win]
         # a word with no subword at all (e.g. only a zero-width space) keeps score 0: no preference
-        scores = logp.new_zeros(ids.shape[0], max(max(n_words), 1), logp.shape[-1])  # (B, N, L)
-        scores[rows, word_at[first]] = logp[first]
+        scores = logp.new_zeros(len(n_words), max(max(n_words), 1), logp.shape[-1])  # (K, N, L)
+        scores[batch["sentence"][first], word_at[first]] = logp[first]
         return scores, torch.tensor(n_words)
 
     def tag(self, sentences: list[list[str]]) -> list[list[str]]:
@@ -169,13 +189,16 @@ class Tagger:
         out = {w: [[OUTSIDE] * len(s) for s in sentences] for w in weights}
         todo = [i for i, s in enumerate(sentences) if s]
         encoded = self._encode([sentences[i] for i in todo])
+        windows = self._windows(encoded)
+        lengths = [sum(len(encoded[i][0]) + 1 for i in win) + 1 for win in windows]  # + <cls> and the <sep>s
         with eval_mode(*self.models), inference_autocast(self.device, self.precision):
-            for batch in inference_batches([len(e[0]) + 2 for e in encoded], self.batch_tokens):
-                scores, n_words = self._word_scores([encoded[b] for b in batch])
+            for batch in inference_batches(lengths, self.batch_tokens):
+                scores, n_words = self._word_scores([[encoded[i] for i in windows[b]] for b in batch])
+                order = [i for b in batch for i in windows[b]]  # the sentences of `scores`, in order
                 for w in weights:
                     prior = self.prior.with_weight(w) if self.prior is not None else None
-                    for b, path in zip(batch, viterbi_bio(scores, n_words, self.labels, prior)):
-                        out[w][todo[b]][: len(path)] = [self.labels[k] for k in path]
+                    for i, path in zip(order, viterbi_bio(scores, n_words, self.labels, prior)):
+                        out[w][todo[i]][: len(path)] = [self.labels[k] for k in path]
         return out
 
     def extract(self, lines: list[str]) -> list[dict[str, Any]]:
@@ -203,8 +226,11 @@ def load_tagger(model_dir: str | Path, device: str = "auto", precision: str = "a
     priors = [learned_prior(m.model) or load_prior(m.path / TRANSITIONS_FILE, m.labels) for m, _ in members]
     cfg = loaded.cfg
     chars = any(m.cfg.model.char_cnn for m, _ in members)
+    if len({m.cfg.data.context_window for m, _ in members}) > 1:
+        raise UserError(f"{model_dir}: the members were trained with different data.context_window; "
+                        "an ensemble reads its sentences one way for all")
     return Tagger([m.model for m, _ in members], tokenizer, loaded.labels, cfg.model.max_len, cfg.eval.batch_tokens,
-                  precision, mean_prior(priors, model_dir), chars)
+                  precision, mean_prior(priors, model_dir), chars, cfg.data.context_window)
 
 
 def mean_prior(priors: Sequence[TransitionPrior | None], source: str | Path) -> TransitionPrior | None:
@@ -235,27 +261,42 @@ def load_prior(path: Path, labels: list[str]) -> TransitionPrior | None:
 # ----------------------------------------------------------------------------
 
 
-def drop_words(batch: Batch, p: float) -> Batch:
+def drop_words(batch: Batch, p: float, only: torch.Tensor | None = None, keep_chars: bool = False) -> Batch:
     """`batch` with each word's subwords replaced by <unk> with probability `p` (and, when the
-    batch has ``chars``, the word's bytes by padding, so the character CNN cannot see it either).
+    batch has ``chars``, unless `keep_chars`, the word's bytes by padding, so the character CNN
+    cannot see it either).
 
     A word starts at a labelled position (labels != IGNORE_INDEX) and runs up to the
-    next one; <cls>, <sep> and padding are never touched. Uses the global RNG, which
-    checkpoints save, so a resumed run draws the same words.
+    next one; <cls>, <sep> and padding are never touched. `only` (B, S) bool, on a word's
+    first subword, limits the draw to those words (e.g. the rare ones). Uses the global
+    RNG, which checkpoints save, so a resumed run draws the same words.
     """
     ids, labels = batch["ids"], batch["labels"]  # (B, S), (B, S)
     starts = labels != IGNORE_INDEX  # (B, S) first subwords
     word = starts.long().cumsum(1)  # (B, S) 1-based word of each position (0: before the first)
     chosen = starts & (torch.rand(ids.shape, device=ids.device) < p)  # (B, S)
+    if only is not None:
+        chosen &= only
     dropped = torch.zeros(ids.shape[0], ids.shape[1] + 1, dtype=torch.bool, device=ids.device)
     dropped.scatter_(1, word.masked_fill(~chosen, 0), chosen)  # (B, S + 1): by word number
     dropped[:, 0] = False
     inside = (ids != PAD_ID) & (ids != CLS_ID) & (ids != SEP_ID)  # (B, S)
     hidden = dropped.gather(1, word) & inside  # (B, S)
     out = {**batch, "ids": ids.masked_fill(hidden, UNK_ID)}
-    if "chars" in batch:
+    if "chars" in batch and not keep_chars:
         out["chars"] = batch["chars"].masked_fill(hidden[..., None], 0)  # (B, S, W)
     return out
+
+
+def word_flags(word_ids_list: Sequence[np.ndarray], flags_list: Sequence[np.ndarray], width: int) -> torch.Tensor:
+    """(B, width) bool: each subword's word flag (a per-word 0/1 list per row), after <cls>;
+    False on wrappers, separators (word -1) and padding."""
+    out = np.zeros((len(word_ids_list), width), dtype=bool)
+    for row, (w, f) in enumerate(zip(word_ids_list, flags_list)):
+        w = np.asarray(w, dtype=np.int64)
+        known = np.flatnonzero(w >= 0)
+        out[row, 1 + known] = np.asarray(f, dtype=bool)[w[known]]
+    return torch.from_numpy(out)
 
 
 class TaggingTask(FineTuneTask):
@@ -277,6 +318,9 @@ class TaggingTask(FineTuneTask):
         fields = dict(store.fields)
         if self.cfg.model.char_cnn:
             fields["chars"] = Ragged.from_lists([word_bytes(s.tokens).ravel() for s in examples])
+        if self.cfg.data.rare_word_dropout:
+            counts = Counter(w for s in examples for w in s.tokens)
+            fields["rare"] = Ragged.from_lists([[int(counts[w] == 1) for w in s.tokens] for s in examples])
         label_id = {t: i for i, t in enumerate(self.labels)}
         tag_ids = [[label_id[t] for t in s.tags] for s in examples]
         tags = Ragged.from_lists(tag_ids)
@@ -289,8 +333,22 @@ class TaggingTask(FineTuneTask):
         }
         self.finish_setup(run_dir, rank, world_size, train, TokenStore({**fields, "tags": tags}), report)
 
+    def pack_train(self) -> dict[str, Any]:
+        """With ``data.context_window``, the training sentences (in file order) become windows of
+        consecutive sentences (`trainformer.data.windows`), the rows the sampler batches."""
+        if not self.cfg.data.context_window:
+            return {}
+        self.store = window_store(self.store, self.train_index, self.cfg.data.context_window, SEP_ID)
+        self.train_index = np.arange(len(self.store))
+        self.lengths = self.store.lengths("ids") + 2  # + <cls> and the last <sep>
+        return {"train_windows": len(self.store)}
+
     def collate(self, rows: dict[str, list[np.ndarray]]) -> Batch:
-        return collate_tagging(rows["ids"], rows["word_ids"], rows["tags"], PAD_ID, CLS_ID, SEP_ID, rows.get("chars"))
+        batch = collate_tagging(rows["ids"], rows["word_ids"], rows["tags"], PAD_ID, CLS_ID, SEP_ID,
+                                rows.get("chars"), rows.get("sentence_words"))
+        if "rare" in rows:
+            batch["rare"] = word_flags(rows["word_ids"], rows["rare"], batch["ids"].shape[1])
+        return batch
 
     def build_model(self) -> nn.Module:
         """The tagging encoder; a CRF head starts from the counted prior's log-probabilities,
@@ -310,13 +368,16 @@ class TaggingTask(FineTuneTask):
         """Cross-entropy per word, or with ``model.crf`` the CRF's negative log-likelihood
         per sentence, summed (and divided by the words, like the cross-entropy).
 
-        In training, ``data.word_dropout`` hides whole words (`drop_words`) first.
+        In training, ``data.word_dropout`` hides whole words (`drop_words`) first, and
+        ``data.rare_word_dropout`` the subwords of words seen once in training (not their bytes).
         """
         if model.training and self.cfg.data.word_dropout:
             batch = drop_words(batch, self.cfg.data.word_dropout)
+        if model.training and self.cfg.data.rare_word_dropout:
+            batch = drop_words(batch, self.cfg.data.rare_word_dropout, only=batch["rare"], keep_chars=True)
         if not self.cfg.model.crf:
             return super().loss(model, batch)
-        scores, tags, lengths = words_of(*self.logits(model, batch))  # (B, N, L), (B, N), (B,)
+        scores, tags, lengths = words_of(*self.logits(model, batch), batch.get("sentence"))  # (K, N, L), (K, N), (K,)
         head = tagging_head(model)
         nll = crf_nll(scores, tags, lengths, head.crf_start, head.crf_trans, self.labels)
         return nll, lengths.sum().float()
@@ -326,7 +387,7 @@ class TaggingTask(FineTuneTask):
         c = self.cfg
         prior = learned_prior(model) if c.model.crf else self.prior
         return Tagger(model, self.tokenizer, self.labels, c.model.max_len, c.eval.batch_tokens, c.train.precision,
-                      prior, c.model.char_cnn > 0)
+                      prior, c.model.char_cnn > 0, c.data.context_window)
 
     def evaluate(self, model: nn.Module, split: str = "valid") -> dict[str, float]:
         """seqeval scores of `split`. On valid, unless ``eval.transition_weight`` is set, every

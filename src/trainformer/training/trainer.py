@@ -628,6 +628,20 @@ class Trainer:
         self._print(f"averaged the weights of {len(paths)} checkpoints: {paths[0].name}..{paths[-1].name}")
         return len(paths)
 
+    def _restore_best(self, valid: dict[str, float]) -> bool:
+        """Load ``checkpoints/best`` (train.keep_best) if it scored better on valid than the
+        weights in hand, whose scores are `valid`; True if it did."""
+        s, main = self.state, self.task.main_metric
+        path = self.run_dir.checkpoints / "best"
+        if s.best_value is None or main not in valid or not (path / ckpt.WEIGHTS).is_file():
+            return False
+        if self._better(valid, {main: s.best_value}):
+            return False  # the last weights are the best (or as good)
+        D.load_full_model_state(self.module, ckpt.load_weights(path / ckpt.WEIGHTS))
+        self._print(f"keeping the weights of step {s.best_step}, best on valid ({main} {s.best_value:.4g} "
+                    f"against {float(valid[main]):.4g} at the end)")
+        return True
+
     def _better(self, new: dict[str, float], old: dict[str, float]) -> bool:
         """`new` scores at least as well as `old` on the task's main metric (True when unknown)."""
         main = self.task.main_metric
@@ -697,9 +711,12 @@ class Trainer:
                 D.load_full_model_state(self.module, ckpt.load_weights(last / ckpt.WEIGHTS))
                 self._print(f"the averaged weights score lower on valid; kept {last.name}")
                 averaged = 0
+        kept_best = self.cfg.train.keep_best and self._restore_best(valid)
+        if kept_best:
+            valid, averaged = self.evaluate("valid", best_step=self.state.best_step), 0
         test = self.evaluate("test") if self._has_split("test") else {}
         self._write_model_dir()
-        summary = self._summary(reason, valid, test, averaged)
+        summary = {**self._summary(reason, valid, test, averaged), "kept_best": bool(kept_best)}
         self.run_dir.write_summary(summary)
         self._plot()
         for line in self._on_eval_ranks(self.task.samples) or []:
