@@ -145,25 +145,30 @@ def test_a_context_window_lets_the_tagger_use_the_previous_sentence(tmp_path, mo
         files[split] = tmp_path / f"{split}.conll"
         files[split].write_text(two_sentence_docs(n, seed), encoding="utf-8")
     monkeypatch.setitem(DATASETS, "tiny-docs", DatasetSpec("conll", {k: str(v) for k, v in files.items()}))
-    recipe = tmp_path / "ctx.yaml"
-    recipe.write_text(
-        "task: ner\ndescription: tiny\n"
-        "model: {family: encoder, d_model: 32, n_heads: 2, n_layers: 2, d_ff: 64, max_len: 64, position: rope,"
-        " dropout: 0.0, head: tagging, crf: true}\n"
-        "data: {dataset: tiny-docs, tokenizer: {kind: wordpiece, vocab_size: 100, min_frequency: 1},"
-        " max_tokens: 512, context_window: 48}\n"
-        "optim: {lr: 0.005, warmup_steps: 5, schedule: linear}\n"
-        "train: {precision: fp32, device: cpu, threads: 1, progress: false, log_every: 50, eval_every: 0,"
-        " ckpt_every: 0, label_smoothing: 0.0, max_steps: 150}\n", encoding="utf-8")
-    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    # the sentence alone says nothing about the type (the same run without a window: test F1 45);
-    # its neighbour does.
-    # Windows start wherever the packing puts them, so a few names lose their context sentence.
-    assert summary["test"]["f1"] >= 85, summary["test"]
-    assert json.loads((tmp_path / "run" / "data.json").read_text())["train_windows"] < 1200
 
-    tagger = load_tagger(tmp_path / "run" / "model", device="cpu")
+    def train(window: int) -> dict:
+        recipe = tmp_path / f"ctx{window}.yaml"
+        recipe.write_text(
+            "task: ner\ndescription: tiny\n"
+            "model: {family: encoder, d_model: 32, n_heads: 2, n_layers: 2, d_ff: 64, max_len: 64, position: rope,"
+            " dropout: 0.0, head: tagging, crf: true}\n"
+            "data: {dataset: tiny-docs, tokenizer: {kind: wordpiece, vocab_size: 100, min_frequency: 1},"
+            f" max_tokens: 512, context_window: {window}}}\n"
+            "optim: {lr: 0.005, warmup_steps: 5, schedule: linear}\n"
+            "train: {precision: fp32, device: cpu, threads: 1, progress: false, log_every: 50, eval_every: 0,"
+            " ckpt_every: 0, label_smoothing: 0.0, max_steps: 150}\n", encoding="utf-8")
+        assert main(["train", str(recipe), "--out", str(tmp_path / f"run{window}")]) == 0
+        return json.loads((tmp_path / f"run{window}" / "summary.json").read_text())
+
+    # the sentence alone says nothing about the type: a coin flip without a window
+    assert train(0)["test"]["f1"] <= 65
+    # its neighbour does. Windows start wherever the packing puts them, so a few names lose
+    # their context sentence.
+    summary = train(48)
+    assert summary["test"]["f1"] >= 85, summary["test"]
+    assert json.loads((tmp_path / "run48" / "data.json").read_text())["train_windows"] < 1200
+
+    tagger = load_tagger(tmp_path / "run48" / "model", device="cpu")
     assert tagger.context_window == 48
     lines = ["friends said about sport .", "Jordan met the team .", "a report about travel .", "Jordan met the team ."]
     got = [[e["type"] for e in r["entities"]] for r in tagger.extract(lines)]
@@ -172,6 +177,6 @@ def test_a_context_window_lets_the_tagger_use_the_previous_sentence(tmp_path, mo
     inp = tmp_path / "in.txt"
     inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     capsys.readouterr()  # drop the training's output
-    assert main(["extract", str(tmp_path / "run" / "model"), "--input", str(inp)]) == 0
+    assert main(["extract", str(tmp_path / "run48" / "model"), "--input", str(inp)]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [[e["type"] for e in r["entities"]] for r in rows] == got
