@@ -170,13 +170,14 @@ def test_a_context_window_lets_the_tagger_use_the_previous_sentence(tmp_path, mo
 
     tagger = load_tagger(tmp_path / "run48" / "model", device="cpu")
     assert tagger.context_window == 48
-    lines = ["friends said about sport .", "Jordan met the team .", "a report about travel .", "Jordan met the team ."]
-    got = [[e["type"] for e in r["entities"]] for r in tagger.extract(lines)]
-    assert got == [[], ["PER"], [], ["LOC"]]
+    lines = ["friends said about sport .", "Jordan met with friends .", "a report about travel .",
+             "Jordan met with friends ."]  # words of the training data only
+    got = [[(e["type"], e["text"]) for e in r["entities"]] for r in tagger.extract(lines)]
+    assert got == [[], [("PER", "Jordan")], [], [("LOC", "Jordan")]]
     # `trainformer extract` reads its input lines in order, as one document
     inp = tmp_path / "in.txt"
     inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     capsys.readouterr()  # drop the training's output
     assert main(["extract", str(tmp_path / "run48" / "model"), "--input", str(inp)]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [[e["type"] for e in r["entities"]] for r in rows] == got
+    assert [[(e["type"], e["text"]) for e in r["entities"]] for r in rows] == got
