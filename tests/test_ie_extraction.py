@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from trainformer.config import ModelConfig, TokenizerConfig, from_dict
 from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, UNK_ID, train_tokenizer
+from trainformer.data.windows import per_subword
 from trainformer.errors import ConfigError, UserError
 from trainformer.models import build_model
 from trainformer.models.heads import span_mean
@@ -33,7 +34,7 @@ from trainformer.tasks.relations import (
     relation_type,
     semeval_scores,
 )
-from trainformer.tasks.tagging import drop_words, word_flags
+from trainformer.tasks.tagging import drop_words
 
 LABELS = bio_labels(["PER", "LOC"])  # O, B-LOC, I-LOC, B-PER, I-PER
 
@@ -190,7 +191,7 @@ def test_word_dropout_hides_the_dropped_words_characters_too():
 def test_rare_word_dropout_hides_only_rare_words_and_keeps_their_characters():
     # <cls> w0 w0## w1 w2 <sep> <pad>: w0 and w2 occur once in training, w1 often
     word_ids = [np.array([0, 0, 1, 2])]
-    rare = word_flags(word_ids, [np.array([1, 0, 1])], 7)
+    rare = torch.from_numpy(per_subword(word_ids, [np.array([1, 0, 1])], 7, start=1, fill=0).astype(bool))
     assert rare.tolist() == [[False, True, True, False, True, False, False]]
     ids = torch.tensor([[CLS_ID, 10, 11, 12, 13, SEP_ID, PAD_ID]])
     labels = torch.tensor([[-100, 1, -100, 2, 3, -100, -100]])
@@ -206,7 +207,7 @@ def test_rare_word_dropout_hides_only_rare_words_and_keeps_their_characters():
                  SEP_ID, PAD_ID) for hide in itertools.product([False, True], repeat=3)}
     assert seen == expected  # w1 is never hidden; w0 (whole) and w2 are, in every combination
     # a separator between two windowed sentences (word -1) is no word
-    assert word_flags([np.array([0, -1, 1])], [np.array([1, 1])], 5).tolist() == [[False, True, False, True, False]]
+    assert per_subword([np.array([0, -1, 1])], [np.array([1, 1])], 5, start=1, fill=0).tolist() == [[0, 1, 0, 1, 0]]
 
 
 def test_relation_head_can_pool_the_tokens_between_the_markers():

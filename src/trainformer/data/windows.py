@@ -75,6 +75,18 @@ def join_sentences(
     return np.concatenate(ids), np.concatenate(words)
 
 
+def per_subword(word_ids_list: Sequence[Sequence[int]], word_values_list: Sequence[Sequence[int]],
+                width: int, start: int, fill: int = -1) -> np.ndarray:
+    """(B, width) int64: each subword's word value (one value per word, a list per row), rows
+    shifted by `start` (1 after <cls>); `fill` on wrappers, separators (word -1) and padding."""
+    out = np.full((len(word_ids_list), width), fill, dtype=np.int64)
+    for row, (w, values) in enumerate(zip(word_ids_list, word_values_list)):
+        w = np.asarray(w, dtype=np.int64)
+        known = np.flatnonzero(w >= 0)
+        out[row, start + known] = np.asarray(values, dtype=np.int64)[w[known]]
+    return out
+
+
 def sentence_index(word_ids_list: Sequence[Sequence[int]], sentence_words_list: Sequence[Sequence[int]],
                    width: int, start: int) -> np.ndarray:
     """(B, width) the batch-wide number of the sentence each subword belongs to, -1 elsewhere.
@@ -85,15 +97,10 @@ def sentence_index(word_ids_list: Sequence[Sequence[int]], sentence_words_list: 
         width: the padded row length; start: where a row's first subword sits (1 after <cls>).
     Sentences are numbered row by row, so a row-major walk meets them in order.
     """
-    out = np.full((len(word_ids_list), width), -1, dtype=np.int64)
-    base = 0
-    for row, (w, counts) in enumerate(zip(word_ids_list, sentence_words_list)):
-        w = np.asarray(w, dtype=np.int64)
-        owner = np.repeat(np.arange(len(counts)), np.asarray(counts, dtype=np.int64)) + base  # (words,)
-        known = w >= 0
-        out[row, start + np.flatnonzero(known)] = owner[w[known]]
-        base += len(counts)
-    return out
+    bases = np.cumsum([0, *(len(c) for c in sentence_words_list)])  # first sentence number of each row
+    owners = [np.repeat(np.arange(len(c)), np.asarray(c, dtype=np.int64)) + base  # (words,) each word's sentence
+              for c, base in zip(sentence_words_list, bases)]
+    return per_subword(word_ids_list, owners, width, start)
 
 
 def window_store(store: TokenStore, index: np.ndarray, budget: int, sep_id: int) -> TokenStore:

@@ -45,7 +45,7 @@ from trainformer.data.tokenizer import (
     TextTokenizer,
     load_or_train_tokenizer,
 )
-from trainformer.data.windows import join_sentences, window_groups, window_store
+from trainformer.data.windows import join_sentences, per_subword, window_groups, window_store
 from trainformer.errors import UserError
 from trainformer.generation.steppers import eval_mode
 from trainformer.tasks.base import Batch
@@ -288,17 +288,6 @@ def drop_words(batch: Batch, p: float, only: torch.Tensor | None = None, keep_ch
     return out
 
 
-def word_flags(word_ids_list: Sequence[np.ndarray], flags_list: Sequence[np.ndarray], width: int) -> torch.Tensor:
-    """(B, width) bool: each subword's word flag (a per-word 0/1 list per row), after <cls>;
-    False on wrappers, separators (word -1) and padding."""
-    out = np.zeros((len(word_ids_list), width), dtype=bool)
-    for row, (w, f) in enumerate(zip(word_ids_list, flags_list)):
-        w = np.asarray(w, dtype=np.int64)
-        known = np.flatnonzero(w >= 0)
-        out[row, 1 + known] = np.asarray(f, dtype=bool)[w[known]]
-    return torch.from_numpy(out)
-
-
 class TaggingTask(FineTuneTask):
     main_metric = "f1"
     head = "tagging"
@@ -347,7 +336,8 @@ class TaggingTask(FineTuneTask):
         batch = collate_tagging(rows["ids"], rows["word_ids"], rows["tags"], PAD_ID, CLS_ID, SEP_ID,
                                 rows.get("chars"), rows.get("sentence_words"))
         if "rare" in rows:
-            batch["rare"] = word_flags(rows["word_ids"], rows["rare"], batch["ids"].shape[1])
+            rare = per_subword(rows["word_ids"], rows["rare"], batch["ids"].shape[1], start=1, fill=0)  # after <cls>
+            batch["rare"] = torch.from_numpy(rare.astype(bool))  # (B, S) on every subword of a rare word
         return batch
 
     def build_model(self) -> nn.Module:

@@ -289,9 +289,12 @@ def load_state(path: Path) -> dict[str, Any]:
         raise UserError(f"{path / STATE}: unreadable training state ({e})") from None
 
 
+BEST = "best"  # root/BEST/: the weights that scored best on valid
+
+
 def save_best(root: Path, model_state: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
     """Write `root/best/` (weights + best.json with step and metric) atomically."""
-    final = root / "best"
+    final = root / BEST
     tmp = fresh_tmp_dir(final)
     save_weights(model_state, tmp / WEIGHTS, {"step": str(info.get("step", ""))})
     (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -632,7 +632,7 @@ class Trainer:
         """Load ``checkpoints/best`` (train.keep_best) if it scored better on valid than the
         weights in hand, whose scores are `valid`; True if it did."""
         s, main = self.state, self.task.main_metric
-        path = self.run_dir.checkpoints / "best"
+        path = self.run_dir.checkpoints / ckpt.BEST
         if s.best_value is None or main not in valid or not (path / ckpt.WEIGHTS).is_file():
             return False
         if self._better(valid, {main: s.best_value}):
@@ -668,7 +668,7 @@ class Trainer:
             ckpt.publish_dir(tmp, final)
         D.barrier(self.env)
 
-    def _summary(self, reason: str, valid: dict, test: dict, averaged: int) -> dict[str, Any]:
+    def _summary(self, reason: str, valid: dict, test: dict, averaged: int, kept_best: bool = False) -> dict[str, Any]:
         self._sync_elapsed()
         s = self.state
         return {
@@ -679,7 +679,7 @@ class Trainer:
             "params": self.n_params, "precision": self.precision.name, "device": str(self.device),
             "world_size": self.env.world_size, "bad_steps": s.bad_steps, "averaged_checkpoints": averaged,
             "main_metric": self.task.main_metric, "best": {"step": s.best_step, "value": s.best_value},
-            "valid": valid, "test": test,
+            "valid": valid, "test": test, "kept_best": kept_best,
         }
 
     def _finish(self, reason: str) -> dict[str, Any]:
@@ -711,12 +711,12 @@ class Trainer:
                 D.load_full_model_state(self.module, ckpt.load_weights(last / ckpt.WEIGHTS))
                 self._print(f"the averaged weights score lower on valid; kept {last.name}")
                 averaged = 0
-        kept_best = self.cfg.train.keep_best and self._restore_best(valid)
+        kept_best = bool(self.cfg.train.keep_best and self._restore_best(valid))
         if kept_best:
             valid, averaged = self.evaluate("valid", best_step=self.state.best_step), 0
         test = self.evaluate("test") if self._has_split("test") else {}
         self._write_model_dir()
-        summary = {**self._summary(reason, valid, test, averaged), "kept_best": bool(kept_best)}
+        summary = self._summary(reason, valid, test, averaged, kept_best)
         self.run_dir.write_summary(summary)
         self._plot()
         for line in self._on_eval_ranks(self.task.samples) or []:
