@@ -5,8 +5,8 @@ for ``--mlm-minutes``, then ``trainformer train ner-conll2003`` from it for
 ``--ner-minutes``; test F1 comes from the run's summary.json (constrained
 Viterbi decoding, seqeval).
 
-Peer: ``BertForTokenClassification`` of the same size (4 layers, d 256, 4
-heads, d_ff 1024), randomly initialised — no pretraining, so it gets the
+Peer: ``BertForTokenClassification`` of the same size (our NER model's
+d_model, heads, layers and d_ff, read from its config), randomly initialised — no pretraining, so it gets the
 whole pipeline's minutes (``--peer-minutes``, default mlm + ner) — trained
 with the usual Hugging Face recipe: AdamW, linear schedule with warmup,
 fixed-size padded batches (``--peer-batch`` sentences x ``--peer-len``
@@ -101,23 +101,30 @@ def encode(tok: TextTokenizer, sentences, label_id: dict[str, int], length: int)
 
 
 # The peer as Hugging Face configures it, and with our dropout: BERT's attention-probability
-# dropout (0.1) sends CPU attention to a much slower kernel, and our encoder has none.
-PEER_VARIANTS = {"default": {}, "matched": {"attention_probs_dropout_prob": 0.0}}
+# dropout (0.1) sends CPU attention to a much slower kernel, and our encoder has none; elsewhere
+# BERT drops 0.1, ours `model.dropout`.
+PEER_VARIANTS = ("default", "matched")
 PEER_NAMES = {"default": "HF defaults", "matched": "our dropout"}
+SHAPE_KEYS = ("d_model", "n_heads", "n_layers", "d_ff", "dropout")
 
 
-def hf_model(vocab: int, n_labels: int, length: int, variant: str = "default"):
+def hf_model(vocab: int, n_labels: int, length: int, shape: dict, variant: str = "default"):
+    """BertForTokenClassification of our encoder's `shape` (`SHAPE_KEYS` of its model config)."""
     from transformers import BertConfig, BertForTokenClassification
 
-    cfg = BertConfig(vocab_size=vocab, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=1024, max_position_embeddings=max(length, 256), num_labels=n_labels,
-                     pad_token_id=PAD_ID, **PEER_VARIANTS[variant])
+    dropout = {} if variant == "default" else {"attention_probs_dropout_prob": 0.0, "hidden_dropout_prob": shape["dropout"]}
+    cfg = BertConfig(vocab_size=vocab, hidden_size=shape["d_model"], num_hidden_layers=shape["n_layers"],
+                     num_attention_heads=shape["n_heads"], intermediate_size=shape["d_ff"],
+                     max_position_embeddings=max(length, 256), num_labels=n_labels, pad_token_id=PAD_ID, **dropout)
     return BertForTokenClassification(cfg)
 
 
 def train_peer(tok_path: Path, minutes: float, batch: int, length: int, lr: float, warmup: int, seed: int,
-               variant: str = "default") -> dict:
-    """HF BertForTokenClassification (`PEER_VARIANTS[variant]`) from scratch for `minutes`, then seqeval on test."""
+               shape: dict, variant: str = "default", precision: str = "fp32") -> dict:
+    """HF BertForTokenClassification of `shape` (`hf_model`) from scratch for `minutes`, then seqeval on test.
+
+    `precision` is our run's (its summary.json): "bf16" runs the peer's forward passes under
+    bf16 autocast as ours did, fp32 weights and optimizer both."""
     torch.manual_seed(seed)
     data = read_dataset(DataConfig(dataset="conll2003"))
     tok = TextTokenizer.load(tok_path)
@@ -125,7 +132,7 @@ def train_peer(tok_path: Path, minutes: float, batch: int, length: int, lr: floa
     labels = bio_labels([tag_type(t) for s in train for t in to_bio(s.tags) if t != OUTSIDE])
     label_id = {t: i for i, t in enumerate(labels)}
     ids, lab, cut = encode(tok, train, label_id, length)
-    model = hf_model(tok.vocab_size, len(labels), length, variant)
+    model = hf_model(tok.vocab_size, len(labels), length, shape, variant)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
     sched = BudgetedLinearSchedule(opt, warmup, minutes)
     rng = np.random.default_rng(seed)
@@ -134,7 +141,8 @@ def train_peer(tok_path: Path, minutes: float, batch: int, length: int, lr: floa
     while time.monotonic() - start < 60 * minutes:
         for b in np.array_split(rng.permutation(len(ids)), math.ceil(len(ids) / batch)):
             x, y = torch.from_numpy(ids[b]), torch.from_numpy(lab[b])
-            loss = model(input_ids=x, attention_mask=x != PAD_ID, labels=y).loss
+            with autocast(precision):
+                loss = model(input_ids=x, attention_mask=x != PAD_ID, labels=y).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -147,10 +155,17 @@ def train_peer(tok_path: Path, minutes: float, batch: int, length: int, lr: floa
                 break
         epoch += 1
     train_s = time.monotonic() - start
-    scores = evaluate_peer(model, tok, data["test"].examples, labels, label_id, length)
+    with autocast(precision):
+        scores = evaluate_peer(model, tok, data["test"].examples, labels, label_id, length)
     params = sum(p.numel() for p in model.parameters())
     return {"test": scores, "steps": step, "epochs_started": epoch, "train_time_s": train_s, "variant": variant,
-            "params": params, "train_truncated": cut, "batch": batch, "length": length, "lr": lr}
+            "params": params, "train_truncated": cut, "batch": batch, "length": length, "lr": lr,
+            "precision": precision}
+
+
+def autocast(precision: str) -> torch.autocast:
+    """bf16 autocast on the CPU for "bf16", a disabled one otherwise."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @torch.inference_mode()
@@ -204,8 +219,9 @@ def markdown(result: dict) -> str:
         + (f", a character CNN of {ours['model']['char_cnn']} filters over each word" if ours["model"].get("char_cnn") else "")
         + "; the peer: BERT's learned positions, subwords only.",
         "Peer: same size, random init, AdamW + linear schedule, fixed-size padded batches, argmax decoding; "
-        "as configured by Hugging Face (attention-probability dropout 0.1) and with our dropout (none on "
-        "attention probabilities, 0.1 elsewhere like BERT's).",
+        "as configured by Hugging Face (dropout 0.1, on attention probabilities too) and with our dropout "
+        f"(none on attention probabilities, {ours['model'].get('dropout')} elsewhere). Both sides in "
+        f"{ours['precision']} (bf16: autocast, fp32 weights).",
     ]
     return "\n".join(rows + notes) + "\n"
 
@@ -263,12 +279,15 @@ def main() -> None:
     args.peer_minutes = args.peer_minutes or args.mlm_minutes + args.ner_minutes  # --scratch: ner minutes
     ner_model = json.loads(run_file(ner_dir, "model/config.json"))["model"]
     ours = {"test": ner["test"], "valid": ner["valid"], "steps": ner["steps"], "params": ner["params"],
+            "precision": ner.get("precision", "fp32"),
             "mlm_steps": mlm["steps"], "mlm_ppl": mlm["valid"].get("ppl"), "mlm_accuracy": mlm["valid"].get("accuracy"),
             "ner_train_time_s": ner["train_time_s"], "mlm_train_time_s": mlm["train_time_s"],
-            "model": {k: ner_model.get(k) for k in ("position", "crf", "char_cnn")}}
+            "model": {k: ner_model.get(k) for k in ("position", "crf", "char_cnn", *SHAPE_KEYS)}}
     peers = [] if args.skip_peer else [
         train_peer(tokenizer_dir / "model" / "tokenizer.json", args.peer_minutes, args.peer_batch,
-                   args.peer_len, args.peer_lr, args.peer_warmup, seed=0, variant=v) for v in variants]
+                   args.peer_len, args.peer_lr, args.peer_warmup, seed=0,
+                   shape={k: ner_model[k] for k in SHAPE_KEYS}, variant=v, precision=ner.get("precision", "fp32"))
+        for v in variants]
     host = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "host": host,
               "recipes": {"mlm": load_recipe("encoder-mlm").description, "ner": load_recipe("ner-conll2003").description},

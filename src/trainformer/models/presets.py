@@ -31,6 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # --- encoder (BERT-style) ---
     "tiny-encoder": dict(family="encoder", d_model=32, n_heads=2, n_layers=2, d_ff=64, max_len=128, position="learned"),
     "small-encoder": dict(family="encoder", d_model=256, n_heads=4, n_layers=4, d_ff=1024, max_len=256, position="learned"),
+    "medium-encoder": dict(family="encoder", d_model=384, n_heads=6, n_layers=6, d_ff=1536, max_len=256, position="learned"),
     # Devlin et al. 2019: BERT-base 110M at a 30,522 WordPiece vocabulary. With the MLM head we
     # count 109.51M = BertForMaskedLM less token-type embeddings and the embedding LayerNorm.
     "bert-base": dict(
