@@ -6,8 +6,9 @@ for ``--mlm-minutes``, then ``trainformer train ner-conll2003`` from it for
 Viterbi decoding, seqeval).
 
 Peer: ``BertForTokenClassification`` of the same size (our NER model's
-d_model, heads, layers and d_ff, read from its config), randomly initialised — no pretraining, so it gets the
-whole pipeline's minutes (``--peer-minutes``, default mlm + ner) — trained
+d_model, heads, layers and d_ff, read from its config) and precision (bf16
+autocast when our run used bf16), randomly initialised — no pretraining, so
+it gets the whole pipeline's minutes (``--peer-minutes``, default mlm + ner) — trained
 with the usual Hugging Face recipe: AdamW, linear schedule with warmup,
 fixed-size padded batches (``--peer-batch`` sentences x ``--peer-len``
 tokens), first-subword labels, the same WordPiece tokenizer (ours, from the
