@@ -279,15 +279,16 @@ def main() -> None:
         ner = train_ours(ner_dir, "ner-conll2003", args.ner_minutes, [f"init_from={tokenizer_dir}", *args.set_ner])
     args.peer_minutes = args.peer_minutes or args.mlm_minutes + args.ner_minutes  # --scratch: ner minutes
     ner_model = json.loads(run_file(ner_dir, "model/config.json"))["model"]
+    precision = ner.get("precision", "fp32")  # the peer trains in our run's precision
     ours = {"test": ner["test"], "valid": ner["valid"], "steps": ner["steps"], "params": ner["params"],
-            "precision": ner.get("precision", "fp32"),
+            "precision": precision,
             "mlm_steps": mlm["steps"], "mlm_ppl": mlm["valid"].get("ppl"), "mlm_accuracy": mlm["valid"].get("accuracy"),
             "ner_train_time_s": ner["train_time_s"], "mlm_train_time_s": mlm["train_time_s"],
             "model": {k: ner_model.get(k) for k in ("position", "crf", "char_cnn", *SHAPE_KEYS)}}
     peers = [] if args.skip_peer else [
         train_peer(tokenizer_dir / "model" / "tokenizer.json", args.peer_minutes, args.peer_batch,
                    args.peer_len, args.peer_lr, args.peer_warmup, seed=0,
-                   shape={k: ner_model[k] for k in SHAPE_KEYS}, variant=v, precision=ner.get("precision", "fp32"))
+                   shape={k: ner_model[k] for k in SHAPE_KEYS}, variant=v, precision=precision)
         for v in variants]
     host = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "host": host,

@@ -117,13 +117,14 @@ def window_store(store: TokenStore, index: np.ndarray, budget: int, sep_id: int)
     index = np.asarray(index, dtype=np.int64)
     out: dict[str, list[np.ndarray]] = {name: [] for name in store.fields}
     out["sentence_words"] = []
+    per_word = [name for name in store.fields if name not in ("ids", "word_ids")]  # concatenated as they are
     for group in window_groups(store.lengths("ids")[index], budget):
         rows = index[group]
         counts = [len(store["tags"][r]) for r in rows]
         ids, words = join_sentences([store["ids"][r] for r in rows], [store["word_ids"][r] for r in rows], counts, sep_id)
         out["ids"].append(ids)
         out["word_ids"].append(words)
-        for name in set(store.fields) - {"ids", "word_ids"}:
+        for name in per_word:
             out[name].append(np.concatenate([store[name][r] for r in rows]))
         out["sentence_words"].append(np.asarray(counts, dtype=np.int64))
     return TokenStore({name: Ragged.from_lists(rows) for name, rows in out.items()})
