@@ -91,14 +91,16 @@ def main() -> None:
         rows.setdefault("as tagged", {})[split] = score_entities(gold, pred)["f1"]
         for w in WINDOWS:
             for name, rule in VARIANTS.items():
-                rows.setdefault(f"W={w}, {name}", {})[split] = score_entities(gold, harmonise(sentences, pred, w, *rule))["f1"]
+                tags = harmonise(sentences, pred, w, *rule)
+                rows.setdefault(f"W={w}, {name}", {})[split] = score_entities(gold, tags)["f1"]
     best = max((r for r in rows if r != "as tagged"), key=lambda r: rows[r]["valid"])
     print(f"{args.model_dir}: entity F1 after document-level consistency rules (best on valid: {best})")
     print("| rules | valid F1 | test F1 |\n|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['valid']} | {r['test']} |")
     if args.json:
-        args.json.write_text(json.dumps({"model": str(args.model_dir), "best_on_valid": best, "rows": rows}, indent=1) + "\n")
+        out = {"model": str(args.model_dir), "best_on_valid": best, "rows": rows}
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
