@@ -21,6 +21,7 @@ from seqeval.metrics.sequence_labeling import get_entities
 
 from trainformer.config import DataConfig
 from trainformer.data.registry import read_dataset
+from trainformer.errors import run_script
 from trainformer.tasks.extraction import to_bio
 from trainformer.tasks.tagging import load_tagger, score_entities
 
@@ -86,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "ner_errors")  # a bad model dir: one line, not a traceback
