@@ -54,6 +54,7 @@ from trainformer.config import DataConfig, load_recipe
 from trainformer.data.batching import IGNORE_INDEX, first_subword_labels
 from trainformer.data.registry import read_dataset
 from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, TextTokenizer
+from trainformer.errors import run_script
 from trainformer.tasks.extraction import OUTSIDE, bio_labels, tag_type, to_bio
 from trainformer.tasks.tagging import score_entities
 
@@ -300,4 +301,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "bench_ner")  # a bad run dir or recipe key: one line, not a traceback
