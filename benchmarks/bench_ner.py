@@ -57,6 +57,7 @@ from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, TextTokenizer
 from trainformer.errors import run_script
 from trainformer.tasks.extraction import OUTSIDE, bio_labels, tag_type, to_bio
 from trainformer.tasks.tagging import score_entities
+from trainformer.training.precision import build_precision
 
 
 def run_file(run_dir: Path, name: str) -> str:
@@ -105,8 +106,8 @@ def encode(tok: TextTokenizer, sentences, label_id: dict[str, int], length: int)
 # The peer as Hugging Face configures it, and with our dropout: BERT's attention-probability
 # dropout (0.1) sends CPU attention to a much slower kernel, and our encoder has none; elsewhere
 # BERT drops 0.1, ours `model.dropout`.
-PEER_VARIANTS = ("default", "matched")
 PEER_NAMES = {"default": "HF defaults", "matched": "our dropout"}
+PEER_VARIANTS = tuple(PEER_NAMES)
 SHAPE_KEYS = ("d_model", "n_heads", "n_layers", "d_ff", "dropout")
 
 
@@ -165,9 +166,9 @@ def train_peer(tok_path: Path, minutes: float, batch: int, length: int, lr: floa
             "precision": precision}
 
 
-def autocast(precision: str) -> torch.autocast:
-    """bf16 autocast on the CPU for "bf16", a disabled one otherwise."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+def autocast(precision: str):
+    """The CPU autocast context of our run's `precision` (nothing in fp32), as our trainer uses."""
+    return build_precision(precision, torch.device("cpu")).autocast()
 
 
 @torch.inference_mode()

@@ -61,8 +61,9 @@ def harmonise(sentences: list[list[str]], tags: list[list[str]], window: int, re
         covered = [False] * len(words)
         for kind, a, b in found[i]:
             covered[a : b + 1] = [True] * (b - a + 1)
-            best, n = votes[tuple(words[a : b + 1])].most_common(1)[0]
-            if relabel and n > votes[tuple(words[a : b + 1])][kind]:
+            count = votes[tuple(words[a : b + 1])]
+            best, n = count.most_common(1)[0]
+            if relabel and n > count[kind]:
                 write(out[i], best, a, b)
         if not propagate:
             continue
