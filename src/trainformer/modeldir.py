@@ -60,7 +60,12 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """MODEL_DIR or RUN_DIR -> the folder holding model.safetensors and config.json."""
+    """MODEL_DIR or RUN_DIR -> the folder holding model.safetensors and config.json.
+
+    A Hugging Face transformers directory of a class we import (see
+    `trainformer.interop.hf`) is converted once into a model dir in the cache,
+    which is returned instead.
+    """
     p = Path(path)
     if not p.exists():
         raise UserError(f"model directory not found: {p}")
@@ -68,7 +73,14 @@ def resolve_model_dir(path: str | Path) -> Path:
         p = p / "model"
     if not (p / "config.json").is_file():
         raise UserError(f"{p}: not a model directory (expected config.json and model.safetensors)")
-    return p
+    return from_hf_if_needed(p)
+
+
+def from_hf_if_needed(path: Path) -> Path:
+    """`path` itself, or the model dir converted from it when it is a transformers directory."""
+    from trainformer.interop.hf import import_hf_dir, is_hf_dir
+
+    return import_hf_dir(path) if path.is_dir() and is_hf_dir(path) else path
 
 
 def save_model_dir(model: nn.Module | dict[str, torch.Tensor], cfg: Config, out: Path) -> Path:

@@ -12,9 +12,10 @@
 exporter writes there. `TIED[arch]` lists HF keys that are copies of our
 ``tok_embed.weight`` when ``tie_embeddings`` is on.
 
-The maps describe the layouts these HF classes have: GPT-2 is pre-norm with
-learned positions; BERT and Marian are post-norm (``norm_first=False``), so
-their maps have no final ``norm``.
+The maps describe the layouts these HF classes have: GPT-2, Pegasus and
+XLM-RoBERTa-XL are pre-norm (a final ``norm``); BERT and Marian are post-norm
+(``norm_first=False``), so their maps have no final ``norm``.
+`trainformer.interop.hf` uses them to export and import.
 """
 
 from __future__ import annotations
@@ -93,16 +94,62 @@ def _marian() -> dict[str, HFName]:
     return m
 
 
+def _pegasus() -> dict[str, HFName]:
+    """Marian's names plus the final norms of a pre-norm stack (Pegasus is pre-norm)."""
+    m = _marian()
+    m |= _norm("norm", "model.encoder.layer_norm")
+    m |= _norm("decoder_norm", "model.decoder.layer_norm")
+    return m
+
+
+def _xlmr_xl_encoder() -> dict[str, HFName]:
+    """XLM-RoBERTa-XL: a pre-norm BERT (norm inside each sub-layer, a final norm, no embedding norm).
+
+    Its position table is offset by ``pad_token_id + 1`` rows; the exporter shifts ours.
+    """
+    lay = "roberta.encoder.layer.{i}"
+    m = {"tok_embed.weight": _one("roberta.embeddings.word_embeddings.weight"),
+         "pos_embed.weight": _one("roberta.embeddings.position_embeddings.weight")}
+    m |= _norm("layers.{i}.attn_norm", f"{lay}.attention.self_attn_layer_norm")
+    m |= _fused("layers.{i}.self_attn.qkv", f"{lay}.attention.self", ("query", "key", "value"))
+    m |= _linear("layers.{i}.self_attn.out", f"{lay}.attention.output.dense")
+    m |= _norm("layers.{i}.ffn_norm", f"{lay}.LayerNorm")
+    m |= _linear("layers.{i}.ffn.up", f"{lay}.intermediate.dense")
+    m |= _linear("layers.{i}.ffn.down", f"{lay}.output.dense")
+    m |= _norm("norm", "roberta.encoder.LayerNorm")
+    return m
+
+
+def _xlmr_xl_mlm() -> dict[str, HFName]:
+    m = _xlmr_xl_encoder()
+    m |= _linear("head.dense", "lm_head.dense")
+    m |= _norm("head.norm", "lm_head.layer_norm")
+    m["head.bias"] = _one("lm_head.bias")
+    m["head.decoder.weight"] = _one("lm_head.decoder.weight")  # untied heads only
+    return m
+
+
+def _xlmr_xl_tagging() -> dict[str, HFName]:
+    return _xlmr_xl_encoder() | _linear("head.proj", "classifier")
+
+
 HF_NAMES: dict[str, dict[str, HFName]] = {
     "GPT2LMHeadModel": _gpt2(),
     "BertForMaskedLM": _bert(),
     "MarianMTModel": _marian(),
+    "PegasusForConditionalGeneration": _pegasus(),
+    "XLMRobertaXLForMaskedLM": _xlmr_xl_mlm(),
+    "XLMRobertaXLForTokenClassification": _xlmr_xl_tagging(),
 }
 
 TIED: dict[str, tuple[str, ...]] = {
     "GPT2LMHeadModel": ("lm_head.weight",),
     "BertForMaskedLM": ("cls.predictions.decoder.weight",),
     "MarianMTModel": ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"),
+    "PegasusForConditionalGeneration": (
+        "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"),
+    "XLMRobertaXLForMaskedLM": ("lm_head.decoder.weight",),  # unscaled embeddings only (see interop.hf)
+    "XLMRobertaXLForTokenClassification": (),
 }
 
 HF_ONLY: dict[str, dict[str, str]] = {
@@ -118,6 +165,19 @@ HF_ONLY: dict[str, dict[str, str]] = {
         "model.encoder.embed_positions.weight": "our sinusoid_table(max_len, d_model); Marian's own "
         "table puts sin in the first half and cos in the second",
         "model.decoder.embed_positions.weight": "as the encoder's",
+    },
+    "PegasusForConditionalGeneration": {
+        "final_logits_bias": "zeros",
+        "model.encoder.embed_positions.weight": "Pegasus's sinusoid table (sin half, cos half): the "
+        "exporter permutes our interleaved residual dimensions to match it",
+        "model.decoder.embed_positions.weight": "as the encoder's",
+    },
+    "XLMRobertaXLForMaskedLM": {
+        "roberta.embeddings.token_type_embeddings.weight": "zeros (one segment type)",
+        "lm_head.decoder.bias": "the same tensor as head.bias",
+    },
+    "XLMRobertaXLForTokenClassification": {
+        "roberta.embeddings.token_type_embeddings.weight": "zeros (one segment type)",
     },
 }
 

@@ -366,10 +366,12 @@ _OWN_KEYS = {"head", "num_labels", "dropout", "preset", "crf", "char_cnn"}
 
 def pretrained_dir(init_from: str) -> Path:
     """The model/ folder of `init_from` (a model dir or a run dir), with a clear error."""
+    from trainformer.modeldir import from_hf_if_needed
+
     p = Path(init_from)
     for candidate in (p / "model", p):
         if (candidate / "config.json").is_file() and (candidate / "tokenizer.json").is_file():
-            return candidate
+            return from_hf_if_needed(candidate)
     raise UserError(
         f"init_from: {p} is not a trained model (expected config.json and tokenizer.json in it "
         "or in its model/); train it first, e.g. trainformer train encoder-mlm --out runs/encoder-mlm"

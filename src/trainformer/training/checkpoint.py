@@ -103,7 +103,9 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def find_weights(path: Path) -> Path:
     """`model.safetensors` of a model/ dir, a checkpoint dir, a run dir, or the file itself."""
-    path = Path(path)
+    from trainformer.modeldir import from_hf_if_needed
+
+    path = from_hf_if_needed(Path(path))
     for candidate in (path, path / WEIGHTS, path / "model" / WEIGHTS):
         if candidate.is_file():
             return candidate
