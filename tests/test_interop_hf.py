@@ -367,3 +367,73 @@ def test_export_cli_one_line_errors_leave_nothing(tmp_path, capsys):
 def _write(path, lines):
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------------------
+# A checkpoint trained elsewhere: GPT-2 layout, its own vocabulary and activation
+# ---------------------------------------------------------------------------
+
+
+def foreign_gpt2(root):
+    """A GPT-2 dir as transformers writes one: byte-level BPE with <|endoftext|> last, gelu_new."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([t for p in pairs(300) for t in p] + TEXTS, vocab_size=400, min_frequency=1)
+    bpe.add_special_tokens(["<|endoftext|>"])
+    eot = bpe.token_to_id("<|endoftext|>")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                               eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    cfg = transformers.GPT2Config(vocab_size=bpe.get_vocab_size(), n_positions=64, n_embd=48, n_layer=2, n_head=2,
+                                  activation_function="gelu_new", bos_token_id=eot, eos_token_id=eot)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    out = root / "gpt2"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, model, tok
+
+
+def test_foreign_gpt2_imports_with_its_vocabulary_renumbered(tmp_path):
+    from trainformer.data.tokenizer import SPECIAL_TOKENS
+    from trainformer.interop.hf_vocab import plan, special_roles
+
+    hf_dir, hf, hf_tok = foreign_gpt2(tmp_path)
+    loaded = load_model_dir(hf_dir)
+    assert loaded.cfg.model.activation == "gelu_tanh" and loaded.cfg.task == "lm"
+    ours_tok = TextTokenizer.load(loaded.tokenizer_path)
+    assert [ours_tok.id_to_token(i) for i in range(7)] == list(SPECIAL_TOKENS)
+    vm = plan(json.loads((hf_dir / "tokenizer.json").read_text()), special_roles(hf_dir))
+    assert vm.old_of_new[EOS_ID] == hf_tok.eos_token_id  # <|endoftext|> became our </s>
+    assert sum(o is None for o in vm.old_of_new) == 6  # the other six roles are new tokens
+    for text in TEXTS:
+        ours_ids = ours_tok.encode(text)
+        assert [vm.old_of_new[i] for i in ours_ids] == hf_tok(text)["input_ids"]
+    text = TEXTS[0]
+    ours_ids = torch.tensor([[EOS_ID, *ours_tok.encode(text)]])
+    hf_ids = torch.tensor([[hf_tok.eos_token_id, *hf_tok(text)["input_ids"]]])
+    with torch.no_grad():
+        ours, theirs = loaded.model(ours_ids), hf(input_ids=hf_ids).logits
+    old = torch.tensor([o for o in vm.old_of_new if o is not None])
+    new = torch.tensor([i for i, o in enumerate(vm.old_of_new) if o is not None])
+    assert (ours[..., new] - theirs[..., old]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_chat_fine_tunes_from_a_foreign_gpt2_dir(tmp_path, monkeypatch):
+    """`trainformer train chat-... --set init_from=path/to/gpt2`: the pretrained rows are kept, markers added."""
+    from test_chat_e2e import tiny_config, write_dailydialog
+
+    from trainformer.rundir import RunDir
+    from trainformer.tasks import build_task
+    from trainformer.training.trainer import Trainer
+
+    hf_dir, hf, _ = foreign_gpt2(tmp_path)
+    write_dailydialog(tmp_path / "data")
+    monkeypatch.setenv("TRAINFORMER_DATA", str(tmp_path / "data"))
+    cfg = tiny_config("chat", 4, init_from=str(hf_dir))
+    Trainer(cfg, build_task(cfg), RunDir(tmp_path / "chat")).fit()
+    tuned = load_model_dir(tmp_path / "chat" / "model")
+    assert tuned.cfg.model.d_model == 48 and tuned.cfg.model.activation == "gelu_tanh"
+    assert tuned.cfg.model.vocab_size == hf.config.vocab_size + 6 + 4  # + our specials + the role markers
+    assert (tmp_path / "chat" / "summary.json").is_file()

@@ -52,7 +52,7 @@ class ModelConfig:
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_first: bool = True  # pre-norm; False = post-norm as in Vaswani et al. 2017
     norm_eps: float = 1e-5
-    activation: Literal["gelu", "relu", "swiglu"] = "gelu"
+    activation: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"
     bias: bool = True
     tie_embeddings: bool = True  # share embedding and output head (and src/tgt embeddings)
     scale_embedding: bool = True  # multiply token embeddings by sqrt(d_model)

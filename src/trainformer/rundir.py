@@ -60,6 +60,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction sets that decide CPU speed here: bf16 is emulated without avx512_bf16 (or AMX),
+# int8 GEMMs are only fast with VNNI (or AMX).
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """Which of `SPEED_FLAGS` this CPU has (from /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in SPEED_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def hardware() -> dict[str, Any]:
     import torch
 
@@ -69,6 +86,7 @@ def hardware() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
     }
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -54,6 +54,7 @@ from trainformer.data.tokenizer import (
     SPECIAL_TOKENS,
 )
 from trainformer.errors import UserError
+from trainformer.interop.hf_vocab import plan, remap_rows, remap_tokenizer, special_roles
 from trainformer.models.hf_names import TIED, expand
 
 EXTRA_HINT = 'pip install -e ".[export]"'
@@ -83,8 +84,14 @@ class Layout:
     auto_class: str  # the transformers Auto class that loads it
 
 
+# our activation -> HF's name, and HF names -> ours (gelu_new is GPT-2's tanh approximation)
+_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+_OUR_ACT = {"gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+            "gelu_fast": "gelu_tanh"}
+
+
 def _act(m: ModelConfig) -> str:
-    return {"gelu": "gelu", "relu": "relu"}[m.activation]
+    return _HF_ACT[m.activation]
 
 
 def _seq2seq_config(cfg: Config) -> dict[str, Any]:
@@ -149,7 +156,7 @@ def _common_refusal(m: ModelConfig) -> str | None:
     if m.norm != "layernorm":
         return "model.norm=rmsnorm (exportable: layernorm)"
     if m.activation == "swiglu":
-        return "model.activation=swiglu (exportable: gelu or relu)"
+        return "model.activation=swiglu (exportable: gelu, gelu_tanh or relu)"
     if m.n_kv_heads not in (None, m.n_heads):
         return "model.n_kv_heads (grouped-query attention; exportable: n_kv_heads equal to n_heads)"
     if not m.bias:
@@ -273,8 +280,9 @@ def _hf_tied(layout: Layout, m: ModelConfig) -> bool:
     return m.tie_embeddings
 
 
-def from_hf_state(hf: dict[str, torch.Tensor], cfg: Config, layout: Layout) -> dict[str, torch.Tensor]:
-    """HF tensors -> our state dict: `to_hf_state` backwards."""
+def from_hf_state(hf: dict[str, torch.Tensor], cfg: Config, layout: Layout,
+                  pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
+    """HF tensors -> our state dict: `to_hf_state` backwards (`pad_id`: the checkpoint's own)."""
     m = cfg.model
     out: dict[str, torch.Tensor] = {}
     for ours, name in expand(layout.arch, m.n_layers, _n_dec(m)).items():
@@ -283,7 +291,7 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: Config, layout: Layout) -> d
         t = torch.cat([hf[k] for k in name.keys], dim=0)
         out[ours] = (t.T if name.transform == "transpose" else t).contiguous()
     if layout.model_type == "xlm-roberta-xl":
-        out["pos_embed.weight"] = out["pos_embed.weight"][PAD_ID + 1:].contiguous()
+        out["pos_embed.weight"] = out["pos_embed.weight"][pad_id + 1:].contiguous()
         token_type = hf.get("roberta.embeddings.token_type_embeddings.weight")
         if token_type is not None:  # added to every token: the same as adding it to every position
             out["pos_embed.weight"] = out["pos_embed.weight"] + token_type[0]
@@ -541,19 +549,20 @@ def _our_config(hf: dict[str, Any], layout: Layout, trainformer_cfg: dict[str, A
                       n_heads=hf["encoder_attention_heads"], n_layers=hf["encoder_layers"],
                       n_decoder_layers=hf["decoder_layers"], d_ff=hf["encoder_ffn_dim"],
                       max_len=hf["max_position_embeddings"], position="sinusoidal", norm_first=t == "pegasus",
-                      activation=hf.get("activation_function", "gelu"), scale_embedding=hf.get("scale_embedding", False),
+                      activation=_our_act(hf.get("activation_function", "gelu")), scale_embedding=hf.get("scale_embedding", False),
                       tie_embeddings=True, norm_eps=1e-5)
     elif t == "gpt2":
         model |= dict(family="decoder", vocab_size=hf["vocab_size"], d_model=hf["n_embd"], n_heads=hf["n_head"],
                       n_layers=hf["n_layer"], d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
                       max_len=hf["n_positions"], position="learned", norm_first=True,
-                      activation=hf.get("activation_function", "gelu"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                      activation=_our_act(hf.get("activation_function", "gelu")), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                       scale_embedding=False, tie_embeddings=hf.get("tie_word_embeddings", True))
     else:
         model |= dict(family="encoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
                       n_heads=hf["num_attention_heads"], n_layers=hf["num_hidden_layers"],
-                      d_ff=hf["intermediate_size"], max_len=hf["max_position_embeddings"] - PAD_ID - 1,
-                      position="learned", norm_first=True, activation=hf.get("hidden_act", "gelu"),
+                      d_ff=hf["intermediate_size"],
+                      max_len=hf["max_position_embeddings"] - (hf.get("pad_token_id") or 0) - 1,
+                      position="learned", norm_first=True, activation=_our_act(hf.get("hidden_act", "gelu")),
                       norm_eps=hf.get("layer_norm_eps", 1e-5),
                       head="mlm" if layout.task == "mlm" else "tagging")
         # the HF class has no embedding scale: an exported scale is already in the weights
@@ -564,30 +573,21 @@ def _our_config(hf: dict[str, Any], layout: Layout, trainformer_cfg: dict[str, A
             model["num_labels"] = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
             model["crf"] = False  # HF carries no CRF scores
             model["char_cnn"] = 0
-    if model.get("activation") not in ("gelu", "relu"):
-        raise UserError(f"{layout.arch}: activation {model.get('activation')!r} is not one of ours (gelu, relu)")
     model.pop("preset", None)
     base["model"] = model
     base.pop("init_from", None)
     return from_dict(base)
 
 
+def _our_act(name: str) -> str:
+    if name not in _OUR_ACT:
+        raise UserError(f"activation {name!r} of this checkpoint is not one of ours ({', '.join(_OUR_ACT)})")
+    return _OUR_ACT[name]
+
+
 def _labels(hf: dict[str, Any]) -> list[str]:
     id2label = hf.get("id2label") or {}
     return [id2label[k] for k in sorted(id2label, key=int)] if id2label else []
-
-
-def _check_tokenizer(path: Path) -> None:
-    """Our code reads special tokens at fixed ids; a vocabulary without them cannot be remapped (yet)."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
-    wrong = [f"{t} (id {tok.token_to_id(t)})" for i, t in enumerate(SPECIAL_TOKENS) if tok.token_to_id(t) != i]
-    if wrong:
-        raise UserError(
-            f"{path}: trainformer reads its special tokens {' '.join(SPECIAL_TOKENS)} at ids 0-6, and this "
-            f"tokenizer has {', '.join(wrong[:3])}; only vocabularies with that layout import "
-            "(as every trainformer export has)")
 
 
 def import_hf_dir(path: Path, out: Path | None = None) -> Path:
@@ -609,19 +609,24 @@ def import_hf_dir(path: Path, out: Path | None = None) -> Path:
     for f in (weights, tok):
         if not f.is_file():
             raise UserError(f"{path}: {f.name} is missing (import reads safetensors weights and a fast tokenizer)")
-    _check_tokenizer(tok)
     out = out or _import_cache(path)
     if (out / "config.json").is_file():
         return out
     tf = path / "trainformer.json"
     cfg = _our_config(hf, layout, json.loads(tf.read_text(encoding="utf-8")) if tf.is_file() else None)
-    state = from_hf_state(load_file(str(weights)), cfg, layout)
+    state = from_hf_state(load_file(str(weights)), cfg, layout, hf.get("pad_token_id") or 0)
+    tok_data = json.loads(tok.read_text(encoding="utf-8"))
+    vocab = plan(tok_data, special_roles(path))
+    if not vocab.identity:  # a vocabulary trained elsewhere: our special tokens to ids 0-6
+        state = remap_rows(state, vocab)
+        cfg.model.vocab_size = len(vocab.old_of_new)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
-    _save_plain_tokenizer(tok, tmp / "tokenizer.json")
+    tok_data = remap_tokenizer(tok_data, vocab)  # also drops the export's post-processor
+    (tmp / "tokenizer.json").write_text(json.dumps(tok_data, ensure_ascii=False), encoding="utf-8")
     if cfg.task == "ner":
         (tmp / "labels.json").write_text(json.dumps(_labels(hf)) + "\n", encoding="utf-8")
     (tmp / "imported_from.json").write_text(json.dumps({"path": str(path.resolve()), "arch": arch}) + "\n",
@@ -629,16 +634,6 @@ def import_hf_dir(path: Path, out: Path | None = None) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
-
-
-def _save_plain_tokenizer(src: Path, dst: Path) -> None:
-    """The tokenizer without the export's post-processor (our pipeline adds its own special tokens)."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(src))
-    data = json.loads(tok.to_str())
-    data["post_processor"] = None
-    dst.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
 def _import_cache(path: Path) -> Path:

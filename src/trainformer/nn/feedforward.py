@@ -6,11 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = ("gelu", "relu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 
 
 class FeedForward(nn.Module):
     """``down(act(up(x)))``; SwiGLU (Shazeer 2020) is ``down(silu(gate) * value)``.
+
+    ``gelu_tanh`` is GELU's tanh approximation, the activation GPT-2 was trained with
+    (so imported GPT-2 checkpoints compute what they computed there).
 
     Parameters: ``up`` (D -> F, or D -> 2F for SwiGLU with rows [gate; value],
     fused so the two projections are one GEMM) and ``down`` (F -> D).
@@ -33,6 +36,8 @@ class FeedForward(nn.Module):
             h = F.silu(gate) * value
         elif self.activation == "gelu":
             h = F.gelu(h)
+        elif self.activation == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
         else:
             h = F.relu(h)
         return self.down(h)
