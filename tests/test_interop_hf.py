@@ -95,6 +95,10 @@ FAMILIES = {
                           "wordpiece"),
     "xlmr-tagging": ("ner", dict(preset="tiny-encoder", head="tagging", num_labels=3, crf=True, dropout=0.0),
                      "wordpiece"),
+    "bert-mlm": ("mlm", dict(preset="tiny-encoder", head="mlm", norm_first=False, embed_norm=True, dropout=0.0),
+                 "wordpiece"),
+    "bert-tagging": ("ner", dict(preset="tiny-encoder", head="tagging", num_labels=3, norm_first=False,
+                                 embed_norm=True, scale_embedding=False, norm_eps=1e-12, dropout=0.0), "wordpiece"),
 }
 LABELS = ["O", "B-PER", "I-PER"]
 STEPS = 80  # half-trained: beam 4 then differs from greedy on about a third of the sentences
@@ -423,7 +427,6 @@ def test_foreign_gpt2_imports_with_its_vocabulary_renumbered(tmp_path):
 def test_chat_fine_tunes_from_a_foreign_gpt2_dir(tmp_path, monkeypatch):
     """`trainformer train chat-... --set init_from=path/to/gpt2`: the pretrained rows are kept, markers added."""
     from test_chat_e2e import tiny_config, write_dailydialog
-
     from trainformer.rundir import RunDir
     from trainformer.tasks import build_task
     from trainformer.training.trainer import Trainer
@@ -437,3 +440,50 @@ def test_chat_fine_tunes_from_a_foreign_gpt2_dir(tmp_path, monkeypatch):
     assert tuned.cfg.model.d_model == 48 and tuned.cfg.model.activation == "gelu_tanh"
     assert tuned.cfg.model.vocab_size == hf.config.vocab_size + 6 + 4  # + our specials + the role markers
     assert (tmp_path / "chat" / "summary.json").is_file()
+
+
+def foreign_bert(root):
+    """A bare BertModel dir with BERT's own WordPiece specials ([PAD] 0, [UNK], [CLS], [SEP], [MASK])."""
+    from tokenizers import BertWordPieceTokenizer
+
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator([t for p in pairs(300) for t in p] + TEXTS, vocab_size=200, min_frequency=1,
+                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wp._tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                               cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    cfg = transformers.BertConfig(vocab_size=wp.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                  type_vocab_size=2)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    with torch.no_grad():  # a non-zero segment-0 row, which import folds into the positions
+        model.embeddings.token_type_embeddings.weight.normal_(0, 0.5)
+    out = root / "bert"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, model, tok
+
+
+def test_foreign_bert_imports_and_starts_a_tagger(tmp_path):
+    from trainformer.interop.hf_vocab import plan, special_roles
+    from trainformer.training.checkpoint import load_pretrained
+
+    hf_dir, hf, hf_tok = foreign_bert(tmp_path)
+    loaded = load_model_dir(hf_dir)
+    m = loaded.cfg.model
+    assert (m.family, m.head, m.norm_first, m.embed_norm) == ("encoder", "mlm", False, True)
+    vm = plan(json.loads((hf_dir / "tokenizer.json").read_text()), special_roles(hf_dir))
+    ours_tok = TextTokenizer.load(loaded.tokenizer_path)
+    text = TEXTS[0]
+    ours_ids = torch.tensor([[6, *ours_tok.encode(text), 5]])  # <cls> ... <sep>
+    body = hf_tok(text, add_special_tokens=False)["input_ids"]
+    hf_ids = torch.tensor([[hf_tok.cls_token_id, *body, hf_tok.sep_token_id]])
+    assert [vm.old_of_new[i] for i in ours_ids[0].tolist()] == hf_ids[0].tolist()
+    with torch.no_grad():
+        ours = loaded.model.hidden(ours_ids)
+        theirs = hf(input_ids=hf_ids).last_hidden_state
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    tagger_cfg = from_dict({"task": "ner", "model": dict(m.__dict__, head="tagging", num_labels=5)})
+    tagger = build_model(tagger_cfg.model)
+    missing, _ = load_pretrained(tagger, hf_dir)
+    assert missing == ["head.proj.bias", "head.proj.weight"]  # everything else came from BERT

@@ -338,7 +338,7 @@ def test_dropout_is_active_in_train_mode_only():
 HF_SHAPES = {
     "GPT2LMHeadModel": dict(family="decoder", position="learned", scale_embedding=False),
     "BertForMaskedLM": dict(family="encoder", head="mlm", position="learned", norm_first=False, norm_eps=1e-12,
-                            scale_embedding=False),
+                            scale_embedding=False, embed_norm=True),
     "MarianMTModel": dict(family="encoder_decoder", norm_first=False),
 }
 

@@ -62,6 +62,9 @@ class ModelConfig:
     # tagging: filters of a CNN over each word's UTF-8 bytes, whose output is added to the
     # word's subword embeddings (0 = off); see `trainformer.nn.CharCNN`
     char_cnn: int = 0
+    # encoder: normalise the sum of token and position embeddings before the first layer (BERT,
+    # RoBERTa); with norm_first=false it is the BERT layout, so BERT checkpoints import exactly
+    embed_norm: bool = False
     # relation head: what it classifies. "start": the two entity-start markers' states;
     # "start_between": those and the mean state of the tokens between the two markers
     relation_pool: Literal["start", "start_between"] = "start"
@@ -272,6 +275,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.relation_pool: only the relation head pools (model.head is {m.head!r})")
     if m.crf and m.head != "tagging":
         raise ConfigError(f"model.crf: only the tagging head has a CRF (model.head is {m.head!r})")
+    if m.embed_norm and m.family != "encoder":
+        raise ConfigError(f"model.embed_norm: only the encoder family has it (model.family is {m.family!r})")
     if m.char_cnn and (m.head != "tagging" or m.family != "encoder"):
         raise ConfigError(f"model.char_cnn: only the tagging encoder reads word characters "
                           f"(model.family is {m.family!r}, model.head {m.head!r})")

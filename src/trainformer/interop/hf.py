@@ -121,12 +121,13 @@ def _gpt2_config(cfg: Config) -> dict[str, Any]:
     )
 
 
-def _xlmr_xl_config(cfg: Config) -> dict[str, Any]:
+def _encoder_config(cfg: Config, position_offset: int) -> dict[str, Any]:
+    """BERT and XLM-RoBERTa-XL share their config keys; the latter numbers positions from PAD + 1."""
     m = cfg.model
     out = dict(
         vocab_size=m.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.n_layers,
         num_attention_heads=m.n_heads, intermediate_size=m.d_ff, hidden_act=_act(m),
-        max_position_embeddings=m.max_len + PAD_ID + 1, type_vocab_size=1, layer_norm_eps=m.norm_eps,
+        max_position_embeddings=m.max_len + position_offset, type_vocab_size=1, layer_norm_eps=m.norm_eps,
         hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=0.0,
         pad_token_id=PAD_ID, bos_token_id=CLS_ID, eos_token_id=SEP_ID,
         position_embedding_type="absolute",
@@ -136,6 +137,14 @@ def _xlmr_xl_config(cfg: Config) -> dict[str, Any]:
     if m.head == "tagging":
         out["num_labels"] = m.num_labels
     return out
+
+
+def _xlmr_xl_config(cfg: Config) -> dict[str, Any]:
+    return _encoder_config(cfg, PAD_ID + 1)
+
+
+def _bert_config(cfg: Config) -> dict[str, Any]:
+    return _encoder_config(cfg, 0)
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -148,7 +157,13 @@ LAYOUTS: dict[str, Layout] = {
     "XLMRobertaXLForTokenClassification": Layout(
         "XLMRobertaXLForTokenClassification", "xlm-roberta-xl", "ner", _xlmr_xl_config,
         "AutoModelForTokenClassification"),
+    "BertForMaskedLM": Layout("BertForMaskedLM", "bert", "mlm", _bert_config, "AutoModelForMaskedLM"),
+    "BertForTokenClassification": Layout(
+        "BertForTokenClassification", "bert", "ner", _bert_config, "AutoModelForTokenClassification"),
 }
+# Bare encoders (no head) import as MLM models whose head starts fresh, e.g. for init_from.
+BARE = {"BertModel": ("BertForMaskedLM", "bert."), "XLMRobertaXLModel": ("XLMRobertaXLForMaskedLM", "roberta.")}
+ENCODER_TYPES = ("bert", "xlm-roberta-xl")
 
 
 def _common_refusal(m: ModelConfig) -> str | None:
@@ -185,18 +200,28 @@ def choose_layout(cfg: Config) -> Layout:
         elif m.scale_embedding:
             reason = "model.scale_embedding=true in a decoder (exportable: false, as GPT-2)"
     elif reason is None and m.family == "encoder":
-        arch = {"mlm": "XLMRobertaXLForMaskedLM", "tagging": "XLMRobertaXLForTokenClassification"}.get(m.head)
-        if arch is None:
-            reason = f"model.head={m.head}: transformers has no class for our entity-marker relation head"
-        elif m.char_cnn:
-            reason = "model.char_cnn (HF token classifiers read subword ids only; exportable: char_cnn=0)"
-        elif m.position != "learned" or not m.norm_first:
-            reason = (f"model.position={m.position}, norm_first={m.norm_first} in an encoder: transformers has "
-                      "no pre-norm rotary encoder and no post-norm one without an embedding norm "
-                      "(exportable: position=learned with norm_first=true, the XLM-RoBERTa-XL layout)")
+        arch, reason = _encoder_arch(m)
     if reason is not None:
         raise UserError(f"cannot export this {m.family} model to Hugging Face: {reason}")
     return LAYOUTS[arch]
+
+
+def _encoder_arch(m: ModelConfig) -> tuple[str | None, str | None]:
+    """(HF class, None) for an exportable encoder, else (None, why not)."""
+    family = "XLMRobertaXL" if m.norm_first else "Bert"
+    arch = {"mlm": f"{family}ForMaskedLM", "tagging": f"{family}ForTokenClassification"}.get(m.head)
+    if arch is None:
+        return None, f"model.head={m.head}: transformers has no class for our entity-marker relation head"
+    if m.char_cnn:
+        return None, "model.char_cnn (HF token classifiers read subword ids only; exportable: char_cnn=0)"
+    if m.position != "learned":
+        return None, (f"model.position={m.position} in an encoder: transformers has no rotary encoder of "
+                      "our layout (RoFormer normalises its embeddings and is post-norm; exportable: "
+                      "position=learned)")
+    if m.embed_norm == m.norm_first:
+        return None, (f"model.embed_norm={m.embed_norm} with norm_first={m.norm_first} (exportable: pre-norm "
+                      "without an embedding norm, XLM-RoBERTa-XL; post-norm with one, BERT)")
+    return arch, None
 
 
 # ----------------------------------------------------------------------------
@@ -245,6 +270,7 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg: Config, layout: Layout) -> 
     if layout.model_type == "xlm-roberta-xl":
         pos = state["pos_embed.weight"]  # (L, D) -> (PAD + 1 + L, D): HF numbers positions from PAD + 1
         state["pos_embed.weight"] = torch.cat([pos.new_zeros(PAD_ID + 1, pos.shape[1]), pos])
+    if layout.model_type in ENCODER_TYPES:
         if m.head == "mlm" and "head.decoder.weight" not in state and scale != 1.0:
             state["head.decoder.weight"] = state["tok_embed.weight"]  # the head keeps the unscaled rows
         state["tok_embed.weight"] = state["tok_embed.weight"] * scale
@@ -265,6 +291,12 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg: Config, layout: Layout) -> 
         if m.head == "mlm":
             out["lm_head.decoder.bias"] = out["lm_head.bias"]
             out.setdefault("lm_head.decoder.weight", out["roberta.embeddings.word_embeddings.weight"])
+    if layout.model_type == "bert":
+        out["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, m.d_model)
+        if m.head == "mlm":
+            out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"]
+            if "head.decoder.weight" in state:  # untied (or scaled): its own rows
+                out["cls.predictions.decoder.weight"] = state["head.decoder.weight"]
     if layout.model_type in ("marian", "pegasus"):
         out["final_logits_bias"] = torch.zeros(1, m.vocab_size)
     return out
@@ -275,7 +307,7 @@ def _embedding_key(layout: Layout) -> str:
 
 
 def _hf_tied(layout: Layout, m: ModelConfig) -> bool:
-    if layout.model_type == "xlm-roberta-xl":
+    if layout.model_type in ENCODER_TYPES:
         return m.tie_embeddings and not m.scale_embedding
     return m.tie_embeddings
 
@@ -290,13 +322,17 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: Config, layout: Layout,
             continue
         t = torch.cat([hf[k] for k in name.keys], dim=0)
         out[ours] = (t.T if name.transform == "transpose" else t).contiguous()
-    if layout.model_type == "xlm-roberta-xl":
-        out["pos_embed.weight"] = out["pos_embed.weight"][pad_id + 1:].contiguous()
-        token_type = hf.get("roberta.embeddings.token_type_embeddings.weight")
+    if layout.model_type in ENCODER_TYPES:
+        prefix = "roberta" if layout.model_type == "xlm-roberta-xl" else "bert"
+        if prefix == "roberta":
+            out["pos_embed.weight"] = out["pos_embed.weight"][pad_id + 1:].contiguous()
+        token_type = hf.get(f"{prefix}.embeddings.token_type_embeddings.weight")
         if token_type is not None:  # added to every token: the same as adding it to every position
             out["pos_embed.weight"] = out["pos_embed.weight"] + token_type[0]
         if m.head == "mlm" and m.tie_embeddings:
             out.pop("head.decoder.weight", None)
+        elif m.head == "mlm" and "cls.predictions.decoder.weight" in hf:
+            out["head.decoder.weight"] = hf["cls.predictions.decoder.weight"]
     if m.family == "encoder_decoder":
         out = permute_residual(out, torch.argsort(half_split_permutation(m.d_model)))
     return out
@@ -558,12 +594,12 @@ def _our_config(hf: dict[str, Any], layout: Layout, trainformer_cfg: dict[str, A
                       activation=_our_act(hf.get("activation_function", "gelu")), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                       scale_embedding=False, tie_embeddings=hf.get("tie_word_embeddings", True))
     else:
+        offset = (hf.get("pad_token_id") or 0) + 1 if t == "xlm-roberta-xl" else 0
         model |= dict(family="encoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
                       n_heads=hf["num_attention_heads"], n_layers=hf["num_hidden_layers"],
-                      d_ff=hf["intermediate_size"],
-                      max_len=hf["max_position_embeddings"] - (hf.get("pad_token_id") or 0) - 1,
-                      position="learned", norm_first=True, activation=_our_act(hf.get("hidden_act", "gelu")),
-                      norm_eps=hf.get("layer_norm_eps", 1e-5),
+                      d_ff=hf["intermediate_size"], max_len=hf["max_position_embeddings"] - offset,
+                      position="learned", norm_first=t != "bert", embed_norm=t == "bert",
+                      activation=_our_act(hf.get("hidden_act", "gelu")), norm_eps=hf.get("layer_norm_eps", 1e-12),
                       head="mlm" if layout.task == "mlm" else "tagging")
         # the HF class has no embedding scale: an exported scale is already in the weights
         model["scale_embedding"] = False
@@ -599,11 +635,12 @@ def import_hf_dir(path: Path, out: Path | None = None) -> Path:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path / 'config.json'}: unreadable ({e})") from None
     arch = (hf.get("architectures") or [""])[0]
-    if arch == "XLMRobertaXLModel":
-        arch = "XLMRobertaXLForMaskedLM"
+    bare_prefix = ""
+    if arch in BARE:
+        arch, bare_prefix = BARE[arch]
     if arch not in LAYOUTS:
         raise UserError(f"{path}: a {arch or hf.get('model_type')} model; trainformer imports "
-                        f"{', '.join(LAYOUTS)}")
+                        f"{', '.join([*LAYOUTS, *BARE])}")
     layout = LAYOUTS[arch]
     weights, tok = path / "model.safetensors", path / "tokenizer.json"
     for f in (weights, tok):
@@ -614,7 +651,12 @@ def import_hf_dir(path: Path, out: Path | None = None) -> Path:
         return out
     tf = path / "trainformer.json"
     cfg = _our_config(hf, layout, json.loads(tf.read_text(encoding="utf-8")) if tf.is_file() else None)
-    state = from_hf_state(load_file(str(weights)), cfg, layout, hf.get("pad_token_id") or 0)
+    hf_state = load_file(str(weights))
+    if bare_prefix:  # a bare encoder's keys lack the task model's prefix; its MLM head starts fresh
+        hf_state = {k if k.startswith(bare_prefix) else bare_prefix + k: v for k, v in hf_state.items()}
+    state = from_hf_state(hf_state, cfg, layout, hf.get("pad_token_id") or 0)
+    if bare_prefix:
+        state = _with_fresh_head(state, cfg)
     tok_data = json.loads(tok.read_text(encoding="utf-8"))
     vocab = plan(tok_data, special_roles(path))
     if not vocab.identity:  # a vocabulary trained elsewhere: our special tokens to ids 0-6
@@ -634,6 +676,15 @@ def import_hf_dir(path: Path, out: Path | None = None) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def _with_fresh_head(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
+    """The head tensors a bare encoder lacks, initialised as a new model's are."""
+    from trainformer.modeldir import clean_state_dict
+    from trainformer.models import build_model
+
+    fresh = clean_state_dict(build_model(cfg.model).state_dict())
+    return {k: state.get(k, v) for k, v in fresh.items()}
 
 
 def _import_cache(path: Path) -> Path:

@@ -69,16 +69,20 @@ def embed_inputs(
     rope: RotaryEmbedding | None,
     drop: nn.Module,
     extra: torch.Tensor | None = None,
+    norm: nn.Module | None = None,
 ) -> tuple[torch.Tensor, Rope | None]:
     """Token ids (B, T) and positions (T,) or (B, T) -> (x (B, T, D), rope (cos, sin) or None).
 
-    `extra` (B, T, D), e.g. word-character features, is added before the dropout.
+    `extra` (B, T, D), e.g. word-character features, is added before `norm` (BERT's
+    embedding norm, ``model.embed_norm``) and the dropout.
     """
     x = tok_embed(ids)  # (B, T, D)
     if pos_embed is not None:
         x = x + pos_embed(positions)  # (T, D) or (B, T, D) broadcast
     if extra is not None:
         x = x + extra
+    if norm is not None:
+        x = norm(x)
     return drop(x), (rope(positions) if rope is not None else None)
 
 

@@ -18,6 +18,7 @@ from trainformer.models.common import (
 from trainformer.models.heads import MLMHead, RelationHead, TaggingHead
 from trainformer.nn import CharCNN, EncoderLayer, init_weights, scale_residual_projections
 from trainformer.nn.masks import key_padding_mask, positions_for
+from trainformer.nn.norm import make_norm
 
 ENCODER_HEADS = ("mlm", "tagging", "relation")
 
@@ -26,7 +27,7 @@ class Encoder(nn.Module):
     """Token embedding -> positions -> `EncoderLayer`s -> norm -> head.
 
     Parameters: ``tok_embed``, ``pos_embed`` (learned only), ``char_cnn.*``
-    (``model.char_cnn`` only), ``layers.{i}.*``, ``norm`` (pre-norm only),
+    (``model.char_cnn`` only), ``embed_norm`` (``model.embed_norm`` only), ``layers.{i}.*``, ``norm`` (pre-norm only),
     ``head.*`` (see `trainformer.models.heads`).
     """
 
@@ -37,6 +38,7 @@ class Encoder(nn.Module):
         self.pos_embed = additive_positions(cfg)
         self.rope = rotary(cfg)
         self.char_cnn = CharCNN(cfg.d_model, cfg.char_cnn) if cfg.char_cnn else None
+        self.embed_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
             EncoderLayer(cfg.d_model, cfg.n_heads, cfg.d_ff, **layer_kwargs(cfg)) for _ in range(cfg.n_layers)
@@ -59,7 +61,8 @@ class Encoder(nn.Module):
             if chars is None:
                 raise ValueError("this encoder has a character CNN (model.char_cnn): pass chars (B, S, W)")
             extra = self.char_cnn(chars)  # (B, S, D)
-        x, rope = embed_inputs(ids, positions, self.tok_embed, self.pos_embed, self.rope, self.drop, extra)
+        x, rope = embed_inputs(ids, positions, self.tok_embed, self.pos_embed, self.rope, self.drop, extra,
+                               self.embed_norm)
         attn_mask = key_padding_mask(mask)
         for layer in self.layers:
             x = layer(x, attn_mask=attn_mask, rope=rope)

@@ -59,22 +59,33 @@ def _gpt2() -> dict[str, HFName]:
     return m
 
 
-def _bert() -> dict[str, HFName]:
+def _bert_encoder() -> dict[str, HFName]:
+    """BERT's embeddings (with their norm: ``model.embed_norm``) and post-norm layers."""
     lay = "bert.encoder.layer.{i}"
     m = {
         "tok_embed.weight": _one("bert.embeddings.word_embeddings.weight"),
         "pos_embed.weight": _one("bert.embeddings.position_embeddings.weight"),
     }
+    m |= _norm("embed_norm", "bert.embeddings.LayerNorm")
     m |= _fused("layers.{i}.self_attn.qkv", f"{lay}.attention.self", ("query", "key", "value"))
     m |= _linear("layers.{i}.self_attn.out", f"{lay}.attention.output.dense")
     m |= _norm("layers.{i}.attn_norm", f"{lay}.attention.output.LayerNorm")
     m |= _linear("layers.{i}.ffn.up", f"{lay}.intermediate.dense")
     m |= _linear("layers.{i}.ffn.down", f"{lay}.output.dense")
     m |= _norm("layers.{i}.ffn_norm", f"{lay}.output.LayerNorm")
+    return m
+
+
+def _bert() -> dict[str, HFName]:
+    m = _bert_encoder()
     m |= _linear("head.dense", "cls.predictions.transform.dense")
     m |= _norm("head.norm", "cls.predictions.transform.LayerNorm")
     m["head.bias"] = HFName(("cls.predictions.bias",))
     return m
+
+
+def _bert_tagging() -> dict[str, HFName]:
+    return _bert_encoder() | _linear("head.proj", "classifier")
 
 
 def _marian() -> dict[str, HFName]:
@@ -136,6 +147,7 @@ def _xlmr_xl_tagging() -> dict[str, HFName]:
 HF_NAMES: dict[str, dict[str, HFName]] = {
     "GPT2LMHeadModel": _gpt2(),
     "BertForMaskedLM": _bert(),
+    "BertForTokenClassification": _bert_tagging(),
     "MarianMTModel": _marian(),
     "PegasusForConditionalGeneration": _pegasus(),
     "XLMRobertaXLForMaskedLM": _xlmr_xl_mlm(),
@@ -145,6 +157,7 @@ HF_NAMES: dict[str, dict[str, HFName]] = {
 TIED: dict[str, tuple[str, ...]] = {
     "GPT2LMHeadModel": ("lm_head.weight",),
     "BertForMaskedLM": ("cls.predictions.decoder.weight",),
+    "BertForTokenClassification": (),
     "MarianMTModel": ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"),
     "PegasusForConditionalGeneration": (
         "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"),
@@ -155,10 +168,12 @@ TIED: dict[str, tuple[str, ...]] = {
 HF_ONLY: dict[str, dict[str, str]] = {
     "GPT2LMHeadModel": {},
     "BertForMaskedLM": {
-        "bert.embeddings.token_type_embeddings.weight": "zeros (we have one segment type)",
-        "bert.embeddings.LayerNorm.weight": "no counterpart: BERT normalises the embedding sum, we do not",
-        "bert.embeddings.LayerNorm.bias": "no counterpart (see above)",
+        "bert.embeddings.token_type_embeddings.weight": "zeros (we have one segment type); on import, "
+        "its first row is added to every position",
         "cls.predictions.decoder.bias": "the same tensor as head.bias",
+    },
+    "BertForTokenClassification": {
+        "bert.embeddings.token_type_embeddings.weight": "as in BertForMaskedLM",
     },
     "MarianMTModel": {
         "final_logits_bias": "zeros",
