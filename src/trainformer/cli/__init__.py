@@ -18,7 +18,7 @@ from trainformer.errors import UserError
 # module name -> verb, in the order --help lists them
 COMMANDS = [
     "train", "evaluate", "translate", "extract", "chat", "generate",
-    "prune", "quantize", "ensemble", "export", "bench", "plot", "recipes",
+    "prune", "quantize", "ensemble", "export", "serve", "bench", "plot", "recipes",
 ]
 
 
