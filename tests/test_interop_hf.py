@@ -24,7 +24,8 @@ from trainformer.cli import main  # noqa: E402
 from trainformer.config import TokenizerConfig, from_dict  # noqa: E402
 from trainformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer, train_tokenizer  # noqa: E402
 from trainformer.errors import UserError  # noqa: E402
-from trainformer.interop.hf import choose_layout, export_hf, import_hf_dir  # noqa: E402
+from trainformer.interop.hf import choose_layout, export_hf  # noqa: E402
+from trainformer.interop.hf_import import import_hf_dir  # noqa: E402
 from trainformer.modeldir import load_model_dir, save_model_dir  # noqa: E402
 from trainformer.models import build_model  # noqa: E402
 

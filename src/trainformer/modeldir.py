@@ -78,7 +78,7 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def from_hf_if_needed(path: Path) -> Path:
     """`path` itself, or the model dir converted from it when it is a transformers directory."""
-    from trainformer.interop.hf import import_hf_dir, is_hf_dir
+    from trainformer.interop.hf_import import import_hf_dir, is_hf_dir
 
     return import_hf_dir(path) if path.is_dir() and is_hf_dir(path) else path
 
