@@ -47,13 +47,13 @@ from torch import nn
 
 from trainformer.data import tokenizer as tok
 from trainformer.errors import UserError
+from trainformer.interop import require
 from trainformer.modeldir import LoadedModel
 from trainformer.nn.cache import KVCache, LayerKV
 
 OPSET = 18
 MANIFEST = "onnx.json"
 COPIED_FILES = ("config.json", "tokenizer.json", "labels.json", "transitions.json")
-EXTRA_HINT = 'needs the export extra: pip install -e ".[export]"'
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf stops at 2 GiB: larger weights go to a .onnx.data file
 
 # Example sizes for tracing: all >= 2 and all different, so torch.export neither
@@ -164,7 +164,7 @@ def export_onnx(loaded: LoadedModel, out: Path) -> list[Path]:
     Returns:
         the files written, sorted.
     """
-    _require("onnx", "onnxscript")
+    require("onnx"), require("onnxscript")
     check_exportable(loaded)
     out.mkdir(parents=True, exist_ok=True)
     model = loaded.model.to("cpu", torch.float32).eval()
@@ -383,16 +383,6 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _require(*modules: str) -> None:
-    import importlib
-
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            raise UserError(f"ONNX export and inference ({name}) {EXTRA_HINT}") from None
-
-
 # ----------------------------------------------------------------------------
 # Greedy decoding with onnxruntime
 # ----------------------------------------------------------------------------
@@ -407,8 +397,7 @@ class OnnxModel:
     """
 
     def __init__(self, out_dir: str | Path, threads: int = 1):
-        _require("onnxruntime")
-        import onnxruntime as ort
+        ort = require("onnxruntime")
 
         self.dir = Path(out_dir)
         if not (self.dir / MANIFEST).is_file():
