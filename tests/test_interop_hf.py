@@ -207,39 +207,18 @@ def test_refusals_name_the_option(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_translator(tmp_path_factory):
-    """A tiny Pegasus-layout translator trained in-process for a few seconds on a toy language."""
-    from trainformer.tasks.translate_infer import Translator
+    """A tiny translator, half-trained on the toy language, as a model dir and its Pegasus export."""
+    from helpers_interop import train_toy_translator
 
     root = tmp_path_factory.mktemp("hf-translate")
-    data = pairs(600)
-    tok = train_tokenizer([t for p in data for t in p], TokenizerConfig(vocab_size=100, min_frequency=1))
-    cfg = from_dict({"task": "translation", "name": "toy-en-fr",
-                     "model": {"preset": "tiny-encdec", "d_model": 64, "d_ff": 128, "n_heads": 4, "n_layers": 2,
-                               "dropout": 0.0, "vocab_size": tok.vocab_size},
-                     "train": {"precision": "fp32", "device": "cpu"}, "eval": {"beam": 4}})
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    translator = Translator(model, tok, cfg, precision="fp32")
-    for step in range(STEPS):
-        chunk = data[(step * 32) % 576:(step * 32) % 576 + 32]
-        src, src_mask = translator._pad(translator._encode([e for e, _ in chunk]))
-        tgt_ids = [tok.encode(f) for _, f in chunk]
-        tgt_in, _ = translator._pad([[BOS_ID, *t] for t in tgt_ids])
-        labels, label_mask = translator._pad([[*t, EOS_ID] for t in tgt_ids])
-        logits = model(src, tgt_in, src_mask)
-        loss = torch.nn.functional.cross_entropy(logits[label_mask], labels[label_mask])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model, cfg, tok = train_toy_translator(STEPS)
+    cfg.eval.beam = 4
     model_dir = save_model_dir(model, cfg, root / "model")
     tok.save(model_dir / "tokenizer.json")
     hf_dir = root / "hf"
     hf_dir.mkdir()
     export_hf(load_model_dir(model_dir), hf_dir)
-    sources = [e for e, _ in pairs(200, seed=7)]
-    return model_dir, hf_dir, sources, loss.item()
+    return model_dir, hf_dir, [e for e, _ in pairs(200, seed=7)]
 
 
 def _hf_translate(hf_dir, sources, beam: int, max_len: int) -> list[str]:
@@ -260,8 +239,7 @@ def _hf_translate(hf_dir, sources, beam: int, max_len: int) -> list[str]:
 def test_translations_identical_to_hf_generate(trained_translator, beam):
     from trainformer.tasks.loading import load_translator
 
-    model_dir, hf_dir, sources, final_loss = trained_translator
-    assert final_loss < 2.5  # from about 4.6: it has learned some of the toy language, not all
+    model_dir, hf_dir, sources = trained_translator
     translator = load_translator(model_dir, "cpu", "fp32")
     translator.cfg.eval.length_penalty = 0.0  # HF and we normalise by length differently; compare raw scores
     ours = [h[0] for h in translator.translate(sources, beam=beam, max_len=24)] if beam == 1 else None
@@ -283,7 +261,7 @@ def test_translations_identical_to_hf_generate(trained_translator, beam):
 
 @pytest.mark.slow
 def test_pipeline_runs_on_each_exported_family(trained_translator, tmp_path):
-    _, hf_dir, _, _ = trained_translator
+    _, hf_dir, _ = trained_translator
     from transformers.pipelines import SUPPORTED_TASKS
 
     if "translation" in SUPPORTED_TASKS:  # transformers 5 removed the seq2seq pipelines: generate() above
@@ -308,7 +286,7 @@ def test_our_verbs_and_init_from_read_an_hf_dir(trained_translator, tmp_path, ca
     """`translate` on the exported dir itself, and `init_from` of an HF dir loads every tensor."""
     from trainformer.training.checkpoint import load_pretrained
 
-    model_dir, hf_dir, sources, _ = trained_translator
+    model_dir, hf_dir, sources = trained_translator
     assert main(["translate", str(hf_dir), "--beam", "1", "--device", "cpu", "--precision", "fp32",
                  "--input", str(_write(tmp_path / "in.txt", sources[:5]))]) == 0
     via_hf = capsys.readouterr().out.splitlines()
@@ -341,7 +319,7 @@ def test_first_step_loss_from_hf_dir_equals_hf_loss(tmp_path):
 
 
 def test_export_cli_is_atomic_and_refuses_without_force(trained_translator, tmp_path, capsys):
-    model_dir, _, _, _ = trained_translator
+    model_dir, _, _ = trained_translator
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -488,3 +466,14 @@ def test_foreign_bert_imports_and_starts_a_tagger(tmp_path):
     tagger = build_model(tagger_cfg.model)
     missing, _ = load_pretrained(tagger, hf_dir)
     assert missing == ["head.proj.bias", "head.proj.weight"]  # everything else came from BERT
+
+
+def test_corrupt_weights_are_one_line_errors(tmp_path, capsys):
+    model_dir = make_dir(tmp_path, "lm", FAMILIES["gpt2"][1], "byte_bpe")
+    hf_dir = export(model_dir, tmp_path)
+    capsys.readouterr()
+    for broken in (model_dir, hf_dir):
+        (broken / "model.safetensors").write_bytes(b"not safetensors at all")
+        assert main(["export", str(broken), "--to", "hf", "--out", str(tmp_path / f"out-{broken.name}")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "not a readable safetensors file" in err

@@ -6,14 +6,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from helpers_interop import right_pad, train_toy_translator  # noqa: E402
 from test_translation_e2e import make_pairs  # noqa: E402  (the toy EN->FR language)
-from trainformer.config import TokenizerConfig, from_dict  # noqa: E402
-from trainformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer  # noqa: E402
+from trainformer.config import from_dict  # noqa: E402
+from trainformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 from trainformer.errors import UserError  # noqa: E402
 from trainformer.generation import generate  # noqa: E402
 from trainformer.interop.onnx_export import (  # noqa: E402
@@ -46,38 +46,6 @@ def save_and_export(model, cfg, root, tokenizer=None, labels=None) -> tuple[Load
     files = export_onnx(loaded, out)
     assert files == sorted(p for p in out.iterdir())
     return loaded, out
-
-
-def right_pad(rows: list[list[int]], fill: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(map(len, rows))), fill)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-    return out
-
-
-def train_toy_translator(steps: int = 300):
-    """A tiny encoder-decoder taught the word-for-word toy language in a few seconds (~95% exact)."""
-    pairs = make_pairs(600)
-    tokenizer = train_tokenizer([text for pair in pairs for text in pair],
-                                TokenizerConfig(vocab_size=100, min_frequency=1))
-    cfg = config("translation", preset="tiny-encdec", d_model=64, d_ff=128, n_heads=4, n_layers=2,
-                 vocab_size=tokenizer.vocab_size)
-    src_ids = [[*tokenizer.encode(e), EOS_ID] for e, _ in pairs]
-    tgt_ids = [tokenizer.encode(f) for _, f in pairs]
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(pairs), (48,), generator=g).tolist()
-        src = right_pad([src_ids[i] for i in idx], PAD_ID)
-        tgt_in = right_pad([[BOS_ID, *tgt_ids[i]] for i in idx], PAD_ID)
-        labels = right_pad([[*tgt_ids[i], EOS_ID] for i in idx], -100)
-        loss = F.cross_entropy(model(src, tgt_in, src != PAD_ID).flatten(0, 1), labels.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), cfg, tokenizer
 
 
 @pytest.fixture(scope="module")

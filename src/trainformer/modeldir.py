@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from trainformer.config import Config, from_dict, to_dict
@@ -57,6 +57,19 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen[ptr] = key
         out[key] = value.detach().contiguous().cpu()
     return out
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a one-line UserError if it is missing or corrupt."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UserError(f"weights not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -126,7 +139,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
         weights = p / "model.safetensors"
         if not weights.is_file():
             raise UserError(f"{p}: model.safetensors is missing")
-        state = load_file(str(weights))
+        state, _ = read_weights(weights)
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = {n for n, _ in _tied_names(model)}
         missing = [k for k in missing if k not in tied]

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from trainformer.cli.common import add_model_verb
+from trainformer.cli.common import add_engine_arg, add_model_verb
 from trainformer.cli.generate import add_sampling_args, sampling_settings
 
 HELP = "commands: /reset clears the history, /exit quits (or Ctrl-D); Ctrl-C cancels a reply"
@@ -30,6 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--system", default=None, help="a system line kept at the start of the conversation")
     p.add_argument("--no-history", action="store_true", help="answer each message on its own")
+    add_engine_arg(p)
     add_sampling_args(p)
     p.set_defaults(func=run)
 
@@ -119,11 +120,25 @@ def _read_terminal() -> str:
     return input("you> ")
 
 
-def run(args) -> int:
+def _load(args, settings):
+    """The chatbot of --engine: ours on a model dir, or CTranslate2's on its export."""
+    from trainformer.interop import ct2
+
+    if args.engine == "ctranslate2":
+        return ct2.load_ct2_chatbot(args.model_dir, settings, args.system, args.device,
+                                    compute_type=ct2.compute_type_of(args.precision))
+    if ct2.is_ct2_dir(args.model_dir):
+        from trainformer.errors import UserError
+
+        raise UserError(f"{args.model_dir}: a CTranslate2 export; pass --engine ctranslate2")
     from trainformer.tasks.chat import load_chatbot
 
+    return load_chatbot(args.model_dir, settings, args.system, args.device, args.precision)
+
+
+def run(args) -> int:
     settings = sampling_settings(args)
-    bot = load_chatbot(args.model_dir, settings, args.system, args.device, args.precision)
+    bot = _load(args, settings)
     if args.prompt is not None:
         if not args.prompt.strip():
             from trainformer.errors import UserError

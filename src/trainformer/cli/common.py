@@ -35,3 +35,10 @@ def require_positive(parser, args, *names: str) -> None:
         value = getattr(args, name)
         if value < 1:
             parser.error(f"--{name}: expected an integer >= 1, got {value}")
+
+
+def add_engine_arg(p) -> None:
+    """--engine of the decoding verbs: our PyTorch models, or a CTranslate2 export of them."""
+    p.add_argument("--engine", choices=["torch", "ctranslate2"], default="torch",
+                   help="torch (default), or ctranslate2: MODEL_DIR is then a dir written by "
+                   "'trainformer export MODEL_DIR --to ctranslate2' (--precision picks its compute type)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from trainformer.cli.common import add_io_args, add_model_verb, add_runtime_args
+from trainformer.cli.common import add_engine_arg, add_io_args, add_model_verb, add_runtime_args
 from trainformer.textio import read_lines
 
 
@@ -23,6 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    add_engine_arg(p)
     add_runtime_args(p)
     p.set_defaults(func=run)
 
@@ -40,12 +41,26 @@ def _check(args) -> None:
         raise UserError("--top-p must be in (0, 1] and --temperature > 0")
 
 
-def run(args) -> int:
+def _load(args):
+    """The translator of --engine: ours on a model dir, or CTranslate2's on its export."""
+    from trainformer.interop import ct2
+
+    if args.engine == "ctranslate2":
+        return ct2.load_ct2_translator(args.model_dir, args.device,
+                                       compute_type=ct2.compute_type_of(args.precision))
+    if ct2.is_ct2_dir(args.model_dir):
+        from trainformer.errors import UserError
+
+        raise UserError(f"{args.model_dir}: a CTranslate2 export; pass --engine ctranslate2")
     from trainformer.tasks.loading import load_translator
 
+    return load_translator(args.model_dir, args.device, args.precision)
+
+
+def run(args) -> int:
     _check(args)
     lines = read_lines(args.input)
-    translator = load_translator(args.model_dir, args.device, args.precision)
+    translator = _load(args)
     beam = args.beam or translator.cfg.eval.beam
     sampling = None
     if args.sampling:

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as AoDynamicLinear
 
@@ -349,6 +348,7 @@ def load_quantized(
         cfg: its config.json; compression: its compression.json.
         device: where to put it (None: CPU). ``dynamic`` always stays on the CPU.
     """
+    from trainformer.modeldir import read_weights
     from trainformer.models import build_model
 
     method = compression.get("quantization")
@@ -358,7 +358,7 @@ def load_quantized(
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"{path}: model.safetensors is missing")
-    state = load_file(str(weights))
+    state, _ = read_weights(weights)
     model = apply_saved_shapes(build_model(cfg.model), compression).eval()
     skip: set[str] = set()
     if method == "dynamic":

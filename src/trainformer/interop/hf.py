@@ -31,9 +31,10 @@ Import (`trainformer.interop.hf_import`) runs the same maps backwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -363,7 +364,8 @@ def export_hf(loaded, out: Path) -> list[str]:
         for key, value in ours.items():
             if key in target:
                 target[key].copy_(value)
-    hf_model.save_pretrained(str(out))
+    with quiet_transformers(transformers):
+        hf_model.save_pretrained(str(out))
     save_hf_tokenizer(loaded.tokenizer_path, cfg, out)
     gen = generation_config(cfg)
     if gen is not None:
@@ -372,6 +374,19 @@ def export_hf(loaded, out: Path) -> list[str]:
     (out / "README.md").write_text(model_card(cfg, layout.arch, loaded.path, notes), encoding="utf-8")
     (out / "trainformer.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
     return notes
+
+
+@contextlib.contextmanager
+def quiet_transformers(transformers) -> Iterator[None]:
+    """No transformers progress bars on stderr while we write (our output stays one line per event)."""
+    logging = transformers.utils.logging
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
 
 
 def _buffer_like(key: str) -> bool:

@@ -88,7 +88,9 @@ def _labels(hf: dict[str, Any]) -> list[str]:
 
 def import_hf_dir(path: Path, out: Path | None = None) -> Path:
     """Convert the transformers dir `path` to one of our model dirs (cached by content); returns it."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
+
+    from trainformer.modeldir import read_weights
 
     try:
         hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -111,7 +113,7 @@ def import_hf_dir(path: Path, out: Path | None = None) -> Path:
         return out
     tf = path / "trainformer.json"
     cfg = _our_config(hf, layout, json.loads(tf.read_text(encoding="utf-8")) if tf.is_file() else None)
-    hf_state = load_file(str(weights))
+    hf_state, _ = read_weights(weights)
     if bare_prefix:  # a bare encoder's keys lack the task model's prefix; its MLM head starts fresh
         hf_state = {k if k.startswith(bare_prefix) else bare_prefix + k: v for k, v in hf_state.items()}
     state = from_hf_state(hf_state, cfg, layout, hf.get("pad_token_id") or 0)

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -88,14 +87,9 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file written by `save_weights`; tied aliases are restored."""
-    if not path.is_file():
-        raise UserError(f"weights not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-            meta = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    from trainformer.modeldir import read_weights
+
+    state, meta = read_weights(path)
     for alias, name in json.loads(meta.get("tied", "{}")).items():
         state[alias] = state[name]
     return state
