@@ -106,7 +106,7 @@ def hf_generate(hf_dir: Path, reference) -> Callable[[int], Engine]:
         batch = tokenizer(chunk, return_tensors="pt", padding=True)
         with torch.inference_mode():
             out = model.generate(**batch, num_beams=beam, do_sample=False,
-                                 max_new_tokens=chunk_limit(reference, chunk))
+                                 max_new_tokens=chunk_limit(reference, chunk), max_length=None)
         return tokenizer.batch_decode(out, skip_special_tokens=True)
 
     return lambda threads: translate

@@ -477,3 +477,13 @@ def test_corrupt_weights_are_one_line_errors(tmp_path, capsys):
         assert main(["export", str(broken), "--to", "hf", "--out", str(tmp_path / f"out-{broken.name}")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "not a readable safetensors file" in err
+
+
+def test_generation_config_follows_the_models_beam(tmp_path):
+    """A greedy model (eval.beam 1) gets a valid generation config without beam settings."""
+    model_dir = make_dir(tmp_path, "translation", FAMILIES["pegasus"][1], "bpe")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["eval"]["beam"] = 1
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    gen = transformers.GenerationConfig.from_pretrained(export(model_dir, tmp_path))
+    assert gen.num_beams in (None, 1) and gen.decoder_start_token_id == BOS_ID and gen.forced_eos_token_id is None

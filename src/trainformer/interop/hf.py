@@ -94,7 +94,7 @@ def _seq2seq_config(cfg: Config) -> dict[str, Any]:
         max_position_embeddings=m.max_len, scale_embedding=m.scale_embedding,
         dropout=m.dropout, attention_dropout=0.0, activation_dropout=0.0,
         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        decoder_start_token_id=BOS_ID, forced_eos_token_id=EOS_ID,
+        decoder_start_token_id=BOS_ID,
         share_encoder_decoder_embeddings=True, tie_word_embeddings=True, is_encoder_decoder=True,
     )
 

@@ -65,10 +65,9 @@ def save_hf_tokenizer(tokenizer_json: Path, cfg: Config, out: Path) -> None:
 def generation_config(cfg: Config) -> dict[str, Any] | None:
     """generation_config.json: how our translate / chat decode by default."""
     if cfg.task == "translation":
+        beam = dict(num_beams=cfg.eval.beam, length_penalty=cfg.eval.length_penalty, early_stopping=True)
         return dict(decoder_start_token_id=BOS_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                    pad_token_id=PAD_ID, forced_eos_token_id=EOS_ID, num_beams=cfg.eval.beam,
-                    length_penalty=cfg.eval.length_penalty, max_length=cfg.model.max_len,
-                    early_stopping=True)
+                    pad_token_id=PAD_ID, max_length=cfg.model.max_len, **(beam if cfg.eval.beam > 1 else {}))
     if cfg.task in ("lm", "chat"):
         return dict(bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                     max_length=cfg.model.max_len)
