@@ -38,8 +38,8 @@ from trainformer.errors import run_script
 from trainformer.modeldir import load_model_dir, read_model_config, resolve_model_dir
 from trainformer.paths import REPO_ROOT
 from trainformer.rundir import hardware, package_versions
-from trainformer.tasks.base import spread_indices
 from trainformer.tasks.translate_infer import Translator, score_translations
+from trainformer.training.task import spread_indices
 
 # ----------------------------------------------------------------------------
 # Variants

@@ -27,21 +27,13 @@ from typing import Any
 
 import torch
 
-import trainformer.tasks.translate_infer as translate_infer
 from bench_compression import load_translator, test_data
 from trainformer.bench.report import write_table_report
 from trainformer.cli.common import require_positive
 from trainformer.errors import run_script
-from trainformer.generation import beam_translate, greedy_translate
 from trainformer.modeldir import resolve_model_dir
 from trainformer.rundir import hardware, package_versions
-from trainformer.tasks.base import spread_indices
-
-
-def use_drop_finished(flag: bool) -> None:
-    """Point the Translator's decoding functions at variants with ``drop_finished=flag``."""
-    translate_infer.greedy_translate = functools.partial(greedy_translate, drop_finished=flag)
-    translate_infer.beam_translate = functools.partial(beam_translate, drop_finished=flag)
+from trainformer.training.task import spread_indices
 
 
 def timed_pair(run: Callable[[bool], Any], items: int, repeats: int) -> dict[str, Any]:
@@ -60,11 +52,11 @@ def timed_pair(run: Callable[[bool], Any], items: int, repeats: int) -> dict[str
 
 
 def translate_with(tr, sentences: list[str], beam: int, flag: bool) -> list:
-    use_drop_finished(flag)
+    tr.drop_finished = flag
     try:
         return tr.translate(sentences, beam=beam)
     finally:
-        use_drop_finished(True)
+        tr.drop_finished = True
 
 
 def chat_replies(model_dir: Path, n: int) -> tuple[Callable[[bool], Any], int]:

@@ -30,8 +30,8 @@ from torch import nn
 
 from trainformer.config import Config, apply_overrides, from_dict
 from trainformer.rundir import RunDir
-from trainformer.tasks.base import Batch, Task
 from trainformer.training.loss import IGNORE_INDEX, cross_entropy_sum
+from trainformer.training.task import Batch, Task
 
 VOCAB = 24
 PAD = 0

@@ -107,7 +107,7 @@ def test_real_tatoeba_split_has_no_leak():
 
 
 def test_spread_indices_cover_the_split_evenly():
-    from trainformer.tasks.base import spread_indices
+    from trainformer.training.task import spread_indices
 
     assert spread_indices(10, 0) == list(range(10)) and spread_indices(3, 5) == [0, 1, 2]
     idx = spread_indices(2419, 500)

@@ -329,7 +329,7 @@ def test_train_seeds_trains_each_seed_and_scores_their_ensemble(runs, tmp_path, 
 
     # the scoring path reads the model from disk and splits the data as training did: a
     # member scored through it matches the score its own run reported at the end
-    from trainformer.cli.train_seeds import score_model_dir
+    from trainformer.fit import score_model_dir
 
     alone = score_model_dir(seeds[3].cfg, out / "seed-3" / "model")
     assert alone["test"] == summary["members"]["3"]["test"]
@@ -372,7 +372,7 @@ def test_a_character_cnn_tagger_survives_quantization_and_pruning(runs, tmp_path
 
 @pytest.mark.parametrize("name", ["ner", "ner-crf", "ner-chars"])
 def test_a_saved_tagger_scores_on_its_splits_as_its_run_reported(runs, name):
-    from trainformer.cli.train_seeds import score_model_dir
+    from trainformer.fit import score_model_dir
 
     cfg = load_model_dir(runs / name, device="cpu").cfg
     own = json.loads((runs / name / "summary.json").read_text())

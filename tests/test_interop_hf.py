@@ -462,7 +462,13 @@ def test_foreign_bert_imports_and_starts_a_tagger(tmp_path):
         ours = loaded.model.hidden(ours_ids)
         theirs = hf(input_ids=hf_ids).last_hidden_state
     assert (ours - theirs).abs().max().item() <= 1e-4
-    tagger_cfg = from_dict({"task": "ner", "model": dict(m.__dict__, head="tagging", num_labels=5)})
+    from trainformer.tasks.extraction import inherit_pretrained
+
+    tagger_cfg = from_dict({"task": "ner", "init_from": str(hf_dir),
+                            "model": {"preset": "medium-encoder", "head": "tagging", "num_labels": 5}})
+    inherit_pretrained(tagger_cfg)  # what the ner task does with init_from: BERT's shape and tokenizer
+    assert (tagger_cfg.model.d_model, tagger_cfg.model.embed_norm, tagger_cfg.model.norm_first) == (32, True, False)
+    assert TextTokenizer.load(tagger_cfg.data.tokenizer.path).token_to_id("<cls>") == 6
     tagger = build_model(tagger_cfg.model)
     missing, _ = load_pretrained(tagger, hf_dir)
     assert missing == ["head.proj.bias", "head.proj.weight"]  # everything else came from BERT

@@ -6,7 +6,7 @@ import torch
 from trainformer.config import ModelConfig
 from trainformer.errors import ConfigError, UserError
 from trainformer.models import Decoder, Encoder, EncoderDecoder, build_model, count_parameters
-from trainformer.models.presets import PRESETS, get_preset
+from trainformer.presets import PRESETS, get_preset
 
 V, L = 40, 5  # vocabulary, labels
 

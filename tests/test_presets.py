@@ -11,7 +11,7 @@ import torch
 from trainformer.config import ModelConfig, from_dict
 from trainformer.errors import ConfigError
 from trainformer.models import build_model, count_parameters
-from trainformer.models.presets import PRESETS, get_preset
+from trainformer.presets import PRESETS, get_preset
 
 
 def _meta_model(name: str, **overrides):

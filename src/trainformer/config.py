@@ -23,6 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from trainformer.errors import ConfigError
+from trainformer.presets import get_preset
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -34,7 +35,7 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 
 @dataclass
 class ModelConfig:
-    """Shape of the network. See `trainformer.models.presets` for named sizes."""
+    """Shape of the network. See `trainformer.presets` for named sizes."""
 
     family: Literal["encoder_decoder", "encoder", "decoder"] = "encoder_decoder"
     preset: str | None = None  # named size; explicit keys in the recipe win over it
@@ -409,7 +410,6 @@ def _apply_preset(data: dict[str, Any]) -> dict[str, Any]:
     model = data.get("model")
     if not isinstance(model, dict) or model.get("preset") is None:
         return data
-    from trainformer.models.presets import get_preset  # late import: models import config
 
     preset = get_preset(str(model["preset"]))
     return {**data, "model": {**preset, **model}}

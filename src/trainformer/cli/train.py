@@ -8,14 +8,11 @@ from pathlib import Path
 from trainformer.cli.common import add_overrides
 from trainformer.config import (
     Config,
-    apply_overrides,
-    from_dict,
     load_recipe,
-    read_yaml,
     resolve_recipe,
 )
-from trainformer.errors import ConfigError, UserError
-from trainformer.rundir import RunDir
+from trainformer.errors import UserError
+from trainformer.fit import fit_run, resume_config
 
 
 def add_parser(sub) -> None:
@@ -42,19 +39,6 @@ def _overrides(args) -> list[str]:
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     return overrides
-
-
-def resume_config(run_dir: Path, overrides: list[str]) -> Config:
-    """The config of an existing run (RUN_DIR/config.yaml) with `overrides` applied."""
-    if not run_dir.is_dir():
-        raise UserError(f"--resume {run_dir}: no such run directory")
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml in it)")
-    try:
-        return from_dict(apply_overrides(read_yaml(path), overrides))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
 
 
 def _default_run_dir(recipe: str, cfg: Config) -> Path:
@@ -94,26 +78,8 @@ def run(args) -> int:
     return 0
 
 
-def fit_run(cfg: Config, run_dir: Path, resume: bool) -> dict:
-    """Train (or continue) one run; the main process prints where it went. Returns its summary."""
-    from trainformer.tasks import build_task  # late: tasks import models and data
-    from trainformer.training import distributed
-    from trainformer.training.trainer import Trainer
-
-    try:
-        trainer = Trainer(cfg, build_task(cfg), RunDir(run_dir))
-        summary = trainer.fit(resume=resume)
-    finally:
-        distributed.shutdown()
-    if trainer.env.is_main:
-        best = summary.get("best", {})
-        print(f"run dir: {run_dir}  (steps {summary['steps']}, stop: {summary['stop_reason']}, "
-              f"best {summary.get('main_metric')} {best.get('value')})")
-    return summary
-
-
 def _run_seeds(args, overrides: list[str], out: Path) -> int:
-    from trainformer.cli.train_seeds import train_seeds
+    from trainformer.fit import train_seeds
     from trainformer.training import distributed as D
 
     if D.env_from_torchrun().distributed:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainformer.tasks.base import TaskWrapper
 from trainformer.training.loss import IGNORE_INDEX, cross_entropy_sum
+from trainformer.training.task import TaskWrapper
 
 
 def distillation_loss(

@@ -24,7 +24,7 @@ from trainformer.compression.distill import DistilledTask
 from trainformer.compression.magnitude import keep_zeros, reapply_masks
 from trainformer.config import Config, apply_overrides, from_dict, load_recipe, to_dict
 from trainformer.errors import UserError
-from trainformer.tasks.base import TaskWrapper
+from trainformer.training.task import TaskWrapper
 
 
 class PrunedModelTask(TaskWrapper):

@@ -339,7 +339,7 @@ def pair_collate(
 
 
 class StoreBatches:
-    """`StatefulBatches` (tasks/base.py): a sampler's index batches, collated from a store.
+    """`StatefulBatches` (training/task.py): a sampler's index batches, collated from a store.
 
     Yields dicts of CPU tensors endlessly. The state is the sampler's, so a
     checkpoint taken after k batches resumes at batch k+1. Batches are made

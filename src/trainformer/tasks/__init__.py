@@ -6,7 +6,7 @@ import importlib
 
 from trainformer.config import Config
 from trainformer.errors import ConfigError
-from trainformer.tasks.base import Task
+from trainformer.training.task import Task
 
 # Config.task -> "module:Class"; imported lazily so a verb loads only what it uses.
 TASKS = {

@@ -46,7 +46,6 @@ from trainformer.data.splits import dedup, drop_overlap, make_splits
 from trainformer.data.tokenizer import TextTokenizer, load_or_train_tokenizer
 from trainformer.errors import ConfigError, UserError
 from trainformer.models import build_model
-from trainformer.tasks.base import Batch, StatefulBatches, Task
 from trainformer.tasks.chat_template import (
     ChatTemplate,
     Message,
@@ -68,6 +67,7 @@ from trainformer.tasks.lm import (
     sample_ids,
 )
 from trainformer.textio import warn
+from trainformer.training.task import Batch, StatefulBatches, Task
 
 # Fixed prompts for distinct-n, the end-of-run samples and the benchmark.
 CHAT_PROMPTS = (

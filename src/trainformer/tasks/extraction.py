@@ -36,8 +36,8 @@ from trainformer.data.splits import make_splits
 from trainformer.data.tokenizer import TextTokenizer
 from trainformer.errors import ConfigError, DataError, UserError
 from trainformer.models import build_model
-from trainformer.tasks.base import Batch, StatefulBatches, Task, spread_indices
 from trainformer.textio import warn
+from trainformer.training.task import Batch, StatefulBatches, Task, spread_indices
 
 OUTSIDE = "O"
 

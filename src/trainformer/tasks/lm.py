@@ -43,11 +43,11 @@ from trainformer.data.splits import make_splits
 from trainformer.data.tokenizer import EOS_ID, PAD_ID, TextTokenizer, load_or_train_tokenizer
 from trainformer.errors import ConfigError, UserError
 from trainformer.models import build_model
-from trainformer.tasks.base import Batch, StatefulBatches, Task
 from trainformer.tasks.chat_template import reserve_chat_tokens
 from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.textio import warn
 from trainformer.training.loss import cross_entropy_sum
+from trainformer.training.task import Batch, StatefulBatches, Task
 
 SAMPLE_PROMPTS = ("once upon a time", "ROMEO:", "Hello, how are you today?")
 

@@ -60,13 +60,13 @@ from trainformer.data.tokenizer import (
 )
 from trainformer.errors import DataError, UserError
 from trainformer.models import Encoder, build_model
-from trainformer.tasks.base import Batch, StatefulBatches, Task
 from trainformer.tasks.extraction import MARKERS, add_marker_tokens
 from trainformer.tasks.lm import perplexity
 from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.tasks.translation import split_key
 from trainformer.textio import read_lines
 from trainformer.training.loss import cross_entropy_sum
+from trainformer.training.task import Batch, StatefulBatches, Task
 
 # ----------------------------------------------------------------------------
 # Text

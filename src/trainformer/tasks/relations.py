@@ -39,7 +39,6 @@ from trainformer.data.tokenizer import (
 )
 from trainformer.errors import ConfigError, DataError, UserError
 from trainformer.generation.steppers import eval_mode
-from trainformer.tasks.base import Batch
 from trainformer.tasks.extraction import (
     MARKERS,
     FineTuneTask,
@@ -52,6 +51,7 @@ from trainformer.tasks.extraction import (
 from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.tasks.translation import split_key
 from trainformer.textio import warn
+from trainformer.training.task import Batch
 
 OTHER = "Other"
 DIRECTIONS = ("e1,e2", "e2,e1")
@@ -203,8 +203,8 @@ class RelationClassifier:
 
 def load_classifier(model_dir: str | Path, device: str = "auto", precision: str = "auto") -> RelationClassifier:
     """A `RelationClassifier` for a trained ``relations`` model directory, or an ensemble of them
-    (see `trainformer.ensemble`)."""
-    from trainformer.ensemble import load_members
+    (see `trainformer.tasks.ensemble`)."""
+    from trainformer.tasks.ensemble import load_members
 
     members = load_members(model_dir, "relations", device)
     loaded, tokenizer = members[0]

@@ -48,7 +48,6 @@ from trainformer.data.tokenizer import (
 from trainformer.data.windows import join_sentences, per_subword, window_groups, window_store
 from trainformer.errors import UserError
 from trainformer.generation.steppers import eval_mode
-from trainformer.tasks.base import Batch
 from trainformer.tasks.crf import crf_nll, learned_prior, tagging_head, words_of
 from trainformer.tasks.extraction import (
     OUTSIDE,
@@ -65,6 +64,7 @@ from trainformer.tasks.extraction import (
 )
 from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.textio import warn
+from trainformer.training.task import Batch
 
 
 def score_entities(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
@@ -216,8 +216,8 @@ class Tagger:
 
 def load_tagger(model_dir: str | Path, device: str = "auto", precision: str = "auto") -> Tagger:
     """A `Tagger` for a trained ``ner`` model directory, or an ensemble of them (see
-    `trainformer.ensemble`)."""
-    from trainformer.ensemble import load_members
+    `trainformer.tasks.ensemble`)."""
+    from trainformer.tasks.ensemble import load_members
 
     members = load_members(model_dir, "ner", device)
     loaded, tokenizer = members[0]

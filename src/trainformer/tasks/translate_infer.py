@@ -52,6 +52,9 @@ class Translator:
         self.precision = precision or cfg.train.precision
         self.max_src = min(cfg.model.max_len, max(cfg.data.max_len, 8) * 4)
         self.truncated = 0
+        # False keeps stepping finished sentences until the batch is done, as HF generate() does:
+        # same output, for benchmarks/bench_drop_finished.py to time the difference
+        self.drop_finished = True
 
     # ----------------------------------------------------------------- input
     def _encode(self, sentences: list[str]) -> list[list[int]]:
@@ -121,7 +124,8 @@ class Translator:
         return results
 
     def _decode(self, src, src_mask, beam, nbest, limit, sampling, generator) -> list[list[list[int]]]:
-        common = dict(max_len=limit, max_len_a=self.cfg.eval.max_len_a, max_len_b=self.cfg.eval.max_len_b)
+        common = dict(max_len=limit, max_len_a=self.cfg.eval.max_len_a, max_len_b=self.cfg.eval.max_len_b,
+                      drop_finished=self.drop_finished)
         if sampling is not None:
             outs = greedy_translate(
                 self.model, src, src_mask, BOS_ID, EOS_ID, **common, generator=generator,

@@ -26,8 +26,8 @@ from trainformer.data.registry import read_translation_pairs
 from trainformer.data.splits import group_references, make_splits
 from trainformer.data.tokenizer import load_or_train_tokenizer
 from trainformer.models import build_model
-from trainformer.tasks.base import Batch, StatefulBatches, Task, spread_indices
 from trainformer.tasks.translate_infer import Translator, score_translations
+from trainformer.training.task import Batch, StatefulBatches, Task, spread_indices
 
 _PUNCT = re.compile(r"[\W_]+", re.UNICODE)
 

@@ -30,7 +30,6 @@ from torch import nn
 from trainformer.config import Config, save_config, to_dict
 from trainformer.errors import ConfigError, UserError
 from trainformer.rundir import RunDir, atomic_write_text
-from trainformer.tasks.base import Batch, Task
 from trainformer.training import checkpoint as ckpt
 from trainformer.training import distributed as D
 from trainformer.training.device import setup_device
@@ -38,6 +37,7 @@ from trainformer.training.optim import build_optimizer, clip_gradients
 from trainformer.training.precision import build_precision
 from trainformer.training.progress import Progress
 from trainformer.training.schedule import build_scheduler
+from trainformer.training.task import Batch, Task
 from trainformer.training.throughput import eta_seconds, mfu, peak_flops
 from trainformer.training.wrapping import apply_activation_checkpointing, compile_model
 
@@ -67,7 +67,7 @@ class Trainer:
 
     Args:
         cfg: the whole resolved config (the trainer reads `train`, `optim`, `parallel`).
-        task: data, model, loss and metric (see `trainformer.tasks.base.Task`).
+        task: data, model, loss and metric (see `trainformer.training.task.Task`).
         run_dir: where config, metrics, checkpoints and the final model go.
     """
 

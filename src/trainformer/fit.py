@@ -1,8 +1,12 @@
-"""`trainformer train RECIPE --seeds 0 2 3 --out DIR`: one recipe, several seeds, one ensemble.
+"""Running recipes: one run (`fit_run`, `resume_config`), or one per seed and their ensemble (`train_seeds`).
+
+`trainformer train` is a thin verb over this module.
+
+`trainformer train RECIPE --seeds 0 2 3 --out DIR`: one recipe, several seeds, one ensemble.
 
 Extraction models trained from random weights on a few thousand sentences
 differ from seed to seed in what they get wrong, so their vote
-(`trainformer.ensemble`) beats each of them. This runs the whole procedure
+(`trainformer.tasks.ensemble`) beats each of them. This runs the whole procedure
 as one command:
 
     DIR/
@@ -23,12 +27,43 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from trainformer.config import Config, load_recipe
-from trainformer.errors import UserError
-from trainformer.rundir import atomic_write_text
+from trainformer.config import Config, apply_overrides, from_dict, load_recipe, read_yaml
+from trainformer.errors import ConfigError, UserError
+from trainformer.rundir import RunDir, atomic_write_text
 
 REQUEST = "seeds.json"
 SPLITS = ("valid", "test")
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The config of an existing run (RUN_DIR/config.yaml) with `overrides` applied."""
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: no such run directory")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml in it)")
+    try:
+        return from_dict(apply_overrides(read_yaml(path), overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def fit_run(cfg: Config, run_dir: Path, resume: bool) -> dict:
+    """Train (or continue) one run; the main process prints where it went. Returns its summary."""
+    from trainformer.tasks import build_task  # late: tasks import models and data
+    from trainformer.training import distributed
+    from trainformer.training.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg, build_task(cfg), RunDir(run_dir))
+        summary = trainer.fit(resume=resume)
+    finally:
+        distributed.shutdown()
+    if trainer.env.is_main:
+        best = summary.get("best", {})
+        print(f"run dir: {run_dir}  (steps {summary['steps']}, stop: {summary['stop_reason']}, "
+              f"best {summary.get('main_metric')} {best.get('value')})")
+    return summary
 
 
 def check_seeds(seeds: list[int], overrides: list[str]) -> None:
@@ -42,8 +77,7 @@ def check_seeds(seeds: list[int], overrides: list[str]) -> None:
 
 def train_seeds(recipe: str, overrides: list[str], seeds: list[int], out: Path) -> dict[str, Any]:
     """Train `recipe` once per seed under `out`, ensemble the models, score it; returns the summary."""
-    from trainformer.cli.train import resume_config
-    from trainformer.ensemble import TASKS
+    from trainformer.tasks.ensemble import TASKS
 
     check_seeds(seeds, overrides)
     configs = {seed: load_recipe(recipe, [*overrides, f"train.seed={seed}"]) for seed in seeds}  # fail before writing
@@ -89,7 +123,6 @@ def _claim(out: Path, request: dict[str, Any]) -> None:
 def _train_one(cfg: Config, seed: int, run_dir: Path) -> dict[str, Any]:
     """The summary of seed `seed`'s run (config `cfg`): read when it finished earlier, else trained
     (or resumed from the config saved in `run_dir`)."""
-    from trainformer.cli.train import fit_run, resume_config
 
     done = run_dir / "summary.json"
     if done.is_file():
@@ -105,7 +138,7 @@ def _train_one(cfg: Config, seed: int, run_dir: Path) -> dict[str, Any]:
 def _rebuild_ensemble(runs: list[Path], model_dir: Path) -> Path:
     """The ensemble of the runs' models at `model_dir`, built beside it and swapped in (it is
     derived from the runs, so an older one is replaced)."""
-    from trainformer.ensemble import build_ensemble
+    from trainformer.tasks.ensemble import build_ensemble
 
     fresh = model_dir.with_name(model_dir.name + ".new")
     shutil.rmtree(fresh, ignore_errors=True)
