@@ -20,6 +20,7 @@ from torch import nn
 
 from helpers_toy import ToyModel, ToyTask, toy_config
 from trainformer.errors import UserError
+from trainformer.modeldir import clean_key
 from trainformer.rundir import RunDir
 from trainformer.training import checkpoint as ckpt
 from trainformer.training.distributed import full_model_state
@@ -41,7 +42,7 @@ def test_weights_round_trip_with_tied_and_prefixed_names(tmp_path):
     wrapped = torch.compile(nn.Sequential(model))  # compile adds `_orig_mod.`; nothing compiles yet
     state = full_model_state(wrapped)
     assert set(state) == {"0.embed.weight", "0.head.weight"}
-    assert ckpt.clean_key("_orig_mod.module.layers.0.w") == "layers.0.w"
+    assert clean_key("_orig_mod.module.layers.0.w") == "layers.0.w"
     path = tmp_path / "m.safetensors"
     ckpt.save_weights(model.state_dict(), path)
     assert set(load_file(path)) == {"embed.weight"}  # stored once

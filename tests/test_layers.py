@@ -57,8 +57,11 @@ def unit_of(module: str) -> str:
     return parts[1] if len(parts) > 1 else parts[0]
 
 
-def imports_of(path: Path) -> list[tuple[str, int]]:
-    """(imported trainformer module, line) for every import statement in the file."""
+def imports_of(path: Path, modules: set[str]) -> list[tuple[str, int]]:
+    """(imported trainformer module, line) for every import statement in the file.
+
+    ``from trainformer.pkg import mod`` counts as importing ``trainformer.pkg.mod`` when that is a module.
+    """
     out = []
     this = module_name(path)
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -70,13 +73,17 @@ def imports_of(path: Path) -> list[tuple[str, int]]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            if target.startswith("trainformer"):
-                out.append((target, node.lineno))
+            if not target.startswith("trainformer"):
+                continue
+            subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules]
+            out += [(t, node.lineno) for t in subs or [target]]
     return out
 
 
 def graph() -> dict[str, list[tuple[str, int]]]:
-    return {module_name(p): imports_of(p) for p in sorted((SRC / "trainformer").rglob("*.py"))}
+    paths = sorted((SRC / "trainformer").rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    return {module_name(p): imports_of(p, modules) for p in paths}
 
 
 def test_every_unit_has_a_layer():

@@ -42,21 +42,52 @@ class LoadedModel:
         return self.path / "tokenizer.json"
 
 
-def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Model keys without wrapper prefixes (`_orig_mod.` from compile, `module.` from DDP),
-    contiguous and detached so safetensors can write them; tied weights are stored once."""
-    out: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    for key, value in state.items():
-        key = key.replace("_orig_mod.", "").replace("module.", "")
-        if not isinstance(value, torch.Tensor):
+# Prefixes that wrappers add to parameter names: torch.compile, DDP, checkpoint/FSDP1 wrappers.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def clean_key(name: str) -> str:
+    """A parameter name without wrapper prefixes: the model's own name (a stable interface)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def split_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop aliases of shared tensors (tied embeddings): safetensors stores each tensor once.
+
+    Returns (unique tensors, {alias: name kept}); the first name in model order is kept.
+    """
+    seen: dict[tuple, str] = {}
+    unique, aliases = {}, {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype) if tensor.numel() and tensor.device.type != "meta" else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
             continue
-        ptr = value.data_ptr() if value.numel() else -1
-        if ptr in seen and ptr != -1 and value.device.type != "meta":
-            continue  # a tied parameter: `load_state_dict(strict=False)` + tying restores it
-        seen[ptr] = key
-        out[key] = value.detach().contiguous().cpu()
-    return out
+        if key is not None:
+            seen[key] = name
+        unique[name] = tensor
+    return unique, aliases
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model keys without wrapper prefixes, detached, contiguous and on the CPU so safetensors
+    can write them; tied weights are stored once (`load_state_dict(strict=False)` + tying restores them)."""
+    named = {clean_key(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    unique, _ = split_tied(named)
+    return {k: v.detach().contiguous().cpu() for k, v in unique.items()}
+
+
+def write_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a state dict as safetensors; tied aliases are listed in the metadata ("tied")."""
+    unique, aliases = split_tied({clean_key(k): v for k, v in state.items()})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in unique.items()}
+    meta = {"format": "pt", **(metadata or {})}
+    if aliases:
+        meta["tied"] = json.dumps(aliases)
+    save_file(tensors, str(path), metadata=meta)
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -100,7 +131,7 @@ def save_model_dir(model: nn.Module | dict[str, torch.Tensor], cfg: Config, out:
     """Write weights and config.json into `out` (created). Task artifacts are added by the task."""
     out.mkdir(parents=True, exist_ok=True)
     state = model if isinstance(model, dict) else model.state_dict()
-    save_file(clean_state_dict(state), str(out / "model.safetensors"))
+    write_weights(state, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
     return out
 

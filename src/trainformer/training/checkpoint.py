@@ -24,17 +24,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from trainformer.config import Config, save_config
 from trainformer.errors import UserError
+from trainformer.modeldir import read_weights, write_weights
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# Prefixes that wrappers add to parameter names: torch.compile, DDP, checkpoint/FSDP1 wrappers.
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
 # ----------------------------------------------------------------------------
@@ -42,53 +40,16 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.", "_f
 # ----------------------------------------------------------------------------
 
 
-def clean_key(name: str) -> str:
-    """A parameter name without wrapper prefixes: the model's own name (a stable interface)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
-def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {clean_key(k): v for k, v in state.items()}
-
-
-def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop aliases of shared tensors (tied embeddings): safetensors stores each tensor once.
-
-    Returns (unique tensors, {alias: name kept}); the first name in model order is kept.
-    """
-    seen: dict[tuple, str] = {}
-    unique, aliases = {}, {}
-    for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tuple(tensor.stride()), tensor.dtype) if tensor.numel() else None
-        if key is not None and key in seen:
-            aliases[name] = seen[key]
-            continue
-        if key is not None:
-            seen[key] = name
-        unique[name] = tensor
-    return unique, aliases
-
-
 def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a state dict as safetensors; tied aliases are listed in the metadata ("tied").
+    """Write a state dict as safetensors (`modeldir.write_weights`: tied aliases in the metadata).
 
     `safetensors.torch.load_model(model, path)` also reads the file (it re-ties shared weights).
     """
-    unique, aliases = _dedupe_tied(clean_state_dict(state))
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in unique.items()}
-    meta = {"format": "pt", **(metadata or {})}
-    if aliases:
-        meta["tied"] = json.dumps(aliases)
-    save_file(tensors, str(path), metadata=meta)
+    write_weights(state, path, metadata)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file written by `save_weights`; tied aliases are restored."""
-    from trainformer.modeldir import read_weights
-
     state, meta = read_weights(path)
     for alias, name in json.loads(meta.get("tied", "{}")).items():
         state[alias] = state[name]
