@@ -2,7 +2,7 @@
 
 After pruning, the unpruned model is the best guide to what the pruned one
 should predict: its full output distribution says more per token than the
-one-hot reference. With `DistilledTask` the pruned model (student) is
+one-hot reference. With the `Distillation` loss the pruned model (student) is
 trained on a mix of the usual cross-entropy against the labels and the KL
 divergence from the teacher's distribution, token by token (word-level
 distillation, Kim & Rush 2016):
@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainformer.training.loss import IGNORE_INDEX, cross_entropy_sum
-from trainformer.training.task import TaskWrapper
 
 
 def distillation_loss(
@@ -49,26 +48,28 @@ def distillation_loss(
     return (1.0 - alpha) * hard + alpha * temperature**2 * soft, n
 
 
-class DistilledTask(TaskWrapper):
-    """`task` with its loss replaced by `distillation_loss` against a frozen `teacher`.
+class Distillation:
+    """The trainer's loss (``Trainer(..., loss=Distillation(task, teacher, alpha))``):
+    `distillation_loss` of the model's scores against a frozen `teacher`'s on the same batch.
 
-    Every other attribute (data, evaluation, model building) is `task`'s. The
-    teacher follows the batch to its device on first use and stays in eval mode.
+    The task supplies both sides' scores (`Task.logits`), so it works for every task
+    that defines them. The teacher follows the batch to its device on first use and
+    stays in eval mode.
     """
 
     def __init__(self, task: Any, teacher: nn.Module, alpha: float, temperature: float = 1.0):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha: expected a weight in [0, 1], got {alpha}")
-        super().__init__(task)
+        self.task = task
         self.teacher = teacher.eval().requires_grad_(False)
         self.alpha, self.temperature = alpha, temperature
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(iter(batch.values())).device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
         with torch.no_grad():
-            teacher, _ = self._task.logits(self.teacher, batch)
-        student, labels = self._task.logits(model, batch)
+            teacher, _ = self.task.logits(self.teacher, batch)
+        student, labels = self.task.logits(model, batch)
         return distillation_loss(student, teacher, labels, self.alpha, self.temperature,
-                                 self._task.cfg.train.label_smoothing)
+                                 self.task.cfg.train.label_smoothing)

@@ -1,9 +1,9 @@
 """Short fine-tuning of a pruned model with the one training loop.
 
-The trainer builds its model through the task; `PrunedModelTask` hands it
-the already-pruned model instead (a structurally pruned model cannot be
-built from config.json alone), and everything else — data, loss, metric,
-tokenizer — comes from the model's own task. ``init_from`` points at the
+The trainer is handed the already-pruned model (a structurally pruned model
+cannot be built from config.json alone) and, for distillation, a loss
+(`distill.Distillation`); everything else — data, loss, metric, tokenizer —
+comes from the model's own task. ``init_from`` points at the
 pruned model dir, so tasks that inherit a pretrained tokenizer and labels
 (extraction) find them there, and the trainer's weight loading re-reads the
 same pruned weights. Magnitude-pruned weights are kept at zero by masking
@@ -20,22 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainformer.compression.distill import DistilledTask
+from trainformer.compression.distill import Distillation
 from trainformer.compression.magnitude import keep_zeros, reapply_masks
 from trainformer.config import Config, apply_overrides, from_dict, load_recipe, to_dict
 from trainformer.errors import UserError
-from trainformer.training.task import TaskWrapper
-
-
-class PrunedModelTask(TaskWrapper):
-    """A task whose `build_model` returns a given model; every other attribute is `task`'s."""
-
-    def __init__(self, task: Any, model: nn.Module):
-        super().__init__(task)
-        self._model = model
-
-    def build_model(self) -> nn.Module:
-        return self._model
 
 
 def finetune_config(
@@ -86,7 +74,7 @@ def finetune(
             which must not end up in a model dir).
         masks: for magnitude pruning, the non-zero masks to keep (see `magnitude.zero_masks`).
         teacher / distill: with `distill` > 0, train on the mix of the labels' cross-entropy
-            and the KL divergence from `teacher` (weight `distill`; see `distill.DistilledTask`).
+            and the KL divergence from `teacher` (weight `distill`; see `distill.Distillation`).
     """
     from trainformer.rundir import RunDir
     from trainformer.tasks import build_task
@@ -102,11 +90,12 @@ def finetune(
         raise UserError(f"--run-dir {path}: already holds a run; choose another folder")
     handles = keep_zeros(model, masks) if masks else []
     try:
-        task: Any = PrunedModelTask(build_task(ft_cfg), model)
+        task = build_task(ft_cfg)
+        loss = None
         if distill:
             assert teacher is not None, "distillation needs the teacher model"
-            task = DistilledTask(task, teacher, distill)
-        trainer = Trainer(ft_cfg, task, RunDir(path))
+            loss = Distillation(task, teacher, distill)
+        trainer = Trainer(ft_cfg, task, RunDir(path), model=model, loss=loss)
         summary = trainer.fit()
     finally:
         for h in handles:

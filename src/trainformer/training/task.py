@@ -142,18 +142,3 @@ class Task(ABC):
     def data_report(self) -> dict[str, Any]:
         """Counts of skipped/malformed lines, split sizes, padding — logged to metrics."""
         return {}
-
-
-class TaskWrapper:
-    """`task` with some methods replaced by a subclass; every other attribute is `task`'s.
-
-    The compression fine-tuning wraps a task this way to hand the trainer an
-    already-pruned model (`PrunedModelTask`) or a distillation loss (`DistilledTask`).
-    """
-
-    def __init__(self, task: Any):
-        self._task = task
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._task, name)
-

@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainformer.config import Config, save_config, to_dict
+from trainformer.config import Config, save_config
 from trainformer.errors import ConfigError, UserError
+from trainformer.modeldir import save_model_dir
 from trainformer.rundir import RunDir, atomic_write_text
 from trainformer.training import checkpoint as ckpt
 from trainformer.training import distributed as D
@@ -69,11 +71,18 @@ class Trainer:
         cfg: the whole resolved config (the trainer reads `train`, `optim`, `parallel`).
         task: data, model, loss and metric (see `trainformer.training.task.Task`).
         run_dir: where config, metrics, checkpoints and the final model go.
+        model: train this model instead of ``task.build_model()`` (e.g. a pruned one, which
+            config.json alone cannot build); ``init_from`` still loads into it.
+        loss: ``(model, batch) -> (summed loss, tokens)`` instead of ``task.loss`` (e.g.
+            distillation from a teacher, `trainformer.compression.distill.Distillation`).
     """
 
-    def __init__(self, cfg: Config, task: Task, run_dir: RunDir):
+    def __init__(self, cfg: Config, task: Task, run_dir: RunDir, model: nn.Module | None = None,
+                 loss: Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.cfg = cfg
         self.task = task
+        self._given_model = model
+        self.loss = loss or task.loss
         self.env = D.env_from_torchrun()
         self.device = setup_device(cfg.train, self.env.local_rank)
         D.init_process_group(self.env, cfg.parallel, self.device)
@@ -112,7 +121,7 @@ class Trainer:
     def _build_model(self, resume: bool) -> None:
         """Model on its device, optionally fine-tuned from `init_from`, then AC, DDP/FSDP, compile."""
         cfg = self.cfg
-        model = self.task.build_model()
+        model = self._given_model if self._given_model is not None else self.task.build_model()
         if cfg.init_from and not resume:
             missing, skipped = ckpt.load_pretrained(model, Path(cfg.init_from))
             self._print(f"init_from {cfg.init_from}: {len(missing)} new tensors, {len(skipped)} skipped")
@@ -291,7 +300,7 @@ class Trainer:
             batch = self._to_device(batch)
             with D.gradient_sync(self.sync_model, enabled=i == len(micro) - 1):
                 with self.precision.autocast():
-                    part_sum, part_tokens = self.task.loss(self.model, batch)
+                    part_sum, part_tokens = self.loss(self.model, batch)
                 loss = part_sum.float() * scale
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += part_sum.detach().float()
@@ -662,8 +671,7 @@ class Trainer:
         if self.env.is_main:
             final = self.run_dir.model_dir
             tmp = ckpt.fresh_tmp_dir(final)
-            ckpt.save_weights(model_state, tmp / ckpt.WEIGHTS)
-            (tmp / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n", encoding="utf-8")
+            save_model_dir(model_state, self.cfg, tmp)  # the one writer of model/ weights and config.json
             self.task.save_artifacts(tmp)
             ckpt.publish_dir(tmp, final)
         D.barrier(self.env)
