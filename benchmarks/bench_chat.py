@@ -110,7 +110,7 @@ def fixed_size_batches(n: int, batch_size: int, rng: np.random.Generator):
 
 def train_peer(task: ChatTask, cfg: Config, minutes: float) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The HF recipe for `minutes` of wall clock on the task's training examples."""
-    from trainformer.tasks.loading import resolve_device
+    from trainformer.training.device import resolve_device
 
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)

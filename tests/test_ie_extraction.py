@@ -20,12 +20,12 @@ from trainformer.tasks.extraction import (
     bio_labels,
     bio_spans,
     entity_dicts,
-    fit_window,
     is_valid_bio,
     marker_positions,
     split_words,
     to_bio,
     viterbi_bio,
+    window_keeping,
 )
 from trainformer.tasks.relations import (
     RelationClassifier,
@@ -341,9 +341,9 @@ def test_the_mean_prior_averages_the_members_weighted_scores():
 
 def test_fit_window_keeps_the_markers():
     ids = list(range(100))
-    window, start = fit_window(ids, 10, keep=[60, 65])
+    window, start = window_keeping(ids, 10, keep=[60, 65])
     assert window == ids[start : start + 10] and 60 - start >= 0 and 65 - start < 10
-    assert fit_window(ids[:8], 10, keep=[3]) == (ids[:8], 0)
+    assert window_keeping(ids[:8], 10, keep=[3]) == (ids[:8], 0)
 
 
 def test_relation_labels_have_both_directions():

@@ -523,8 +523,3 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
 
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-
-
-def load_config_file(path: Path) -> Config:
-    """Read a resolved ``config.yaml`` written by `save_config`."""
-    return from_dict(read_yaml(path))

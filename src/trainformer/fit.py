@@ -77,14 +77,14 @@ def check_seeds(seeds: list[int], overrides: list[str]) -> None:
 
 def train_seeds(recipe: str, overrides: list[str], seeds: list[int], out: Path) -> dict[str, Any]:
     """Train `recipe` once per seed under `out`, ensemble the models, score it; returns the summary."""
-    from trainformer.tasks.ensemble import TASKS
+    from trainformer.tasks.ensemble import ENSEMBLE_TASKS
 
     check_seeds(seeds, overrides)
     configs = {seed: load_recipe(recipe, [*overrides, f"train.seed={seed}"]) for seed in seeds}  # fail before writing
     task = configs[seeds[0]].task
-    if task not in TASKS:
+    if task not in ENSEMBLE_TASKS:
         raise UserError(f"--seeds: {recipe} is a {task!r} recipe; ensembles combine "
-                        f"{' or '.join(map(repr, TASKS))} models")
+                        f"{' or '.join(map(repr, ENSEMBLE_TASKS))} models")
     _claim(out, {"recipe": recipe, "overrides": overrides, "seeds": seeds})
     runs = [out / f"seed-{seed}" for seed in seeds]
     members = {seed: _train_one(configs[seed], seed, run) for seed, run in zip(seeds, runs)}

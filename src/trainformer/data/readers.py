@@ -154,7 +154,7 @@ class ReadResult(Generic[E]):
 # ----------------------------------------------------------------------------
 
 
-def read_lines(path: Path, bad: BadLines) -> Iterator[tuple[int, str]]:
+def numbered_lines(path: Path, bad: BadLines) -> Iterator[tuple[int, str]]:
     """(1-based line number, text without the newline) for each decodable line.
 
     Decodes the whole file at once when it is valid UTF-8 (the fast, common
@@ -231,7 +231,7 @@ def read_parallel_tsv(
     sentences contain ``"``. A row must have as many fields as the header.
     """
     bad = BadLines(bad_lines)
-    lines = read_lines(path, bad)
+    lines = numbered_lines(path, bad)
     first = next(lines, None)
     if first is None:
         raise DataError(f"{path}: empty file, expected a header line such as 'en<TAB>fr'")
@@ -256,8 +256,8 @@ def read_aligned(
     A line that is bad on either side drops the pair.
     """
     bad = BadLines(bad_lines)
-    src = dict(read_lines(src_path, bad))
-    tgt = dict(read_lines(tgt_path, bad))
+    src = dict(numbered_lines(src_path, bad))
+    tgt = dict(numbered_lines(tgt_path, bad))
     n_src = max(src, default=0)
     n_tgt = max(tgt, default=0)
     if n_src != n_tgt:
@@ -294,7 +294,7 @@ def read_jsonl(
     """
     bad = BadLines(bad_lines)
     pairs = []
-    for i, text in read_lines(path, bad):
+    for i, text in numbered_lines(path, bad):
         if not text.strip():
             continue
         try:
@@ -363,7 +363,7 @@ def read_conll(
     out: list[TaggedSentence] = []
     sent = _SentenceBuilder()
     n_cols = 0
-    for i, text in read_lines(path, bad):
+    for i, text in numbered_lines(path, bad):
         if not text.strip():
             sent.flush(out, bad, path, max_chars)
             continue
@@ -430,7 +430,7 @@ def read_semeval(
     relation must be ``Other`` or ``Name-Name(e1,e2)`` / ``(e2,e1)``.
     """
     bad = BadLines(bad_lines)
-    lines = read_lines(path, bad)
+    lines = numbered_lines(path, bad)
     if next(lines, None) is None:
         raise DataError(f"{path}: empty file, expected a header 'id<TAB>sentence<TAB>relation'")
     out = []
@@ -469,7 +469,7 @@ def read_dailydialog(
     """
     bad = BadLines(bad_lines)
     out = []
-    for i, text in read_lines(path, bad):
+    for i, text in numbered_lines(path, bad):
         text = text.strip()
         if not text:
             continue
@@ -504,7 +504,7 @@ def read_text(
     docs: list[Document] = []
     run: list[str] = []
     start = 0
-    for i, text in read_lines(path, bad):
+    for i, text in numbered_lines(path, bad):
         if not text.strip():
             if run:
                 docs.append(Document("\n".join(run), start))

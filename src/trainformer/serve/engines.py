@@ -41,7 +41,7 @@ from trainformer.serve.schemas import (
 from trainformer.serve.settings import ServeSettings
 
 # task of a model dir -> the engine that serves it
-TASKS = {"translation": "translation", "ner": "extraction", "relations": "extraction",
+ENGINE_OF_TASK = {"translation": "translation", "ner": "extraction", "relations": "extraction",
          "lm": "generation", "chat": "generation"}
 
 
@@ -58,7 +58,7 @@ class ModelSpec:
         """Check `path` (a model dir or run dir) without loading weights; a `UserError` if it cannot be served."""
         resolved = resolve_model_dir(path)
         task = read_model_config(resolved).task
-        if task not in TASKS:
+        if task not in ENGINE_OF_TASK:
             raise UserError(f"{path}: a {task!r} model; serve takes translation, ner, relations, lm "
                             "and chat models")
         return cls(name, resolved, task)
@@ -66,7 +66,7 @@ class ModelSpec:
 
 def build_engine(spec: ModelSpec, settings: ServeSettings, metrics: Metrics) -> Engine:
     kind = {"translation": TranslationEngine, "extraction": ExtractionEngine,
-            "generation": GenerationEngine}[TASKS[spec.task]]
+            "generation": GenerationEngine}[ENGINE_OF_TASK[spec.task]]
     return kind(spec, settings, metrics)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from trainformer.serve.batching import Batcher, Engine, Job
-from trainformer.serve.engines import TASKS, ModelSpec
+from trainformer.serve.engines import ENGINE_OF_TASK, ModelSpec
 from trainformer.serve.errors import APIError, bad_request
 from trainformer.serve.metrics import Metrics
 from trainformer.serve.settings import ServeSettings
@@ -66,7 +66,7 @@ def served_model(state: ServerState, name: str, engine_kind: str, endpoint: str)
         known = ", ".join(sorted(state.models)) or "none"
         raise APIError(404, f"model {name!r} is not served here (served: {known}; GET /v1/models lists them)",
                        "model_not_found", "model")
-    if TASKS[m.spec.task] != engine_kind:
+    if ENGINE_OF_TASK[m.spec.task] != engine_kind:
         raise bad_request(f"model {name!r} is a {m.spec.task} model; {endpoint} needs {_WHAT[engine_kind]}",
                           "model", "wrong_model_type")
     if m.batcher.state == "loading":

@@ -31,7 +31,7 @@ from trainformer.modeldir import ENSEMBLE_MANIFEST as MANIFEST
 from trainformer.modeldir import LoadedModel, read_model_config, resolve_model_dir
 
 SHARED = ("config.json", "tokenizer.json", "labels.json")
-TASKS = ("relations", "ner")
+ENSEMBLE_TASKS = ("relations", "ner")
 
 
 def is_ensemble(path: str | Path) -> bool:
@@ -80,8 +80,8 @@ def build_ensemble(model_dirs: list[str | Path], out: str | Path) -> Path:
         task = read_model_config(d).task
         if task != kind:
             raise UserError(f"{d}: a {task!r} model, but {first} is a {kind!r} one")
-        if task not in TASKS:
-            raise UserError(f"{d}: a {task!r} model; ensembles combine {' or '.join(map(repr, TASKS))} models")
+        if task not in ENSEMBLE_TASKS:
+            raise UserError(f"{d}: a {task!r} model; ensembles combine {' or '.join(map(repr, ENSEMBLE_TASKS))} models")
         for name in ("tokenizer.json", "labels.json"):
             if not (d / name).is_file():
                 raise UserError(f"{d}: {name} is missing")

@@ -277,7 +277,7 @@ def marker_positions(ids: Sequence[int], e1_id: int, e2_id: int) -> tuple[int, i
     return (int(p1[0]) if len(p1) else -1), (int(p2[0]) if len(p2) else -1)
 
 
-def fit_window(ids: list[int], limit: int, keep: Sequence[int]) -> tuple[list[int], int]:
+def window_keeping(ids: list[int], limit: int, keep: Sequence[int]) -> tuple[list[int], int]:
     """At most `limit` tokens of `ids`, a window that holds the positions in `keep` when it can.
 
     Returns (window, start): window == ids[start:start + limit].

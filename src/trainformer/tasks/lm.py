@@ -131,16 +131,6 @@ def document_key(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def take_ragged(r: Ragged, index: Sequence[int] | np.ndarray) -> Ragged:
-    """The sequences of `r` at `index`, as a new `Ragged` (vectorised)."""
-    parts = r.take(index)
-    lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
-    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
-    return Ragged(values, offsets)
-
-
 # ----------------------------------------------------------------------------
 # Batches
 # ----------------------------------------------------------------------------

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from trainformer.data.tokenizer import TextTokenizer
 from trainformer.errors import UserError
 from trainformer.modeldir import LoadedModel, load_model_dir
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
+from trainformer.training.device import resolve_device
 
 
 def load_for_task(model_dir: str | Path, task: str | tuple[str, ...], device: str = "auto") -> tuple[LoadedModel, TextTokenizer]:
     """Model and tokenizer of `model_dir`, checking that it was trained for `task`."""
-    loaded = load_model_dir(model_dir, resolve_device(device))
+    loaded = load_model_dir(model_dir, resolve_device(device, key="--device"))
     tasks = (task,) if isinstance(task, str) else task
     if loaded.cfg.task not in tasks:
         raise UserError(f"{loaded.path}: a {loaded.cfg.task!r} model, expected {' or '.join(map(repr, tasks))}")

@@ -43,10 +43,10 @@ from trainformer.tasks.extraction import (
     MARKERS,
     FineTuneTask,
     add_marker_tokens,
-    fit_window,
     inference_batches,
     marker_positions,
     read_eval_file,
+    window_keeping,
 )
 from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.tasks.translation import split_key
@@ -163,7 +163,7 @@ class RelationClassifier:
         out = []
         for ids in self.tokenizer.encode_batch(sentences):
             if len(ids) > self.limit:
-                ids, _ = fit_window(ids, self.limit, marker_positions(ids, self.e1_id, self.e2_id))
+                ids, _ = window_keeping(ids, self.limit, marker_positions(ids, self.e1_id, self.e2_id))
                 self.truncated += 1
             out.append(ids)
         return out

@@ -11,7 +11,6 @@ reference of a source (multi-reference).
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,14 +170,3 @@ class TranslationTask(Task):
     def save_artifacts(self, model_dir: Path) -> None:
         assert self.tokenizer is not None
         self.tokenizer.save(model_dir / "tokenizer.json")
-
-    def copy_tokenizer(self, run_dir: Path) -> None:
-        assert self.tokenizer is not None
-        self.tokenizer.save(run_dir / "tokenizer.json")
-
-
-def copy_model_files(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "labels.json"):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)

@@ -12,29 +12,28 @@ from trainformer.config import TrainConfig
 from trainformer.errors import ConfigError
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`train.device` -> a torch.device.
+def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """A device name -> a torch.device, or a one-line error naming `key` (the option it came from).
 
     Args:
         name: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
         local_rank: under torchrun, "auto"/"cuda" pick the GPU of this process.
+        key: ``train.device`` for training, ``--device`` for the inference verbs.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
     if not name.startswith("cuda"):
-        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+        raise ConfigError(f"{key}: expected auto, cpu, cuda or cuda:N, got {name!r}")
     if not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} asked for but no CUDA device is visible; use cpu")
+        raise ConfigError(f"{key}: {name!r} asked for but no CUDA device is visible; use cpu")
     try:
         device = torch.device(name if ":" in name else f"cuda:{local_rank}")
     except RuntimeError:
-        raise ConfigError(f"train.device: expected cuda or cuda:N, got {name!r}") from None
+        raise ConfigError(f"{key}: expected cuda or cuda:N, got {name!r}") from None
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(
-            f"train.device: {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible"
-        )
+        raise ConfigError(f"{key}: {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     torch.cuda.set_device(device)
     return device
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # labels of padding / tokens that carry no loss
+from trainformer.data.batching import IGNORE_INDEX  # labels of padding / tokens that carry no loss
 
 
 def cross_entropy_sum(
