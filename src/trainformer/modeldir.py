@@ -15,7 +15,7 @@ A run directory is accepted too (its `model/` is used).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from trainformer.config import Config, from_dict, to_dict
-from trainformer.errors import UserError
+from trainformer.config import Config, ModelConfig, from_dict, to_dict
+from trainformer.errors import ConfigError, UserError
 
 ENSEMBLE_MANIFEST = "ensemble.json"  # marks an ensemble of model dirs (see trainformer.tasks.ensemble)
 
@@ -196,3 +196,41 @@ def _tied_names(model: nn.Module):
             yield name, seen[ptr]
         else:
             seen[ptr] = name
+
+
+# ----------------------------------------------------------------------------
+# Starting from a pretrained model (`init_from`)
+# ----------------------------------------------------------------------------
+
+
+def pretrained(init_from: str | Path, family: str, hint: str) -> tuple[Path, Config]:
+    """The model dir of `init_from` (a model dir, a run dir or a transformers dir) and its config.
+
+    A one-line error when it is not a trained model with a tokenizer, or not of `family`
+    (`hint` says how to train one).
+    """
+    p = Path(init_from)
+    for candidate in (p / "model", p):
+        if (candidate / "config.json").is_file() and (candidate / "tokenizer.json").is_file():
+            src = from_hf_if_needed(candidate)
+            pre = read_model_config(src)
+            if pre.model.family != family:
+                raise ConfigError(f"init_from: {src} holds a {pre.task!r} {pre.model.family} model; "
+                                f"expected a {family} ({hint})")
+            return src, pre
+    raise ConfigError(f"init_from: {p} is not a trained model (expected config.json and tokenizer.json in it "
+                      f"or in its model/); {hint}")
+
+
+def take_pretrained_shape(model: ModelConfig, pre: ModelConfig, own: set[str]) -> list[str]:
+    """Copy every `ModelConfig` key that shapes the weights from `pre` into `model`, except `own`
+    (the fine-tuning task's: head, labels, dropout...); returns the changes, as "key old -> new"."""
+    changed = []
+    for f in fields(ModelConfig):
+        if f.name in own:
+            continue
+        old, new = getattr(model, f.name), getattr(pre, f.name)
+        if old != new and not (f.name == "vocab_size" and old == 0):
+            changed.append(f"model.{f.name} {old} -> {new}")
+        setattr(model, f.name, new)
+    return changed

@@ -300,19 +300,19 @@ class ChatTask(Task):
         return tok
 
     def _pretrained_tokenizer(self, path: Path) -> TextTokenizer:
-        from trainformer.modeldir import read_model_config, resolve_model_dir
+        from trainformer.modeldir import pretrained, take_pretrained_shape
 
-        model_dir = resolve_model_dir(path)
-        pre = read_model_config(model_dir)
-        if pre.task not in ("lm", "chat") or pre.model.family != "decoder":
-            raise ConfigError(f"init_from: {model_dir} holds a {pre.task!r} {pre.model.family} model; "
-                              "chat fine-tunes a decoder trained by the lm (or chat) task")
+        hint = "chat fine-tunes a decoder trained by the lm (or chat) task"
+        model_dir, pre = pretrained(path, "decoder", hint)
+        if pre.task not in ("lm", "chat"):
+            raise ConfigError(f"init_from: {model_dir} holds a {pre.task!r} model; {hint}")
         tok = TextTokenizer.load(model_dir / "tokenizer.json")
         if not has_chat_tokens(tok):
             reserve_chat_tokens(tok)
             self.pretrained_vocab = pre.model.vocab_size
         # the architecture is the pretrained one; only dropout comes from this recipe
-        self.cfg.model = dataclasses.replace(pre.model, dropout=self.cfg.model.dropout, preset=None)
+        take_pretrained_shape(self.cfg.model, pre.model, own={"dropout"})
+        self.cfg.model.preset = None
         return tok
 
     def data_report(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainformer.config import Config, DataConfig, ModelConfig, from_dict
+from trainformer.config import Config, DataConfig
 from trainformer.data.batching import StoreBatches, TokenBudgetSampler
 from trainformer.data.cache import TokenStore
 from trainformer.data.readers import ReadResult, filter_too_long
 from trainformer.data.registry import read_dataset
 from trainformer.data.splits import make_splits
 from trainformer.data.tokenizer import TextTokenizer
-from trainformer.errors import ConfigError, DataError, UserError
+from trainformer.errors import DataError, UserError
+from trainformer.modeldir import pretrained, take_pretrained_shape
 from trainformer.models import build_model
 from trainformer.textio import warn
 from trainformer.training.task import Batch, StatefulBatches, Task, spread_indices
@@ -364,20 +365,6 @@ def dataset_splits(
 _OWN_KEYS = {"head", "num_labels", "dropout", "preset", "crf", "char_cnn"}
 
 
-def pretrained_dir(init_from: str) -> Path:
-    """The model/ folder of `init_from` (a model dir or a run dir), with a clear error."""
-    from trainformer.modeldir import from_hf_if_needed
-
-    p = Path(init_from)
-    for candidate in (p / "model", p):
-        if (candidate / "config.json").is_file() and (candidate / "tokenizer.json").is_file():
-            return from_hf_if_needed(candidate)
-    raise UserError(
-        f"init_from: {p} is not a trained model (expected config.json and tokenizer.json in it "
-        "or in its model/); train it first, e.g. trainformer train encoder-mlm --out runs/encoder-mlm"
-    )
-
-
 def inherit_pretrained(cfg: Config) -> Path | None:
     """Point a fine-tuning config at its pretrained model's tokenizer and shape.
 
@@ -390,21 +377,9 @@ def inherit_pretrained(cfg: Config) -> Path | None:
     """
     if not cfg.init_from:
         return None
-    src = pretrained_dir(cfg.init_from)
-    try:
-        pre = from_dict(json.loads((src / "config.json").read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{src / 'config.json'}: unreadable ({e})") from None
-    if pre.model.family != "encoder":
-        raise ConfigError(f"init_from: {src} holds a {pre.model.family} model; expected an encoder")
-    changed = []
-    for f in fields(ModelConfig):
-        if f.name in _OWN_KEYS:
-            continue
-        old, new = getattr(cfg.model, f.name), getattr(pre.model, f.name)
-        if old != new and not (f.name == "vocab_size" and old == 0):
-            changed.append(f"model.{f.name} {old} -> {new}")
-        setattr(cfg.model, f.name, new)
+    src, pre = pretrained(cfg.init_from, "encoder",
+                          "train one first, e.g. trainformer train encoder-mlm --out runs/encoder-mlm")
+    changed = take_pretrained_shape(cfg.model, pre.model, _OWN_KEYS)
     if changed:
         warn(f"init_from {src}: taking the pretrained shape ({', '.join(changed)})")
     cfg.data.tokenizer.path = str(src / "tokenizer.json")
