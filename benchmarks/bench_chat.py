@@ -39,7 +39,7 @@ from trainformer.bench.peer import BudgetedLinearSchedule
 from trainformer.config import Config, load_recipe
 from trainformer.data.tokenizer import PAD_ID
 from trainformer.models import count_parameters
-from trainformer.rundir import RunDir
+from trainformer.rundir import RunDir, machine_line
 from trainformer.tasks.chat import (
     CHAT_PROMPTS,
     EVAL_SAMPLING,
@@ -200,6 +200,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Chatbot benchmark ({result['minutes']} min of training each)", "", *rows, "",
              f"Test: {result['test_examples']} examples of the deduplicated DailyDialog test split "
              f"({result['test_dedup_removed']} test dialogues that occur in train removed).", "",
+             f"Machine: {result.get('machine', 'not recorded')}; {result['threads']} threads.", "",
              "## Replies (same prompts, same sampling seed)", ""]
     for prompt, a, b in zip(CHAT_PROMPTS, o["replies"], p["replies"]):
         lines += [f"- **{prompt}**", f"  - ours: {a}", f"  - peer: {b}"]
@@ -229,6 +230,7 @@ def main() -> None:
         "test_examples": min(limit, len(task.examples["test"][0])) if limit else len(task.examples["test"][0]),
         "test_dedup_removed": task.report["overlap_with_train_removed"]["test"],
         "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": machine_line(),
     }
     ours_replies = task.replies(ours)
     peer_replies = hf_replies(peer, task, cfg)

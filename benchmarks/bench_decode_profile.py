@@ -44,7 +44,7 @@ from trainformer.cli.common import require_positive
 from trainformer.compression.quantize import dynamic_int8
 from trainformer.errors import run_script
 from trainformer.modeldir import resolve_model_dir
-from trainformer.rundir import hardware, package_versions
+from trainformer.rundir import hardware, machine_line, package_versions
 
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "quantized::linear_dynamic", "aten::_weight_int8pack_mm")
 
@@ -173,7 +173,7 @@ def main() -> None:
             **share,
         }
     m = results["machine"]
-    intro = [f"{time.strftime('%Y-%m-%d')}, {results['hardware']['cpu']}, {args.threads} thread(s), "
+    intro = [f"{time.strftime('%Y-%m-%d')}, {machine_line(results['hardware'])}, {args.threads} thread(s), "
              f"{len(sentences)} test sentences x {args.repeats} repeats, medians.",
              f"Machine: copy {m['copy_gb_per_s']} GB/s; a 768x192 fp32 linear at M=1 takes "
              f"{m['linear_768x192_hot_us']} us with its weights in cache, {m['linear_768x192_cold_us']} us "

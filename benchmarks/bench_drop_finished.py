@@ -32,7 +32,7 @@ from trainformer.bench.report import write_table_report
 from trainformer.cli.common import require_positive
 from trainformer.errors import run_script
 from trainformer.modeldir import resolve_model_dir
-from trainformer.rundir import hardware, package_versions
+from trainformer.rundir import hardware, machine_line, package_versions
 from trainformer.training.task import spread_indices
 
 
@@ -101,7 +101,7 @@ def main() -> None:
         run, n = chat
         results["chat_model_dir"], results["prompts"] = str(args.chat), n
         results["modes"]["chat greedy replies"] = timed_pair(run, n, args.repeats)
-    intro = [f"{time.strftime('%Y-%m-%d')}, {results['hardware']['cpu']}, {args.threads} threads, "
+    intro = [f"{time.strftime('%Y-%m-%d')}, {machine_line(results['hardware'])}, {args.threads} threads, "
              f"{len(sentences)} test sentences spread over lengths, {model_dir}, medians of {args.repeats}."]
     if args.chat is not None:
         intro.append(f"Chat: {results['prompts']} first user turns of test dialogues in one batch, {args.chat}.")

@@ -20,7 +20,7 @@ from pathlib import Path
 from trainformer.bench.report import write_table_report
 from trainformer.data.readers import read_conll
 from trainformer.errors import UserError, run_script
-from trainformer.rundir import hardware
+from trainformer.rundir import hardware, machine_line
 from trainformer.tasks.tagging import load_tagger, score_entities, to_bio
 
 
@@ -76,7 +76,7 @@ def main() -> None:
             for name, s in (("trainformer extract (CRF Viterbi)", ours),
                             ("HF pipeline on the export (argmax, first subword)", theirs))]
     intro = [f"{len(sentences)} sentences of `{args.data.name}`; seqeval entity scores.",
-             f"Machine: {hw['cpu']}, flags {' '.join(hw['cpu_flags'])}.",
+             f"Machine: {machine_line(hw)}.",
              f"Command: `python benchmarks/bench_export_ner.py MODEL_DIR --data {args.data.name}`"]
     results = {"ours": ours, "hf_pipeline": theirs, "sentences": len(sentences), "hardware": hw}
     print(write_table_report(args.out, "bench_export_ner", results, "NER: ours vs the HF export's pipeline",

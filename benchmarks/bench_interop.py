@@ -39,7 +39,7 @@ from trainformer.bench.report import write_table_report
 from trainformer.errors import run_script
 from trainformer.generation.greedy import length_limits
 from trainformer.modeldir import resolve_model_dir
-from trainformer.rundir import hardware, package_versions
+from trainformer.rundir import hardware, machine_line, package_versions
 from trainformer.tasks.translate_infer import score_translations
 
 Engine = Callable[[list[str], int], list[str]]  # (sentences of one chunk, beam) -> translations
@@ -258,7 +258,7 @@ def write_report(args, model_dir: Path, by_threads: dict[int, dict], refs: dict[
         f"batch 1 (spread over the test split, short to long); BLEU on the batch-32 sentences. "
         f"In brackets: the ratio to ours (PyTorch fp32) at the same threads. {args.repeats} timed passes "
         "after a warm-up, engines interleaved; medians.",
-        f"Machine: {hw['cpu']}, {hw['cpu_count']} cores, flags {' '.join(hw['cpu_flags']) or 'unknown'}.",
+        f"Machine: {machine_line(hw)}.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()) + ".",
         "Command: `python benchmarks/bench_interop.py " + " ".join(
             [str(args.model_dir), "--sentences", str(args.sentences), "--latency-sentences",

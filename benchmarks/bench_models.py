@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 import torch
 
 from trainformer.bench.models import FAMILIES, Shape, bench_family
 from trainformer.bench.peak import matmul_peak
+from trainformer.rundir import machine_line
 
 
 def markdown(results: list[dict], peaks: dict[str, float], precision: str) -> str:
@@ -75,7 +75,7 @@ def main() -> None:
     print(markdown(results, peaks, precision))
     if args.out:
         env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-               "cpu": platform.processor(), "shape": vars(s)}
+               "cpu": machine_line(), "shape": vars(s)}
         with open(args.out, "w") as fh:
             json.dump({"env": env, "precision": precision, "peak_flops": peaks, "results": results}, fh, indent=2)
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import subprocess
 import sys
 import time
@@ -55,6 +54,7 @@ from trainformer.data.batching import IGNORE_INDEX, first_subword_labels
 from trainformer.data.registry import read_dataset
 from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, TextTokenizer
 from trainformer.errors import run_script
+from trainformer.rundir import machine_line
 from trainformer.tasks.extraction import OUTSIDE, bio_labels, tag_type, to_bio
 from trainformer.tasks.tagging import score_entities
 from trainformer.training.precision import build_precision
@@ -292,7 +292,7 @@ def main() -> None:
                    args.peer_len, args.peer_lr, args.peer_warmup, seed=0,
                    shape={k: ner_model[k] for k in SHAPE_KEYS}, variant=v, precision=precision)
         for v in variants]
-    host = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    host = f"{machine_line()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "host": host,
               "recipes": {"mlm": load_recipe("encoder-mlm").description, "ner": load_recipe("ner-conll2003").description},
               "ours": ours, "peers": peers}

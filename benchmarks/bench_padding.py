@@ -25,6 +25,7 @@ from trainformer.data.registry import read_dataset
 from trainformer.data.tokenizer import load_or_train_tokenizer
 from trainformer.errors import DataError
 from trainformer.paths import REPO_ROOT
+from trainformer.rundir import machine_line
 
 
 def _stats(batches: list[np.ndarray], lengths: np.ndarray) -> dict[str, float]:
@@ -69,6 +70,7 @@ def main() -> None:
 
     result = {
         "data": str(read.path),
+        "machine": machine_line(),
         "pairs": len(lengths),
         "tokenizer": f"{cfg.tokenizer.kind} {tok.vocab_size}",
         "mean_tokens": [round(float(x), 2) for x in lengths.mean(axis=0)],

@@ -39,7 +39,7 @@ from trainformer.bench.peer import BudgetedLinearSchedule
 from trainformer.config import load_recipe
 from trainformer.data.batching import collate_pairs, random_batches
 from trainformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from trainformer.rundir import RunDir, cpu_name
+from trainformer.rundir import RunDir, machine_line
 from trainformer.tasks import build_task
 from trainformer.tasks.translate_infer import score_translations
 from trainformer.tasks.translation import TranslationTask
@@ -272,7 +272,7 @@ def main() -> None:
                                                 test_limit=args.test_limit)
     result = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "host": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "host": f"{machine_line()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "beam": cfg.eval.beam, "valid_sources": min(cfg.eval.max_examples or math.inf,
                                                     len(task.eval_sets["valid"].sources)),
         "test_sources": len(task.eval_sets["test"].sources), "peer_minutes": minutes,

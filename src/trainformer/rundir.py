@@ -93,6 +93,14 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def machine_line(hw: dict[str, Any] | None = None) -> str:
+    """One line for a benchmark report: CPU, cores and the speed flags (see `SPEED_FLAGS`)."""
+    hw = hw or hardware()
+    flags = " ".join(hw.get("cpu_flags") or []) or "unknown"
+    gpus = f", GPUs: {', '.join(hw['gpus'])}" if hw.get("gpus") else ""
+    return f"{hw.get('cpu')}, {hw.get('cpu_count')} cores, CPU flags: {flags}{gpus}"
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("trainformer", "torch", "tokenizers", "safetensors", "sacrebleu", "numpy", "transformers"):

@@ -117,6 +117,8 @@ def markdown(results: dict) -> str:
     lines = ["# trainformer bench", "",
              f"- date: {env['date']}", f"- machine: {hw.get('cpu') or hw.get('processor')}, "
              f"{hw.get('cpu_count')} CPUs{', GPUs: ' + ', '.join(hw['gpus']) if hw.get('gpus') else ''}",
+             f"- CPU flags: {' '.join(hw.get('cpu_flags') or []) or 'not recorded'} (avx512_bf16: native bf16; "
+             "avx512_vnni / amx: fast int8)",
              f"- device: {env['device']}, precision: {env['precision']}, threads: {env['threads']}",
              f"- versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}",
              f"- git commit: {env['git_commit']}",
