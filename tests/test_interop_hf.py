@@ -11,7 +11,6 @@ beam 4.
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
+from test_translation_e2e import make_pairs  # noqa: E402
 from trainformer.cli import main  # noqa: E402
 from trainformer.config import TokenizerConfig, from_dict  # noqa: E402
 from trainformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer, train_tokenizer  # noqa: E402
@@ -29,23 +29,12 @@ from trainformer.interop.hf_import import import_hf_dir  # noqa: E402
 from trainformer.modeldir import load_model_dir, save_model_dir  # noqa: E402
 from trainformer.models import build_model  # noqa: E402
 
-WORDS = {"red": "rouge", "blue": "bleu", "green": "vert", "cat": "chat", "dog": "chien",
-         "house": "maison", "car": "voiture", "big": "grand", "small": "petit", "the": "le"}
 TEXTS = ["the red cat sleeps on the big house .", "Where is the station ?", "a small dog , a blue car !"]
-
-
-def pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        words = rng.choices(list(WORDS), k=rng.randint(2, 6))
-        out.append((" ".join(words) + " .", " ".join(WORDS[w] for w in words) + " ."))
-    return out
 
 
 def make_dir(root, task: str, model: dict, kind: str = "bpe", labels=None, chat: bool = False):
     """A model dir of `task` with random (but not initial) weights and a tokenizer of `kind`."""
-    texts = [t for p in pairs(200) for t in p] + TEXTS
+    texts = [t for p in make_pairs(200) for t in p] + TEXTS
     tok = train_tokenizer(texts, TokenizerConfig(kind=kind, vocab_size=120, min_frequency=1))
     if chat:
         from trainformer.tasks.chat_template import reserve_chat_tokens
@@ -218,7 +207,7 @@ def trained_translator(tmp_path_factory):
     hf_dir = root / "hf"
     hf_dir.mkdir()
     export_hf(load_model_dir(model_dir), hf_dir)
-    return model_dir, hf_dir, [e for e, _ in pairs(200, seed=7)]
+    return model_dir, hf_dir, [e for e, _ in make_pairs(200, seed=7)]
 
 
 def _hf_translate(hf_dir, sources, beam: int, max_len: int) -> list[str]:
@@ -362,7 +351,7 @@ def foreign_gpt2(root):
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([t for p in pairs(300) for t in p] + TEXTS, vocab_size=400, min_frequency=1)
+    bpe.train_from_iterator([t for p in make_pairs(300) for t in p] + TEXTS, vocab_size=400, min_frequency=1)
     bpe.add_special_tokens(["<|endoftext|>"])
     eot = bpe.token_to_id("<|endoftext|>")
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
@@ -426,7 +415,7 @@ def foreign_bert(root):
     from tokenizers import BertWordPieceTokenizer
 
     wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator([t for p in pairs(300) for t in p] + TEXTS, vocab_size=200, min_frequency=1,
+    wp.train_from_iterator([t for p in make_pairs(300) for t in p] + TEXTS, vocab_size=200, min_frequency=1,
                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wp._tokenizer, pad_token="[PAD]", unk_token="[UNK]",
                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
