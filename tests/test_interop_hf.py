@@ -482,3 +482,17 @@ def test_generation_config_follows_the_models_beam(tmp_path):
     (model_dir / "config.json").write_text(json.dumps(cfg))
     gen = transformers.GenerationConfig.from_pretrained(export(model_dir, tmp_path))
     assert gen.num_beams in (None, 1) and gen.decoder_start_token_id == BOS_ID and gen.forced_eos_token_id is None
+
+
+def test_model_card_tells_task_data_scores_and_what_is_not_carried(tmp_path):
+    """RUN/model exported: the card names the data and its licence, the run's scores, the CRF left behind."""
+    model_dir = make_dir(tmp_path, "ner", FAMILIES["xlmr-tagging"][1], "wordpiece", labels=LABELS)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["data"]["dataset"] = "conll2003"
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"steps": 1046, "precision": "bf16", "wall_time_s": 480, "test": {"f1": 81.06, "sentences": 3453}}))
+    card = (export(model_dir, tmp_path) / "README.md").read_text()
+    assert "XLMRobertaXLForTokenClassification" in card and "research use only" in card
+    assert "f1 81.06" in card and "1046 steps" in card and "sentences" not in card.split("Test scores")[1][:60]
+    assert "CRF" in card and 'aggregation_strategy="first"' in card

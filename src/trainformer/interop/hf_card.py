@@ -116,12 +116,15 @@ def model_card(cfg: Config, arch: str, source: Path, notes: list[str]) -> str:
         + f", d_model {m.d_model}, {m.n_heads} heads, d_ff {m.d_ff}, vocabulary {m.vocab_size}, "
         f"positions {m.position}, {'pre' if m.norm_first else 'post'}-norm",
     ]
-    metrics = {k: v for k, v in summary.items() if k.startswith(("test_", "valid_", "best_"))
-               and isinstance(v, (int, float))}
-    if metrics:
-        lines.append("- Metrics of the training run: " + ", ".join(f"{k} {v}" for k, v in sorted(metrics.items())))
+    for split in ("test", "valid"):
+        scores = {k: v for k, v in (summary.get(split) or {}).items()
+                  if isinstance(v, (int, float)) and not k.endswith(("sentences", "examples", "entities"))}
+        if scores:
+            lines.append(f"- {split.capitalize()} scores of the training run (trainformer's own decoding): "
+                         + ", ".join(f"{k} {v}" for k, v in scores.items()))
     if summary.get("steps"):
-        lines.append(f"- Training: {summary['steps']} steps")
+        lines.append(f"- Training: {summary['steps']} steps, {summary.get('precision', '?')}, "
+                     f"{summary.get('wall_time_s', 0) / 60:.0f} minutes")
     lines += ["", "## Use", "", "```python"]
     lines += _usage(cfg)
     lines += ["```", "", "## Made with", "", "```bash",
