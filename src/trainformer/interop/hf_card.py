@@ -121,7 +121,7 @@ def model_card(cfg: Config, arch: str, source: Path, notes: list[str]) -> str:
                   if isinstance(v, (int, float)) and not k.endswith(("sentences", "examples", "entities"))}
         if scores:
             lines.append(f"- {split.capitalize()} scores of the training run (trainformer's own decoding): "
-                         + ", ".join(f"{k} {v}" for k, v in scores.items()))
+                         + ", ".join(f"{k} {round(v, 4)}" for k, v in scores.items()))
     if summary.get("steps"):
         lines.append(f"- Training: {summary['steps']} steps, {summary.get('precision', '?')}, "
                      f"{summary.get('wall_time_s', 0) / 60:.0f} minutes")
@@ -163,6 +163,10 @@ def export_notes(cfg: Config) -> list[str]:
     if cfg.task == "ner":
         notes.append("Word-level tagging: trainformer tags the first subword of each word; use "
                      "`aggregation_strategy=\"first\"` in the pipeline for the same reading.")
+    if cfg.task == "translation" and cfg.eval.beam > 1:
+        notes.append("Beam scores: trainformer divides a hypothesis' log-probability by GNMT's length penalty "
+                     f"((5 + n) / 6) ** {cfg.eval.length_penalty}, transformers by n ** {cfg.eval.length_penalty}; "
+                     "at length_penalty 0 both give the same beams.")
     if cfg.task == "translation":
         notes.append("Length limit: trainformer stops at eval.max_len_a x source length + eval.max_len_b "
                      f"({cfg.eval.max_len_a} x + {cfg.eval.max_len_b}) tokens; generation_config.json "
