@@ -22,6 +22,9 @@ from trainformer.tasks.chat_template import CHAT_SPECIAL_TOKENS
 from trainformer.training.checkpoint import load_pretrained
 from trainformer.training.trainer import Trainer
 
+# trains models or starts servers: the end-to-end tier (`pytest -m "not slow"` skips it)
+pytestmark = pytest.mark.slow
+
 NAMES = ["tom", "anna", "li", "sara"]
 PLACES = ["the park", "the bank", "the cinema", "school"]
 

@@ -47,6 +47,7 @@ def test_bad_override_key_is_one_line(capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bad_value_and_missing_recipe_in_subprocess(tmp_path):
     assert_user_error(run_cli("recipes", "translate-en-fr", "--set", "optim.lr=-1"), "optim.lr")
     assert_user_error(run_cli("recipes", str(tmp_path / "nope.yaml")), "nope.yaml")

@@ -20,6 +20,9 @@ from trainformer.modeldir import load_model_dir
 from trainformer.tasks import build_task
 from trainformer.tasks.tagging import TRANSITION_WEIGHTS, load_tagger
 
+# trains models or starts servers: the end-to-end tier (`pytest -m "not slow"` skips it)
+pytestmark = pytest.mark.slow
+
 FIRST = ["Zoë", "Anna", "Jean-Pierre", "Omar", "Li", "Maria", "Kofi", "Sven"]
 LAST = ["Müller", "Smith", "O'Neill", "Dubois", "Chen", "Garcia", "Mensah", "Berg"]
 CITIES = ["Paris", "Berlin", "Lagos", "Tokyo", "Lima", "Oslo", "Cairo", "Quito"]

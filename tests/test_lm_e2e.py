@@ -15,6 +15,9 @@ from trainformer.rundir import RunDir
 from trainformer.tasks import build_task
 from trainformer.training.trainer import Trainer
 
+# trains models or starts servers: the end-to-end tier (`pytest -m "not slow"` skips it)
+pytestmark = pytest.mark.slow
+
 SUBJECTS = ["the cat", "the dog", "a bird", "my friend"]
 ACTIONS = ["sat on the mat", "ran to the house", "ate the red apple", "looked at the tree"]
 

@@ -40,6 +40,9 @@ from trainformer.serve.settings import ServeSettings
 from trainformer.tasks import build_task
 from trainformer.training.trainer import Trainer
 
+# trains models or starts servers: the end-to-end tier (`pytest -m "not slow"` skips it)
+pytestmark = pytest.mark.slow
+
 # ----------------------------------------------------------------------------
 # Tiny trained models (built once per session, whichever test module asks first)
 # ----------------------------------------------------------------------------

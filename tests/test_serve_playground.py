@@ -27,8 +27,8 @@ def find_chromium() -> str | None:
 
 
 CHROMIUM = find_chromium()
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium not found: apt-get install -y chromium (or set TRAINFORMER_CHROMIUM)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium not found: apt-get install -y chromium (or set TRAINFORMER_CHROMIUM)")]
 
 
 def test_playground_translates_highlights_entities_and_streams_chat(models, tmp_path):  # noqa: F811

@@ -19,6 +19,9 @@ import pytest
 
 from test_serve import heavy_translation, models  # noqa: F401  (the session's tiny models)
 
+# trains models or starts servers: the end-to-end tier (`pytest -m "not slow"` skips it)
+pytestmark = pytest.mark.slow
+
 
 def start(*args: str) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRAINFORMER_API_KEY"} | {"OMP_NUM_THREADS": "1"}

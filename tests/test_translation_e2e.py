@@ -10,6 +10,9 @@ import pytest
 from trainformer.tasks.translate_infer import score_translations
 from trainformer.tasks.translation import split_key
 
+# trains models or starts servers: the end-to-end tier (`pytest -m "not slow"` skips it)
+pytestmark = pytest.mark.slow
+
 WORDS = {"red": "rouge", "blue": "bleu", "green": "vert", "cat": "chat", "dog": "chien",
          "house": "maison", "car": "voiture", "big": "grand", "small": "petit", "the": "le"}
 

@@ -135,6 +135,7 @@ def two_sentence_docs(n: int, seed: int) -> str:
     return "\n".join(blocks)
 
 
+@pytest.mark.slow
 def test_a_context_window_lets_the_tagger_use_the_previous_sentence(tmp_path, monkeypatch, capsys):
     from trainformer.cli import main
     from trainformer.data.registry import DATASETS, DatasetSpec
