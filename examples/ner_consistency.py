@@ -14,7 +14,7 @@ rescores its output after two rules over each sentence's +-W neighbours:
 
 Settings are compared on valid; test is reported beside them, not used to choose.
 
-    python benchmarks/ner_consistency.py runs/ner-conll2003/model [--json OUT.json]
+    python examples/ner_consistency.py runs/ner-conll2003/model [--json OUT.json]
 """
 
 from __future__ import annotations

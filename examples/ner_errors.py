@@ -7,7 +7,7 @@ the rest ("unseen"), and precision and recall in sentences written mostly in
 capitals (headlines such as "SOCCER - JAPAN GET LUCKY WIN") against the rest.
 An entity counts as found when type and span both match (seqeval's rule).
 
-    python benchmarks/ner_errors.py runs/ner-conll2003/model runs/ner-rope-ens3 [--json OUT.json]
+    python examples/ner_errors.py runs/ner-conll2003/model runs/ner-rope-ens3 [--json OUT.json]
 """
 
 from __future__ import annotations
