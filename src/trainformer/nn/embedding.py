@@ -22,6 +22,7 @@ class TokenEmbedding(nn.Embedding):
     def __init__(self, vocab_size: int, d_model: int, scale: bool = True):
         super().__init__(vocab_size, d_model)
         self.scale = math.sqrt(d_model) if scale else 1.0
+        self.fast_head_rows = FAST_HEAD_ROWS  # 0: always the plain F.linear head (for comparisons)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> (B, T, D)."""
@@ -49,7 +50,7 @@ class TokenEmbedding(nn.Embedding):
             and h.dtype == self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
             and not self.weight.is_inference()  # no version counter to tell when the copy is stale
-            and h.numel() <= FAST_HEAD_ROWS * h.shape[-1]
+            and h.numel() <= self.fast_head_rows * h.shape[-1]
         )
 
     def _transposed_weight(self) -> torch.Tensor:
