@@ -39,7 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench_compression import load_translator, spread, test_data
 from trainformer.bench.report import write_table_report
 from trainformer.cli.common import require_positive
-from trainformer.compression.quantize import dynamic_int8
+from trainformer.models.quantized import dynamic_int8
 from trainformer.errors import run_script
 from trainformer.modeldir import resolve_model_dir
 from trainformer.rundir import hardware, machine_line, package_versions

@@ -4,21 +4,14 @@ KV cache with per-layer head counts, and int8 / bf16 outputs close to fp32 on a 
 import pytest
 import torch
 
-from trainformer.compression import (
-    Int8WeightOnlyLinear,
-    apply_saved_shapes,
-    magnitude_prune,
-    model_shapes,
-    quantize_model,
-    structured_prune,
-)
+from trainformer.compression import magnitude_prune, structured_prune
 from trainformer.compression.distill import distillation_loss
 from trainformer.compression.magnitude import prunable_weights
-from trainformer.compression.quantize import Int8Embedding
-from trainformer.compression.shapes import attention_modules, ffn_modules, ffn_width
 from trainformer.compression.structured import activation_scores, neuron_scores
 from trainformer.config import ModelConfig
-from trainformer.errors import UserError
+from trainformer.errors import ConfigError
+from trainformer.models.quantized import Int8Embedding, Int8WeightOnlyLinear, quantize_model
+from trainformer.models.shapes import apply_layer_sizes, attention_modules, ffn_modules, ffn_width, model_shapes
 from trainformer.generation import beam_translate, generate, greedy_translate
 from trainformer.models import build_model, count_parameters
 from trainformer.nn.embedding import TokenEmbedding
@@ -164,7 +157,7 @@ def test_head_counts_may_differ_per_layer_and_the_cache_still_agrees():
         shapes.update({f"{prefix}.heads": 2, f"{prefix}.kv_heads": 1})
         ffn_key = next(k for k in shapes if k.endswith(".d_ff"))
         shapes[ffn_key] = 17
-        apply_saved_shapes(model, {"pruned": shapes})
+        apply_layer_sizes(model, shapes)
         assert model_shapes(model) == shapes
         heads = {a.n_heads for _, a in attention_modules(model)}
         assert heads == {2, 4}
@@ -199,17 +192,29 @@ def test_activation_scores_rank_by_what_units_write_on_the_data():
     assert not torch.any(model.layers[0].ffn.up.bias == -1000.0)  # and it was that one
 
 
-def test_apply_saved_shapes_rejects_bad_entries():
+def test_layer_sizes_reject_bad_entries():
     model = tiny_model("decoder")
-    with pytest.raises(UserError, match="layers.9.self_attn"):
-        apply_saved_shapes(model, {"pruned": {"layers.9.self_attn.heads": 2, "layers.9.self_attn.kv_heads": 2}})
-    with pytest.raises(UserError, match="larger than"):
-        apply_saved_shapes(model, {"pruned": {"layers.0.ffn.d_ff": 65}})
-    with pytest.raises(UserError, match="heads must be"):
+    with pytest.raises(ConfigError, match=r"model.layer_sizes\['layers.9.self_attn.heads'\]"):
+        apply_layer_sizes(model, {"layers.9.self_attn.heads": 2, "layers.9.self_attn.kv_heads": 2})
+    with pytest.raises(ConfigError, match="larger than"):
+        apply_layer_sizes(model, {"layers.0.ffn.d_ff": 65})
+    with pytest.raises(ConfigError, match="heads must be"):
         gqa = tiny_model("decoder", n_kv_heads=2)
-        apply_saved_shapes(gqa, {"pruned": {"layers.0.self_attn.heads": 3, "layers.0.self_attn.kv_heads": 1}})
-    with pytest.raises(UserError, match="expected PATH"):
-        apply_saved_shapes(model, {"pruned": {"layers.0.ffn.width": 3}})
+        apply_layer_sizes(gqa, {"layers.0.self_attn.heads": 3, "layers.0.self_attn.kv_heads": 1})
+    with pytest.raises(ConfigError, match="expected PATH"):
+        apply_layer_sizes(model, {"layers.0.ffn.width": 3})
+
+
+def test_build_model_builds_the_layer_sizes_of_its_config():
+    """A pruned model's config.json alone rebuilds its shapes: build_model shrinks the named layers."""
+    for family in ("encoder_decoder", "decoder", "encoder"):
+        shapes = model_shapes(tiny_model(family, n_kv_heads=2))
+        attn = next(k for k in shapes if k.endswith("self_attn.heads")).rsplit(".", 1)[0]
+        ffn = next(k for k in shapes if k.endswith(".d_ff"))
+        sizes = {f"{attn}.heads": 2, f"{attn}.kv_heads": 1, ffn: 9}
+        model = tiny_model(family, n_kv_heads=2, layer_sizes=sizes)
+        assert model_shapes(model) == {**shapes, **sizes}
+        assert model.get_submodule(ffn.rsplit(".", 1)[0]).up.out_features == 9
 
 
 @pytest.mark.parametrize("family,kw", VARIANTS[:3], ids=IDS[:3])

@@ -10,13 +10,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainformer.cli import main
-from trainformer.compression import model_shapes, quantize_model, structured_prune
+from trainformer.compression import structured_prune
 from trainformer.compression.magnitude import prunable_weights
 from trainformer.compression.store import load_float_model
 from trainformer.config import TokenizerConfig, from_dict
 from trainformer.data.tokenizer import train_tokenizer
 from trainformer.modeldir import load_model_dir, save_model_dir
 from trainformer.models import build_model, count_parameters
+from trainformer.models.quantized import quantize_model
+from trainformer.models.shapes import model_shapes
 
 WORDS = {"red": "rouge", "blue": "bleu", "green": "vert", "cat": "chat", "dog": "chien",
          "house": "maison", "car": "voiture", "big": "grand", "small": "petit", "the": "le"}
@@ -103,12 +105,30 @@ def test_structured_dir_round_trips_and_is_smaller(model_dir, tmp_path, no_unpic
     loaded = load_model_dir(out)
     compression = json.loads((out / "compression.json").read_text())
     assert compression["pruned"] == model_shapes(loaded.model) == model_shapes(expected)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["layer_sizes"] == compression["pruned"]  # config.json alone builds it
+    assert model_shapes(build_model(loaded.cfg.model)) == model_shapes(expected)
     assert compression["history"][-1]["method"] == "structured"
     vocab = loaded.cfg.model.vocab_size
     assert torch.equal(outputs(loaded.model, vocab), outputs(expected, vocab))
     assert count_parameters(loaded.model) < 0.8 * full_params
     assert (out / "model.safetensors").stat().st_size < 0.8 * (src_dir / "model.safetensors").stat().st_size
     assert (out / "tokenizer.json").is_file() and only_safe_files(out)
+
+
+def test_pruned_dir_of_the_previous_format_still_loads(model_dir, tmp_path):
+    """Before model.layer_sizes, a pruned dir kept its shapes in compression.json only."""
+    src_dir, _ = model_dir
+    out = tmp_path / "pruned"
+    assert main(["prune", str(src_dir), "--out", str(out), "--method", "structured", "--sparsity", "0.5",
+                 "--calibrate", "0"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    del config["model"]["layer_sizes"]
+    (out / "config.json").write_text(json.dumps(config))
+    loaded, now = load_model_dir(out), load_model_dir(tmp_path / "pruned")
+    assert model_shapes(loaded.model) == json.loads((out / "compression.json").read_text())["pruned"]
+    vocab = loaded.cfg.model.vocab_size
+    assert torch.equal(outputs(loaded.model, vocab), outputs(now.model, vocab))
 
 
 def test_magnitude_dir_keeps_zeros_and_dense_shapes(model_dir, tmp_path, capsys):

@@ -70,6 +70,10 @@ class ModelConfig:
     # "start_between": those and the mean state of the tokens between the two markers
     relation_pool: Literal["start", "start_between"] = "start"
     init_std: float = 0.02
+    # per-module sizes that differ from n_heads / n_kv_heads / d_ff, keyed by the module's path
+    # (PATH.heads, PATH.kv_heads, PATH.d_ff; e.g. layers.0.ffn.d_ff: 700); written by structured
+    # pruning (`trainformer prune`), empty for every other model
+    layer_sizes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -316,6 +320,9 @@ def _type_name(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
     if origin is tuple:
         return "a list of " + ", ".join(_type_name(a) for a in get_args(tp))
+    if origin is dict:
+        key, value = get_args(tp)
+        return f"a mapping of {_type_name(key)} to {_type_name(value)}"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
@@ -354,6 +361,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise bad
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin is dict:
+        key_type, value_type = get_args(tp)
+        if not isinstance(value, dict):
+            raise bad
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}[{k!r}]") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise bad

@@ -25,6 +25,7 @@ from torch import nn
 
 from trainformer.config import Config, ModelConfig, from_dict, to_dict
 from trainformer.errors import ConfigError, UserError
+from trainformer.models import build_model
 
 ENSEMBLE_MANIFEST = "ensemble.json"  # marks an ensemble of model dirs (see trainformer.tasks.ensemble)
 
@@ -147,8 +148,6 @@ def read_model_config(path: str | Path) -> Config:
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Build the model described by `config.json` and load its weights (eval mode)."""
-    from trainformer.models import build_model
-
     p = resolve_model_dir(path)
     if (p / ENSEMBLE_MANIFEST).is_file():
         raise UserError(f"{p}: an ensemble of several models; only `evaluate` and `extract` of ner and "
@@ -157,20 +156,18 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     compression = {}
     if (p / "compression.json").is_file():
         compression = json.loads((p / "compression.json").read_text(encoding="utf-8"))
+    if compression.get("pruned") and not cfg.model.layer_sizes:  # pruned before config.json had them
+        cfg.model.layer_sizes = dict(compression["pruned"])
+    weights = p / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{p}: model.safetensors is missing")
+    state, _ = read_weights(weights)
     if compression.get("quantized"):
-        from trainformer.compression.quantize import load_quantized
+        from trainformer.models.quantized import load_quantized  # (torch.ao, imported when needed)
 
-        model = load_quantized(p, cfg, compression, device)
+        model = load_quantized(state, cfg, compression, weights, device)
     else:
         model = build_model(cfg.model)
-        if compression.get("pruned"):  # per-layer head counts / FFN widths differ from the config
-            from trainformer.compression import apply_saved_shapes
-
-            apply_saved_shapes(model, compression)
-        weights = p / "model.safetensors"
-        if not weights.is_file():
-            raise UserError(f"{p}: model.safetensors is missing")
-        state, _ = read_weights(weights)
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = {n for n, _ in _tied_names(model)}
         missing = [k for k in missing if k not in tied]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainformer.compression.shapes import attention_modules, ffn_modules
+from trainformer.models.shapes import attention_modules, ffn_modules
 
 NOTE = ("unstructured zeros: dense kernels are not faster and the file is not smaller "
         "(the model keeps its dense shapes and is saved dense)")

@@ -11,9 +11,6 @@ from typing import Any
 from torch import nn
 
 from trainformer.compression.magnitude import magnitude_prune, zero_masks
-from trainformer.compression.quantize import METHODS as QUANT_METHODS
-from trainformer.compression.quantize import Int8Embedding, quantize_model, quantized_state
-from trainformer.compression.shapes import model_shapes
 from trainformer.compression.store import (
     COMPRESSION_FILE,
     check_out_dir,
@@ -27,6 +24,9 @@ from trainformer.config import Config
 from trainformer.errors import UserError
 from trainformer.modeldir import resolve_model_dir, save_model_dir
 from trainformer.models import count_parameters
+from trainformer.models.quantized import METHODS as QUANT_METHODS
+from trainformer.models.quantized import Int8Embedding, quantize_model, quantized_state
+from trainformer.models.shapes import model_shapes
 
 PRUNE_METHODS = ("magnitude", "structured")
 
@@ -109,7 +109,8 @@ def prune_model_dir(
     else:
         run = calibration_run(model, cfg, source, calibrate, recipe, overrides) if calibrate else None
         stats = structured_prune(model, sparsity, heads=heads, ffn=ffn, calibrate=run)
-        fields = {"pruned": model_shapes(model)}
+        cfg.model.layer_sizes = model_shapes(model)  # config.json builds the pruned shapes
+        fields = {"pruned": cfg.model.layer_sizes}  # (and compression.json records them)
     step = {"op": "prune", "method": method, **stats}
     save_compressed(out, model, cfg, source, with_step(loaded.compression, step, **fields))
     if finetune_steps:

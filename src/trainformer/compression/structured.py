@@ -13,7 +13,7 @@ Scores are normalised per module (divided by their L2 norm, as Michel et al.
 and ranked globally, so layers may keep different numbers of heads / neurons;
 every module keeps at least one. The removed units' rows and columns are cut
 out of the Linear modules, so the result is a smaller dense model whose
-per-layer sizes are recorded by `trainformer.compression.shapes.model_shapes`.
+per-layer sizes are recorded by `trainformer.models.shapes.model_shapes`.
 
 With calibration data (``trainformer prune --calibrate N``: N training
 batches of the model's own task, forward passes only), a unit is scored by
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainformer.compression.shapes import (
+from trainformer.models.shapes import (
     attention_modules,
     ffn_modules,
     ffn_width,

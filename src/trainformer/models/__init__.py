@@ -12,18 +12,19 @@ from trainformer.errors import ConfigError
 from trainformer.models.decoder import Decoder
 from trainformer.models.encoder import ENCODER_HEADS, Encoder
 from trainformer.models.encoder_decoder import EncoderDecoder
+from trainformer.models.shapes import apply_layer_sizes
 
 __all__ = ["Decoder", "Encoder", "EncoderDecoder", "build_model", "count_parameters"]
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """A randomly initialised model of `cfg.family`; sizes must be known (vocab_size > 0, ...)."""
+    """A randomly initialised model of `cfg.family`; sizes must be known (vocab_size > 0, ...).
+
+    Per-layer sizes (``cfg.layer_sizes``, a pruned model's) shrink the layers they name.
+    """
     _check(cfg)
-    if cfg.family == "encoder_decoder":
-        return EncoderDecoder(cfg)
-    if cfg.family == "encoder":
-        return Encoder(cfg)
-    return Decoder(cfg)
+    family = {"encoder_decoder": EncoderDecoder, "encoder": Encoder, "decoder": Decoder}[cfg.family]
+    return apply_layer_sizes(family(cfg), cfg.layer_sizes)
 
 
 def _check(cfg: ModelConfig) -> None:

@@ -1,4 +1,7 @@
-"""Post-training quantization of every Linear layer, saved without pickles.
+"""Quantized models: int8 / bf16 versions of every Linear layer, saved without pickles.
+
+`trainformer.compression` quantizes a trained model (`quantize_model`) and
+writes the result; `trainformer.modeldir` rebuilds it (`load_quantized`).
 
 Three methods (``compression.json``: ``{"quantized": true, "quantization": METHOD}``):
 
@@ -40,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as AoDynamicLinear
 
-from trainformer.compression.shapes import apply_saved_shapes
 from trainformer.config import Config
 from trainformer.errors import UserError
 from trainformer.textio import warn
@@ -336,44 +338,41 @@ def _copy_tensors(model: nn.Module, state: dict[str, torch.Tensor], path: Path, 
 
 
 def load_quantized(
-    path: str | Path, cfg: Config, compression: dict[str, Any], device: str | torch.device | None = None
+    state: dict[str, torch.Tensor], cfg: Config, compression: dict[str, Any], path: Path,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """The quantized model of a model dir (called by `trainformer.modeldir.load_model_dir`).
 
-    Builds the fp32 model from `cfg`, applies pruned shapes if any, re-creates
-    the quantized modules and loads the safetensors weights into them.
+    Builds the fp32 model from `cfg` (per-layer sizes included), re-creates the
+    quantized modules and copies the saved tensors into them.
 
     Args:
-        path: the model dir (holding model.safetensors).
+        state: the tensors of its model.safetensors (consumed).
         cfg: its config.json; compression: its compression.json.
+        path: the weights file, for error messages.
         device: where to put it (None: CPU). ``dynamic`` always stays on the CPU.
     """
-    from trainformer.modeldir import read_weights
     from trainformer.models import build_model
 
     method = compression.get("quantization")
     if method not in METHODS:
-        raise UserError(f"{Path(path) / 'compression.json'}: 'quantization' must be one of "
+        raise UserError(f"{path.parent / 'compression.json'}: 'quantization' must be one of "
                         f"{', '.join(METHODS)}, got {method!r}")
-    weights = Path(path) / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{path}: model.safetensors is missing")
-    state, _ = read_weights(weights)
-    model = apply_saved_shapes(build_model(cfg.model), compression).eval()
+    model = build_model(cfg.model).eval()
     skip: set[str] = set()
     if method == "dynamic":
         dynamic_int8(model)
-        _load_dynamic_weights(model, state, weights)
+        _load_dynamic_weights(model, state, path)
         skip = {name for name, _ in _dynamic_modules(model)}
         if device is not None and torch.device(device).type != "cpu":
-            warn(f"{path}: int8 dynamic quantization runs on the CPU only; using the CPU")
+            warn(f"{path.parent}: int8 dynamic quantization runs on the CPU only; using the CPU")
     elif method == "weight_only":
         weight_only_int8(model, empty=True)
     else:
         model.to(torch.bfloat16)
     if compression.get("embedding") == "int8":  # (older quantized dirs kept a float embedding)
         int8_embedding(model, dynamic=method == "dynamic")
-    _copy_tensors(model, state, weights, skip)
+    _copy_tensors(model, state, path, skip)
     if method != "dynamic" and device is not None:
         model.to(device)
     return model.eval()

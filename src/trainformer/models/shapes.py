@@ -1,15 +1,16 @@
-"""Per-layer shapes of a structurally pruned model, and how to rebuild them.
+"""Per-layer sizes: attention heads and feed-forward widths that differ from layer to layer.
 
 `ModelConfig` has one global ``n_heads`` and ``d_ff``; after structured
-pruning every attention module and every feed-forward block may have its own
-size. Those sizes are saved in ``compression.json`` under ``"pruned"``:
+pruning (`trainformer.compression.structured`) every attention module and
+every feed-forward block may have its own size. Those sizes are part of the
+model's config, ``model.layer_sizes`` in config.json:
 
-    {"pruned": {"layers.0.self_attn.heads": 3, "layers.0.self_attn.kv_heads": 3,
-                "layers.0.ffn.d_ff": 700, ...}}
+    {"layers.0.self_attn.heads": 3, "layers.0.self_attn.kv_heads": 3,
+     "layers.0.ffn.d_ff": 700, ...}
 
-keyed by the module's own path (its parameter-name prefix). A pruned model is
-rebuilt by building the full model from config.json and shrinking its Linear
-modules to those sizes (`apply_saved_shapes`) before `load_state_dict`.
+keyed by the module's own path (its parameter-name prefix). `build_model`
+builds the full-size model and shrinks its Linear modules to those sizes
+(`apply_layer_sizes`), so the state dict of a pruned model loads as any other.
 
 The unit of attention pruning is a key/value group: one K/V head and the
 ``n_heads / n_kv_heads`` query heads that share it (plain multi-head
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainformer.errors import UserError
+from trainformer.errors import ConfigError
 from trainformer.nn.attention import MultiHeadAttention
 from trainformer.nn.feedforward import FeedForward
 
@@ -133,7 +134,7 @@ def shrink_ffn(ffn: FeedForward, keep: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Shapes saved in compression.json
+# Sizes in model.layer_sizes
 # ----------------------------------------------------------------------------
 
 
@@ -148,10 +149,14 @@ def model_shapes(model: nn.Module) -> dict[str, int]:
     return shapes
 
 
+def _bad(key: str, what: str) -> ConfigError:
+    return ConfigError(f"model.layer_sizes[{key!r}]: {what}")
+
+
 def _int_entry(shapes: Mapping[str, Any], key: str) -> int:
     value = shapes.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"compression.json: pruned[{key!r}]: expected an integer >= 1, got {value!r}")
+        raise _bad(key, f"expected an integer >= 1, got {value!r}")
     return value
 
 
@@ -161,8 +166,7 @@ def _module(model: nn.Module, path: str, kind: type, key: str) -> Any:
     except AttributeError:
         module = None
     if not isinstance(module, kind):
-        raise UserError(f"compression.json: pruned[{key!r}]: the model built from config.json has "
-                        f"no {kind.__name__} at {path!r}")
+        raise _bad(key, f"the model has no {kind.__name__} at {path!r}")
     return module
 
 
@@ -171,10 +175,8 @@ def _apply_attention(model: nn.Module, path: str, shapes: Mapping[str, Any]) -> 
     heads, kv = _int_entry(shapes, f"{path}.heads"), _int_entry(shapes, f"{path}.kv_heads")
     g = group_size(attn)
     if kv > attn.n_kv_heads or heads != kv * g:
-        raise UserError(
-            f"compression.json: pruned[{path!r}]: {heads} heads / {kv} kv_heads do not fit a module "
-            f"of {attn.n_heads} heads / {attn.n_kv_heads} kv_heads (heads must be {g} x kv_heads)"
-        )
+        raise _bad(path, f"{heads} heads / {kv} kv_heads do not fit a module of {attn.n_heads} heads / "
+                         f"{attn.n_kv_heads} kv_heads (heads must be {g} x kv_heads)")
     if kv < attn.n_kv_heads:
         shrink_attention(attn, torch.arange(kv))
 
@@ -183,35 +185,30 @@ def _apply_ffn(model: nn.Module, path: str, shapes: Mapping[str, Any]) -> None:
     ffn = _module(model, path, FeedForward, f"{path}.d_ff")
     width = _int_entry(shapes, f"{path}.d_ff")
     if width > ffn_width(ffn):
-        raise UserError(f"compression.json: pruned[{path + '.d_ff'!r}]: {width} is larger than "
-                        f"model.d_ff={ffn_width(ffn)}")
+        raise _bad(f"{path}.d_ff", f"{width} is larger than model.d_ff={ffn_width(ffn)}")
     if width < ffn_width(ffn):
         shrink_ffn(ffn, torch.arange(width))
 
 
-def apply_saved_shapes(model: nn.Module, compression: Mapping[str, Any]) -> nn.Module:
-    """Shrink a freshly built model to the per-layer sizes in ``compression["pruned"]``, in place.
+def apply_layer_sizes(model: nn.Module, sizes: Mapping[str, Any]) -> nn.Module:
+    """Shrink a freshly built model to the per-layer `sizes` (``model.layer_sizes``), in place.
 
-    Call it after `build_model(cfg.model)` and before `load_state_dict`; the
-    kept rows hold arbitrary values until the state dict overwrites them.
-    Without a ``"pruned"`` entry the model is returned unchanged.
+    `build_model` calls it; the kept rows hold arbitrary values until a state
+    dict overwrites them. Empty `sizes` leave the model unchanged.
 
     Args:
-        model: a model built from the pruned model's config.json.
-        compression: the parsed compression.json.
+        model: a model built from the same config at full size.
+        sizes: PATH.heads / PATH.kv_heads / PATH.d_ff -> size (as `model_shapes` gives them).
     Returns:
         the same model.
     """
-    shapes = compression.get("pruned") or {}
-    if not isinstance(shapes, Mapping):
-        raise UserError(f"compression.json: 'pruned' must be a mapping of module sizes, got {shapes!r}")
-    for key in shapes:
+    for key in sizes:
         if "." not in key or key.rsplit(".", 1)[1] not in ("heads", "kv_heads", "d_ff"):
-            raise UserError(f"compression.json: pruned[{key!r}]: expected PATH.heads, PATH.kv_heads or PATH.d_ff")
-    ffn_paths = {k.rsplit(".", 1)[0] for k in shapes if k.endswith(".d_ff")}
-    attn_paths = {k.rsplit(".", 1)[0] for k in shapes if not k.endswith(".d_ff")}
+            raise _bad(key, "expected PATH.heads, PATH.kv_heads or PATH.d_ff")
+    ffn_paths = {k.rsplit(".", 1)[0] for k in sizes if k.endswith(".d_ff")}
+    attn_paths = {k.rsplit(".", 1)[0] for k in sizes if not k.endswith(".d_ff")}
     for path in sorted(ffn_paths):
-        _apply_ffn(model, path, shapes)
+        _apply_ffn(model, path, sizes)
     for path in sorted(attn_paths):
-        _apply_attention(model, path, shapes)
+        _apply_attention(model, path, sizes)
     return model
