@@ -7,11 +7,11 @@ import torch
 
 from trainformer.cli.chat import Repl
 from trainformer.config import Config, ModelConfig, TokenizerConfig
+from trainformer.data.chat_template import reserve_chat_tokens
 from trainformer.data.tokenizer import train_tokenizer
 from trainformer.errors import UserError
 from trainformer.models import build_model
 from trainformer.tasks.chat import Chatbot
-from trainformer.tasks.chat_template import reserve_chat_tokens
 from trainformer.tasks.lm import SamplingSettings, StreamDecoder
 
 TEXTS = ["Hello there, how are you?", "I'm fine, thanks! And you?", "Shall we go for a walk?",

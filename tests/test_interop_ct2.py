@@ -21,6 +21,7 @@ from helpers_interop import train_toy_translator  # noqa: E402  (a toy EN->FR mo
 from test_translation_e2e import make_pairs  # noqa: E402
 from trainformer.cli import main  # noqa: E402
 from trainformer.config import TokenizerConfig, from_dict  # noqa: E402
+from trainformer.data.chat_template import reserve_chat_tokens  # noqa: E402
 from trainformer.data.tokenizer import train_tokenizer  # noqa: E402
 from trainformer.errors import UserError  # noqa: E402
 from trainformer.generation import generate  # noqa: E402
@@ -34,7 +35,6 @@ from trainformer.interop.ct2 import (  # noqa: E402
 from trainformer.modeldir import LoadedModel, load_model_dir, save_model_dir  # noqa: E402
 from trainformer.models import build_model  # noqa: E402
 from trainformer.tasks.chat import Chatbot  # noqa: E402
-from trainformer.tasks.chat_template import reserve_chat_tokens  # noqa: E402
 from trainformer.tasks.lm import SamplingSettings  # noqa: E402
 from trainformer.tasks.translate_infer import Translator  # noqa: E402
 

@@ -44,13 +44,13 @@ from typing import Any
 import torch
 
 from trainformer.config import Config, from_dict
+from trainformer.data.chat_template import ChatTemplate, Message
 from trainformer.data.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, TextTokenizer
 from trainformer.errors import UserError
 from trainformer.generation.greedy import length_limits, strip_eos
 from trainformer.interop import require
 from trainformer.interop.hf import export_hf
 from trainformer.tasks.chat import Chatbot
-from trainformer.tasks.chat_template import ChatTemplate, Message
 from trainformer.tasks.lm import SamplingSettings, StreamDecoder
 from trainformer.tasks.translate_infer import Translator
 from trainformer.textio import warn

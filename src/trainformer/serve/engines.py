@@ -211,7 +211,7 @@ class GenerationEngine(_Base):
     retry_alone = False  # rows may have streamed already
 
     def load(self) -> None:
-        from trainformer.tasks.chat_template import ChatTemplate
+        from trainformer.data.chat_template import ChatTemplate
         from trainformer.tasks.loading import load_for_task
 
         loaded, self.tokenizer = load_for_task(self.spec.path, ("lm", "chat"), self.settings.device)
@@ -250,7 +250,7 @@ class GenerationEngine(_Base):
         return self.window - min(max_tokens, self.window // 2)
 
     def chat_job(self, req: ChatRequest, loop: asyncio.AbstractEventLoop, on_event=None) -> Job:
-        from trainformer.tasks.chat_template import Message
+        from trainformer.data.chat_template import Message
 
         if self.template is None:
             raise bad_request(f"model {self.name!r} is a language model without a chat template; "

@@ -41,12 +41,7 @@ from trainformer.config import Config, DataConfig
 from trainformer.data import readers
 from trainformer.data.batching import length_sorted_batches
 from trainformer.data.cache import Ragged, file_hash
-from trainformer.data.registry import DATASETS, read_file, resolve_dataset
-from trainformer.data.splits import dedup, drop_overlap, make_splits
-from trainformer.data.tokenizer import TextTokenizer, load_or_train_tokenizer
-from trainformer.errors import ConfigError, UserError
-from trainformer.models import build_model
-from trainformer.tasks.chat_template import (
+from trainformer.data.chat_template import (
     ChatTemplate,
     Message,
     Rendered,
@@ -54,6 +49,11 @@ from trainformer.tasks.chat_template import (
     has_chat_tokens,
     reserve_chat_tokens,
 )
+from trainformer.data.registry import DATASETS, read_file, resolve_dataset
+from trainformer.data.splits import dedup, drop_overlap, make_splits
+from trainformer.data.tokenizer import TextTokenizer, load_or_train_tokenizer
+from trainformer.errors import ConfigError, UserError
+from trainformer.models import build_model
 from trainformer.tasks.lm import (
     CausalBatches,
     SamplingSettings,

@@ -37,13 +37,13 @@ from trainformer.config import Config, DataConfig
 from trainformer.data import readers
 from trainformer.data.batching import IGNORE_INDEX, TokenBudgetSampler, pad_to_array
 from trainformer.data.cache import Ragged, file_hash, tokenize_cached
+from trainformer.data.chat_template import reserve_chat_tokens
 from trainformer.data.packing import PackedRows, collate_packed, join_documents, pack_documents
 from trainformer.data.registry import DATASETS, read_file, resolve_dataset
 from trainformer.data.splits import make_splits
 from trainformer.data.tokenizer import EOS_ID, PAD_ID, TextTokenizer, load_or_train_tokenizer
 from trainformer.errors import ConfigError, UserError
 from trainformer.models import build_model
-from trainformer.tasks.chat_template import reserve_chat_tokens
 from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.textio import warn
 from trainformer.training.loss import cross_entropy_sum
