@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from trainformer.cli import main
-from trainformer.data.readers import strip_entity_markers
+from trainformer.data.markers import strip_entity_markers
 from trainformer.modeldir import load_model_dir
 from trainformer.tasks import build_task
 from trainformer.tasks.tagging import TRANSITION_WEIGHTS, load_tagger

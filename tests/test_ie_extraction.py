@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from trainformer.config import ModelConfig, TokenizerConfig, from_dict
+from trainformer.data.batching import collate_relations
+from trainformer.data.markers import add_marker_tokens, marker_positions, window_keeping
 from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, UNK_ID, train_tokenizer
 from trainformer.data.windows import per_subword
 from trainformer.errors import ConfigError, UserError
@@ -16,20 +18,16 @@ from trainformer.models.heads import span_mean
 from trainformer.tasks.crf import crf_nll, words_of
 from trainformer.tasks.extraction import (
     TransitionPrior,
-    add_marker_tokens,
     bio_labels,
     bio_spans,
     entity_dicts,
     is_valid_bio,
-    marker_positions,
     split_words,
     to_bio,
     viterbi_bio,
-    window_keeping,
 )
 from trainformer.tasks.relations import (
     RelationClassifier,
-    collate_relations,
     relation_labels,
     relation_type,
     semeval_scores,

@@ -161,7 +161,7 @@ class ExtractionEngine(_Base):
         check_texts(req.texts, self.settings.max_texts)
         tokenizer = self.extractor.tokenizer
         if self.task == "relations":
-            from trainformer.data.readers import entity_markers_ok
+            from trainformer.data.markers import entity_markers_ok
 
             for i, text in enumerate(req.texts):
                 if not entity_markers_ok(text):

@@ -4,8 +4,6 @@
   constrained Viterbi decoder that never emits an invalid sequence.
 - Words with character offsets into the original text (`split_words`), so
   extracted entities point back at the exact characters of the input line.
-- Entity markers (``<e1> </e1> <e2> </e2>``) as added special tokens, and the
-  positions of the start markers after tokenisation.
 - Splits: official ones where a data set has them, the rest carved from train
   (`dataset_splits`).
 - `inherit_pretrained`: a fine-tuning run takes the tokenizer and the network
@@ -33,7 +31,6 @@ from trainformer.data.cache import TokenStore
 from trainformer.data.readers import ReadResult, filter_too_long
 from trainformer.data.registry import read_dataset
 from trainformer.data.splits import make_splits
-from trainformer.data.tokenizer import TextTokenizer
 from trainformer.errors import DataError, UserError
 from trainformer.modeldir import pretrained, take_pretrained_shape
 from trainformer.models import build_model
@@ -250,44 +247,6 @@ def entity_dicts(
         start, end = words[first][1], words[last - 1][2]
         out.append({"type": typ, "text": text[start:end], "start": start, "end": end})
     return out
-
-
-# ----------------------------------------------------------------------------
-# Entity markers (relation classification)
-# ----------------------------------------------------------------------------
-
-MARKERS = ("<e1>", "</e1>", "<e2>", "</e2>")
-
-
-def add_marker_tokens(tokenizer: TextTokenizer) -> tuple[int, int]:
-    """Make the four entity markers unsplittable special tokens; returns the ids of ``<e1>``, ``<e2>``.
-
-    Adding a marker that is already there keeps its id, so a tokenizer
-    inherited from MLM pretraining (which adds them too) keeps its size.
-    """
-    missing = [m for m in MARKERS if tokenizer.token_to_id(m) is None]
-    if missing:
-        tokenizer.add_special_tokens(missing)
-    return tokenizer.token_to_id("<e1>"), tokenizer.token_to_id("<e2>")
-
-
-def marker_positions(ids: Sequence[int], e1_id: int, e2_id: int) -> tuple[int, int]:
-    """Indices of the ``<e1>`` and ``<e2>`` start markers in a token sequence (-1 when absent)."""
-    arr = np.asarray(ids)
-    p1, p2 = np.flatnonzero(arr == e1_id), np.flatnonzero(arr == e2_id)
-    return (int(p1[0]) if len(p1) else -1), (int(p2[0]) if len(p2) else -1)
-
-
-def window_keeping(ids: list[int], limit: int, keep: Sequence[int]) -> tuple[list[int], int]:
-    """At most `limit` tokens of `ids`, a window that holds the positions in `keep` when it can.
-
-    Returns (window, start): window == ids[start:start + limit].
-    """
-    if len(ids) <= limit:
-        return ids, 0
-    lo = min((k for k in keep if k >= 0), default=0)
-    start = max(0, min(lo, len(ids) - limit))
-    return ids[start : start + limit], start
 
 
 # ----------------------------------------------------------------------------

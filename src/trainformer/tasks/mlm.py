@@ -39,14 +39,9 @@ from torch import nn
 from trainformer.config import Config, DataConfig, load_recipe
 from trainformer.data.batching import IGNORE_INDEX, TokenBudgetSampler, pad_to_array
 from trainformer.data.cache import Ragged, texts_hash, tokenize_cached
+from trainformer.data.markers import MARKERS, add_marker_tokens, strip_entity_markers
 from trainformer.data.packing import pack_documents
-from trainformer.data.readers import (
-    Dialogue,
-    Document,
-    RelationExample,
-    TaggedSentence,
-    strip_entity_markers,
-)
+from trainformer.data.readers import Dialogue, Document, RelationExample, TaggedSentence
 from trainformer.data.registry import DATASETS, read_file, read_translation_pairs, resolve_dataset
 from trainformer.data.splits import make_splits
 from trainformer.data.tokenizer import (
@@ -60,7 +55,6 @@ from trainformer.data.tokenizer import (
 )
 from trainformer.errors import DataError, UserError
 from trainformer.models import Encoder, build_model
-from trainformer.tasks.extraction import MARKERS, add_marker_tokens
 from trainformer.tasks.lm import perplexity
 from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.tasks.translation import split_key

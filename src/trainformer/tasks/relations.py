@@ -27,26 +27,27 @@ import torch
 from torch import nn
 
 from trainformer.config import Config
-from trainformer.data.batching import pad_to_array
+from trainformer.data.batching import collate_relations
 from trainformer.data.cache import Ragged, TokenStore, texts_hash, tokenize_cached
-from trainformer.data.readers import entity_markers_ok, read_semeval, strip_entity_markers
+from trainformer.data.markers import (
+    MARKERS,
+    add_marker_tokens,
+    entity_markers_ok,
+    marker_positions,
+    strip_entity_markers,
+    window_keeping,
+)
+from trainformer.data.readers import read_semeval
 from trainformer.data.tokenizer import (
-    CLS_ID,
-    PAD_ID,
-    SEP_ID,
     TextTokenizer,
     load_or_train_tokenizer,
 )
 from trainformer.errors import ConfigError, DataError, UserError
 from trainformer.generation.steppers import eval_mode
 from trainformer.tasks.extraction import (
-    MARKERS,
     FineTuneTask,
-    add_marker_tokens,
     inference_batches,
-    marker_positions,
     read_eval_file,
-    window_keeping,
 )
 from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.tasks.translation import split_key
@@ -115,25 +116,6 @@ def semeval_scores(gold: list[str], pred: list[str]) -> dict[str, float]:
         "micro_recall": round(100 * float(micro_r), 2),
         "accuracy": round(100 * accuracy, 2),
         **out,
-    }
-
-
-# ----------------------------------------------------------------------------
-# Batches
-# ----------------------------------------------------------------------------
-
-
-def collate_relations(rows: dict[str, list[np.ndarray]], e1_id: int, e2_id: int) -> Batch:
-    """ids (B, S) ``<cls> tokens <sep>``, mask (B, S), e1_pos / e2_pos (B,), labels (B,)."""
-    seqs = [[CLS_ID, *r.tolist(), SEP_ID] for r in rows["ids"]]
-    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-    pos = np.array([marker_positions(s, e1_id, e2_id) for s in seqs], dtype=np.int64)  # (B, 2)
-    return {
-        "ids": torch.from_numpy(pad_to_array(seqs, PAD_ID)),
-        "mask": torch.from_numpy(np.arange(lens.max()) < lens[:, None]),
-        "e1_pos": torch.from_numpy(np.maximum(pos[:, 0], 0)),
-        "e2_pos": torch.from_numpy(np.maximum(pos[:, 1], 0)),
-        "labels": torch.from_numpy(np.array([int(r[0]) for r in rows["label"]], dtype=np.int64)),
     }
 
 
