@@ -226,7 +226,7 @@ def _hf_translate(hf_dir, sources, beam: int, max_len: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("beam", [1, 4])
 def test_translations_identical_to_hf_generate(trained_translator, beam):
-    from trainformer.tasks.loading import load_translator
+    from trainformer.inference.loading import load_translator
 
     model_dir, hf_dir, sources = trained_translator
     translator = load_translator(model_dir, "cpu", "fp32")

@@ -26,7 +26,7 @@ from torch import nn
 from trainformer.config import Config, ModelConfig, from_dict, to_dict
 from trainformer.errors import ConfigError, UserError
 
-ENSEMBLE_MANIFEST = "ensemble.json"  # marks an ensemble of model dirs (see trainformer.tasks.ensemble)
+ENSEMBLE_MANIFEST = "ensemble.json"  # marks an ensemble of model dirs (see trainformer.inference.ensemble)
 
 
 @dataclass

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainformer.config import Config, DataConfig, load_recipe
+from trainformer.config import DataConfig, load_recipe
 from trainformer.data.batching import IGNORE_INDEX, TokenBudgetSampler, pad_to_array
 from trainformer.data.cache import Ragged, texts_hash, tokenize_cached
 from trainformer.data.markers import MARKERS, add_marker_tokens, strip_entity_markers
@@ -53,12 +53,11 @@ from trainformer.data.tokenizer import (
     TextTokenizer,
     load_or_train_tokenizer,
 )
-from trainformer.errors import DataError, UserError
+from trainformer.errors import DataError
+from trainformer.inference.common import inference_autocast
 from trainformer.models import Encoder, build_model
 from trainformer.tasks.lm import perplexity
-from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.tasks.translation import split_key
-from trainformer.textio import read_lines
 from trainformer.training.loss import cross_entropy_sum
 from trainformer.training.task import Batch, StatefulBatches, Task
 
@@ -362,28 +361,3 @@ class MaskedLMTask(Task):
     def save_artifacts(self, model_dir: Path) -> None:
         assert self.tokenizer is not None
         self.tokenizer.save(model_dir / "tokenizer.json")
-
-
-# ----------------------------------------------------------------------------
-# `trainformer evaluate` for mlm models
-# ----------------------------------------------------------------------------
-
-
-def evaluate_file(cfg: Config, args) -> dict:
-    """Masked-token accuracy and perplexity of an ``mlm`` model on a text file (one text per line).
-
-    Each non-empty line is one row ``<cls> line <sep>`` (cut to data.seq_len);
-    the masking is fixed (seed 0), so two models are compared on the same tokens.
-    """
-    from trainformer.tasks.loading import load_for_task
-
-    loaded, tokenizer = load_for_task(args.model_dir, "mlm", args.device)
-    lines = [t for t in read_lines(args.data) if t.strip()]
-    if not lines:
-        raise UserError(f"{args.data}: no text (expected one text per line)")
-    docs = Ragged.from_lists(tokenizer.encode_batch(lines))
-    rows = single_rows(docs, min(cfg.data.seq_len, cfg.model.max_len))
-    batch_rows = max(1, cfg.eval.batch_tokens // max(cfg.data.seq_len, 1))
-    scores = masked_lm_scores(loaded.model, rows, tokenizer, cfg.data.mlm_probability, batch_rows,
-                              seed=0, precision=getattr(args, "precision", "auto"))
-    return {**scores, "texts": len(lines)}
