@@ -312,9 +312,6 @@ class ChatTask(Task):
         self.cfg.model.preset = None
         return tok
 
-    def data_report(self) -> dict[str, Any]:
-        return self.report
-
     def has_split(self, split: str) -> bool:
         return split in self.examples and len(self.examples[split][0]) > 0
 
@@ -365,7 +362,3 @@ class ChatTask(Task):
     def samples(self, model: nn.Module) -> list[str]:
         n = self.cfg.eval.samples
         return [f"USER: {p}\nBOT:  {r}" for p, r in zip(CHAT_PROMPTS[:n], self.replies(model))]
-
-    def save_artifacts(self, model_dir: Path) -> None:
-        assert self.tokenizer is not None
-        self.tokenizer.save(model_dir / "tokenizer.json")

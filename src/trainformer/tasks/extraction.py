@@ -200,9 +200,6 @@ class FineTuneTask(Task):
         """A training batch from ``store.take(rows)``."""
         raise NotImplementedError
 
-    def data_report(self) -> dict[str, Any]:
-        return self.report
-
     def has_split(self, split: str) -> bool:
         return bool(self.eval_sets.get(split))
 
@@ -227,6 +224,5 @@ class FineTuneTask(Task):
         return [data[i] for i in spread_indices(len(data), n)] if n else []
 
     def save_artifacts(self, model_dir: Path) -> None:
-        assert self.tokenizer is not None
-        self.tokenizer.save(model_dir / "tokenizer.json")
+        super().save_artifacts(model_dir)
         save_labels(model_dir, self.labels)

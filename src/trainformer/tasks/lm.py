@@ -325,9 +325,6 @@ class LanguageModelTask(Task):
                 f"data.seq_len: expected <= model.max_len={self.cfg.model.max_len}, got {self.cfg.data.seq_len}"
             )
 
-    def data_report(self) -> dict[str, Any]:
-        return self.report
-
     def has_split(self, split: str) -> bool:
         return len(self.docs.get(split, [])) > 0
 
@@ -373,7 +370,3 @@ class LanguageModelTask(Task):
         prompts = [prompt_ids(self.tokenizer, p, self.cfg.model.max_len, 40) for p in SAMPLE_PROMPTS]
         outs = sample_ids(model, prompts, settings, EOS_ID, precision=self.cfg.train.precision)
         return [f"{p} >>> {self.tokenizer.decode(o)}" for p, o in zip(SAMPLE_PROMPTS, outs)]
-
-    def save_artifacts(self, model_dir: Path) -> None:
-        assert self.tokenizer is not None
-        self.tokenizer.save(model_dir / "tokenizer.json")

@@ -303,9 +303,6 @@ class MaskedLMTask(Task):
         seq_len = min(d.seq_len, self.cfg.model.max_len)
         return packed_rows(docs, seq_len) if d.pack else single_rows(docs, seq_len)
 
-    def data_report(self) -> dict[str, Any]:
-        return self.report
-
     def has_split(self, split: str) -> bool:
         return split == "valid" and len(self.valid_rows) > 0  # no test text is ever read
 
@@ -357,7 +354,3 @@ class MaskedLMTask(Task):
             out.append(f"TEXT: {tok.decode(ids[0].tolist(), skip_special_tokens=False)}\n"
                        f"MASK: {tok.id_to_token(int(row[k]))!r} -> guesses {guesses}")
         return out
-
-    def save_artifacts(self, model_dir: Path) -> None:
-        assert self.tokenizer is not None
-        self.tokenizer.save(model_dir / "tokenizer.json")

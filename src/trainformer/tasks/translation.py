@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import sacrebleu
@@ -113,9 +112,6 @@ class TranslationTask(Task):
         grouped = group_references([p.src for p in pairs], [p.tgt for p in pairs], index)
         return EvalSet([s for s, _ in grouped], [r for _, r in grouped])
 
-    def data_report(self) -> dict[str, Any]:
-        return self.report
-
     def train_batches(self) -> StatefulBatches:
         from trainformer.data.batching import PairBatches
 
@@ -182,7 +178,3 @@ class TranslationTask(Task):
             f"EN:  {s}\nFR*: {h}\nREF: {data.references[i][0]}"
             for s, h, i in zip(sources, hyps, idx)
         ]
-
-    def save_artifacts(self, model_dir: Path) -> None:
-        assert self.tokenizer is not None
-        self.tokenizer.save(model_dir / "tokenizer.json")
