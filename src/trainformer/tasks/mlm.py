@@ -54,6 +54,7 @@ from trainformer.data.tokenizer import (
     load_or_train_tokenizer,
 )
 from trainformer.errors import DataError
+from trainformer.generation.steppers import eval_mode
 from trainformer.inference.common import inference_autocast
 from trainformer.models import Encoder, build_model
 from trainformer.tasks.lm import perplexity
@@ -217,7 +218,6 @@ def mlm_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, chosen: 
     return model(ids, mask)[chosen]
 
 
-@torch.inference_mode()
 def masked_lm_scores(
     model: nn.Module, rows: Ragged, tokenizer: TextTokenizer, prob: float, batch_rows: int,
     seed: int = 0, precision: str = "auto",
@@ -240,11 +240,8 @@ def masked_lm_scores(
         correct += int((logits.argmax(-1) == target).sum())
         return cross_entropy_sum(logits, target)
 
-    was_training = model.training
-    model.eval()
-    with inference_autocast(device, precision):
+    with eval_mode(model), inference_autocast(device, precision):
         out = perplexity(score, batches, device)
-    model.train(was_training)
     return {"ppl": round(out["ppl"], 3), "accuracy": round(100.0 * correct / max(out["tokens"], 1), 2),
             "loss": round(out["loss"], 4), "masked_tokens": out["tokens"]}
 
