@@ -26,7 +26,15 @@ from trainformer.textio import warn
 
 class RelationClassifier:
     """Batched relation classification of marked sentences with a trained relation encoder,
-    or with several (an ensemble: their label distributions are averaged)."""
+    or with several (an ensemble: their label distributions are averaged).
+
+    Args:
+        model: an `Encoder` with a relation head, or several trained on the same labels and
+            tokenizer; tokenizer: its tokenizer (the entity markers are made special tokens).
+        labels: label names in id order.
+        max_len: the model's window; a longer sentence keeps a window around its markers.
+        batch_tokens: padded tokens per inference batch; precision: autocast precision.
+    """
 
     def __init__(
         self, model: nn.Module | Sequence[nn.Module], tokenizer: TextTokenizer, labels: list[str], max_len: int,
