@@ -37,6 +37,7 @@ import torch
 
 from trainformer.bench.peer import BudgetedLinearSchedule
 from trainformer.config import Config, load_recipe
+from trainformer.data.chat_template import Message
 from trainformer.data.tokenizer import PAD_ID
 from trainformer.models import count_parameters
 from trainformer.rundir import RunDir, machine_line
@@ -47,7 +48,6 @@ from trainformer.tasks.chat import (
     assistant_perplexity,
     reply_diversity,
 )
-from trainformer.tasks.chat_template import Message
 from trainformer.tasks.lm import causal_loss, collate_causal
 from trainformer.training.loss import cross_entropy_sum
 from trainformer.training.precision import build_precision

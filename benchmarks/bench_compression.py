@@ -35,10 +35,11 @@ from safetensors import safe_open
 from trainformer.compression.pipeline import prune_model_dir, quantize_model_dir
 from trainformer.data.tokenizer import TextTokenizer
 from trainformer.errors import run_script
+from trainformer.inference.translator import Translator
 from trainformer.modeldir import load_model_dir, read_model_config, resolve_model_dir
 from trainformer.paths import REPO_ROOT
 from trainformer.rundir import hardware, package_versions
-from trainformer.tasks.translate_infer import Translator, score_translations
+from trainformer.tasks.translation import score_translations
 from trainformer.training.task import spread_indices
 
 # ----------------------------------------------------------------------------

@@ -62,12 +62,14 @@ def translate_with(tr, sentences: list[str], beam: int, flag: bool) -> list:
 def chat_replies(model_dir: Path, n: int) -> tuple[Callable[[bool], Any], int]:
     """A greedy batched-reply run for `timed_pair`, on the first user turn of `n` test dialogues."""
     from trainformer.generation import generate
-    from trainformer.tasks.chat import Chatbot, read_dialogue_splits
-    from trainformer.tasks.lm import SamplingSettings
-    from trainformer.tasks.loading import load_for_task
+    from trainformer.inference.chatbot import Chatbot
+    from trainformer.inference.loading import load_for_task
+    from trainformer.inference.sampling import SamplingSettings, TorchGenerator
+    from trainformer.tasks.chat import read_dialogue_splits
 
     loaded, tokenizer = load_for_task(model_dir, "chat", "cpu")
-    bot = Chatbot(loaded.model, tokenizer, loaded.cfg, SamplingSettings(temperature=0.0), precision="fp32")
+    settings = SamplingSettings(temperature=0.0)
+    bot = Chatbot(TorchGenerator(loaded.model, settings.seed, "fp32"), tokenizer, loaded.cfg.model.max_len, settings)
     dialogues = read_dialogue_splits(loaded.cfg.data)[0]["test"]
     prompts = [bot.prompt(d[0])[0] for d in dialogues[:: max(1, len(dialogues) // n)][:n]]
     limit = bot.settings.max_new_tokens

@@ -20,8 +20,10 @@ from pathlib import Path
 from trainformer.bench.report import write_table_report
 from trainformer.data.readers import read_conll
 from trainformer.errors import UserError, run_script
+from trainformer.inference.bio import to_bio
+from trainformer.inference.loading import load_tagger
 from trainformer.rundir import hardware, machine_line
-from trainformer.tasks.tagging import load_tagger, score_entities, to_bio
+from trainformer.tasks.tagging import score_entities
 
 
 def word_spans(words: list[str]) -> list[tuple[int, int]]:

@@ -40,7 +40,7 @@ from trainformer.errors import run_script
 from trainformer.generation.greedy import length_limits
 from trainformer.modeldir import resolve_model_dir
 from trainformer.rundir import hardware, machine_line, package_versions
-from trainformer.tasks.translate_infer import score_translations
+from trainformer.tasks.translation import score_translations
 
 Engine = Callable[[list[str], int], list[str]]  # (sentences of one chunk, beam) -> translations
 BATCHES = (32, 1)
@@ -85,7 +85,7 @@ def chunk_limit(translator, sentences: list[str]) -> int:
 
 
 def ours(model_dir: Path) -> Callable[[int], Engine]:
-    from trainformer.tasks.loading import load_translator
+    from trainformer.inference.loading import load_translator
 
     translator = load_translator(model_dir, "cpu", "fp32")
     translator.cfg.eval.batch_tokens = 1 << 20  # a chunk is one batch, as for the other engines
@@ -129,13 +129,15 @@ def onnx_greedy(onnx_dir: Path) -> Callable[[int], Engine]:
 
 
 def ct2(ct2_dir: Path, reference) -> Callable[[int], Engine]:
+    from trainformer.inference.translator import encode_sources
     from trainformer.interop.ct2 import load_ct2_translator
 
     def make(threads: int) -> Engine:
         ct = load_ct2_translator(ct2_dir, "cpu", threads)
 
         def translate(chunk: list[str], beam: int) -> list[str]:
-            tokens = [[ct.tokenizer.id_to_token(t) for t in ids] for ids in ct._encode(chunk)]
+            encoded, _ = encode_sources(ct.tokenizer, chunk, ct.max_src)
+            tokens = [[ct.tokenizer.id_to_token(t) for t in ids] for ids in encoded]
             outs = ct.translator.translate_batch(
                 tokens, max_decoding_length=chunk_limit(reference, chunk), beam_size=beam,
                 length_penalty=reference.cfg.eval.length_penalty, return_end_token=True,
@@ -219,7 +221,7 @@ def main() -> None:
     sentences = {32: spread(sources, args.sentences), 1: spread(sources, args.latency_sentences)}
     with tempfile.TemporaryDirectory() as work:
         dirs = export_all(model_dir, Path(work))
-        from trainformer.tasks.loading import load_translator
+        from trainformer.inference.loading import load_translator
 
         reference = load_translator(model_dir, "cpu", "fp32")
         engines = {"ours": ours(model_dir), "ours int8": ours(dirs["int8"]),

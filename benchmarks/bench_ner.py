@@ -54,8 +54,8 @@ from trainformer.data.batching import IGNORE_INDEX, first_subword_labels
 from trainformer.data.registry import read_dataset
 from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, TextTokenizer
 from trainformer.errors import run_script
+from trainformer.inference.bio import OUTSIDE, bio_labels, tag_type, to_bio
 from trainformer.rundir import machine_line
-from trainformer.tasks.extraction import OUTSIDE, bio_labels, tag_type, to_bio
 from trainformer.tasks.tagging import score_entities
 from trainformer.training.precision import build_precision
 

@@ -41,8 +41,7 @@ from trainformer.data.batching import collate_pairs, random_batches
 from trainformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from trainformer.rundir import RunDir, machine_line
 from trainformer.tasks import build_task
-from trainformer.tasks.translate_infer import score_translations
-from trainformer.tasks.translation import TranslationTask
+from trainformer.tasks.translation import TranslationTask, score_translations
 from trainformer.training.task import spread_indices
 
 THRESHOLDS = (20.0, 30.0, 40.0)

@@ -29,8 +29,9 @@ from seqeval.metrics.sequence_labeling import get_entities
 from trainformer.config import DataConfig
 from trainformer.data.registry import read_dataset
 from trainformer.errors import run_script
-from trainformer.tasks.extraction import to_bio
-from trainformer.tasks.tagging import load_tagger, score_entities
+from trainformer.inference.bio import to_bio
+from trainformer.inference.loading import load_tagger
+from trainformer.tasks.tagging import score_entities
 
 WINDOWS = (2, 5, 10, 20)
 VARIANTS = {"relabel": (True, False, 0.0), "propagate 0.3": (False, True, 0.3),

@@ -7,12 +7,12 @@ import torch
 
 from trainformer.cli.chat import Repl
 from trainformer.config import Config, ModelConfig, TokenizerConfig
+from trainformer.data.chat_template import reserve_chat_tokens
 from trainformer.data.tokenizer import train_tokenizer
 from trainformer.errors import UserError
+from trainformer.inference.chatbot import Chatbot
+from trainformer.inference.sampling import SamplingSettings, StreamDecoder, TorchGenerator
 from trainformer.models import build_model
-from trainformer.tasks.chat import Chatbot
-from trainformer.tasks.chat_template import reserve_chat_tokens
-from trainformer.tasks.lm import SamplingSettings, StreamDecoder
 
 TEXTS = ["Hello there, how are you?", "I'm fine, thanks! And you?", "Shall we go for a walk?",
          "Café crème ☕ naïve"] * 20
@@ -32,7 +32,7 @@ def parts():
 def bot(parts, seed=0, max_new=12, **kw):
     model, tok, cfg = parts
     settings = SamplingSettings(temperature=1.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=max_new, seed=seed)
-    return Chatbot(model, tok, cfg, settings, precision="fp32", **kw)
+    return Chatbot(TorchGenerator(model, seed, precision="fp32"), tok, cfg.model.max_len, settings, **kw)
 
 
 def test_same_seed_same_reply_other_seed_other_reply(parts):

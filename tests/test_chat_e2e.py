@@ -12,13 +12,13 @@ import torch
 
 from trainformer.cli import main
 from trainformer.config import from_dict
+from trainformer.data.chat_template import CHAT_SPECIAL_TOKENS
 from trainformer.data.tokenizer import train_tokenizer
 from trainformer.errors import ConfigError
 from trainformer.modeldir import load_model_dir, save_model_dir
 from trainformer.models import build_model
 from trainformer.rundir import RunDir
 from trainformer.tasks import build_task
-from trainformer.tasks.chat_template import CHAT_SPECIAL_TOKENS
 from trainformer.training.checkpoint import load_pretrained
 from trainformer.training.trainer import Trainer
 

@@ -5,10 +5,7 @@ import torch
 
 from trainformer.config import TokenizerConfig
 from trainformer.data.batching import IGNORE_INDEX
-from trainformer.data.tokenizer import train_tokenizer
-from trainformer.errors import DataError
-from trainformer.tasks.chat import dialogue_examples, distinct_n
-from trainformer.tasks.chat_template import (
+from trainformer.data.chat_template import (
     ASSISTANT,
     END,
     SYSTEM,
@@ -17,6 +14,9 @@ from trainformer.tasks.chat_template import (
     Message,
     reserve_chat_tokens,
 )
+from trainformer.data.tokenizer import train_tokenizer
+from trainformer.errors import DataError
+from trainformer.tasks.chat import dialogue_examples, distinct_n
 from trainformer.tasks.lm import clean_dailydialog, collate_causal
 
 TEXTS = ["Hello there, how are you?", "I'm fine, thanks! And you?", "What a lovely day it is.",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from trainformer.config import DataConfig
-from trainformer.data import readers
+from trainformer.data import markers, readers
 from trainformer.data.registry import (
     DATASETS,
     read_dataset,
@@ -228,9 +228,9 @@ def test_semeval_reasons(tmp_path):
 
 
 def test_entity_markers():
-    assert not readers.entity_markers_ok("<e1>a <e2>b</e1> c</e2>")  # overlapping
-    assert not readers.entity_markers_ok("<e1></e1> <e2>b</e2>")  # empty entity
-    text, e1, e2 = readers.strip_entity_markers("The <e1>child</e1> in the <e2>cradle</e2>.")
+    assert not markers.entity_markers_ok("<e1>a <e2>b</e1> c</e2>")  # overlapping
+    assert not markers.entity_markers_ok("<e1></e1> <e2>b</e2>")  # empty entity
+    text, e1, e2 = markers.strip_entity_markers("The <e1>child</e1> in the <e2>cradle</e2>.")
     assert (
         text == "The child in the cradle."
         and text[slice(*e1)] == "child"

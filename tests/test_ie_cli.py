@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from trainformer.cli import main
-from trainformer.data.readers import strip_entity_markers
+from trainformer.data.markers import strip_entity_markers
+from trainformer.inference.loading import load_tagger
 from trainformer.modeldir import load_model_dir
 from trainformer.tasks import build_task
-from trainformer.tasks.tagging import TRANSITION_WEIGHTS, load_tagger
+from trainformer.tasks.tagging import TRANSITION_WEIGHTS
 
 # trains models or starts servers: the end-to-end tier (`pytest -m "not slow"` skips it)
 pytestmark = pytest.mark.slow

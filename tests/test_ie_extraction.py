@@ -8,32 +8,25 @@ import torch
 import torch.nn.functional as F
 
 from trainformer.config import ModelConfig, TokenizerConfig, from_dict
+from trainformer.data.batching import collate_relations
+from trainformer.data.markers import add_marker_tokens, marker_positions, window_keeping
 from trainformer.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, UNK_ID, train_tokenizer
 from trainformer.data.windows import per_subword
 from trainformer.errors import ConfigError, UserError
-from trainformer.models import build_model
-from trainformer.models.heads import span_mean
-from trainformer.tasks.crf import crf_nll, words_of
-from trainformer.tasks.extraction import (
+from trainformer.inference.bio import (
     TransitionPrior,
-    add_marker_tokens,
     bio_labels,
     bio_spans,
-    entity_dicts,
     is_valid_bio,
-    marker_positions,
-    split_words,
     to_bio,
     viterbi_bio,
-    window_keeping,
 )
-from trainformer.tasks.relations import (
-    RelationClassifier,
-    collate_relations,
-    relation_labels,
-    relation_type,
-    semeval_scores,
-)
+from trainformer.inference.crf import crf_nll, words_of
+from trainformer.inference.relations import RelationClassifier
+from trainformer.inference.tagger import entity_dicts, split_words
+from trainformer.models import build_model
+from trainformer.models.heads import span_mean
+from trainformer.tasks.relations import relation_labels, relation_type, semeval_scores
 from trainformer.tasks.tagging import drop_words
 
 LABELS = bio_labels(["PER", "LOC"])  # O, B-LOC, I-LOC, B-PER, I-PER
@@ -326,8 +319,7 @@ def test_an_ensemble_averages_its_members_distributions(tokenizer):
 
 
 def test_the_mean_prior_averages_the_members_weighted_scores():
-    from trainformer.tasks.extraction import TransitionPrior
-    from trainformer.tasks.tagging import mean_prior
+    from trainformer.inference.bio import mean_prior
 
     a = TransitionPrior(torch.tensor([0.0, -1.0]), torch.tensor([[0.0, -2.0], [-1.0, 0.0]]), 1.0)
     b = TransitionPrior(torch.tensor([-2.0, 0.0]), torch.tensor([[-4.0, 0.0], [0.0, -2.0]]), 0.5)

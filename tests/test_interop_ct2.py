@@ -21,9 +21,13 @@ from helpers_interop import train_toy_translator  # noqa: E402  (a toy EN->FR mo
 from test_translation_e2e import make_pairs  # noqa: E402
 from trainformer.cli import main  # noqa: E402
 from trainformer.config import TokenizerConfig, from_dict  # noqa: E402
+from trainformer.data.chat_template import reserve_chat_tokens  # noqa: E402
 from trainformer.data.tokenizer import train_tokenizer  # noqa: E402
 from trainformer.errors import UserError  # noqa: E402
 from trainformer.generation import generate  # noqa: E402
+from trainformer.inference.chatbot import Chatbot  # noqa: E402
+from trainformer.inference.sampling import SamplingSettings, TorchGenerator  # noqa: E402
+from trainformer.inference.translator import Translator  # noqa: E402
 from trainformer.interop.ct2 import (  # noqa: E402
     Ct2Translator,
     export_ct2,
@@ -33,10 +37,6 @@ from trainformer.interop.ct2 import (  # noqa: E402
 )
 from trainformer.modeldir import LoadedModel, load_model_dir, save_model_dir  # noqa: E402
 from trainformer.models import build_model  # noqa: E402
-from trainformer.tasks.chat import Chatbot  # noqa: E402
-from trainformer.tasks.chat_template import reserve_chat_tokens  # noqa: E402
-from trainformer.tasks.lm import SamplingSettings  # noqa: E402
-from trainformer.tasks.translate_infer import Translator  # noqa: E402
 
 SENTENCES = [e for e, _ in make_pairs(200, seed=1)]  # another draw of the toy language
 
@@ -210,7 +210,8 @@ def test_greedy_generation_equals_ours(chat):
 def test_greedy_chat_replies_equal_ours_over_a_conversation(chat):
     loaded, tokenizer, out = chat
     settings = SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=12)
-    ours = Chatbot(loaded.model, tokenizer, loaded.cfg, settings, system="Be kind.", precision="fp32")
+    engine = TorchGenerator(loaded.model, settings.seed, precision="fp32")
+    ours = Chatbot(engine, tokenizer, loaded.cfg.model.max_len, settings, system="Be kind.")
     theirs = load_ct2_chatbot(out, settings, system="Be kind.", threads=1)
     for text in ("Hello there", "Shall we go for a walk?", "And you?", "Fine, thanks."):
         pieces: tuple[list[str], list[str]] = ([], [])

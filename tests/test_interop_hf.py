@@ -37,7 +37,7 @@ def make_dir(root, task: str, model: dict, kind: str = "bpe", labels=None, chat:
     texts = [t for p in make_pairs(200) for t in p] + TEXTS
     tok = train_tokenizer(texts, TokenizerConfig(kind=kind, vocab_size=120, min_frequency=1))
     if chat:
-        from trainformer.tasks.chat_template import reserve_chat_tokens
+        from trainformer.data.chat_template import reserve_chat_tokens
 
         reserve_chat_tokens(tok)
     cfg = from_dict({"task": task, "name": f"tiny-{task}", "model": dict(model, vocab_size=tok.vocab_size),
@@ -157,7 +157,7 @@ def test_hf_tokenizer_gives_our_ids(tmp_path):
 
 
 def test_chat_template_renders_our_chat_format(tmp_path):
-    from trainformer.tasks.chat_template import ChatTemplate, Message
+    from trainformer.data.chat_template import ChatTemplate, Message
 
     model_dir = make_dir(tmp_path, "chat", FAMILIES["gpt2"][1], "byte_bpe", chat=True)
     hf_dir = export(model_dir, tmp_path)
@@ -226,7 +226,7 @@ def _hf_translate(hf_dir, sources, beam: int, max_len: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("beam", [1, 4])
 def test_translations_identical_to_hf_generate(trained_translator, beam):
-    from trainformer.tasks.loading import load_translator
+    from trainformer.inference.loading import load_translator
 
     model_dir, hf_dir, sources = trained_translator
     translator = load_translator(model_dir, "cpu", "fp32")

@@ -16,6 +16,7 @@ from trainformer.config import from_dict  # noqa: E402
 from trainformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 from trainformer.errors import UserError  # noqa: E402
 from trainformer.generation import generate  # noqa: E402
+from trainformer.inference.translator import Translator  # noqa: E402
 from trainformer.interop.onnx_export import (  # noqa: E402
     OnnxGenerator,
     OnnxModel,
@@ -24,7 +25,6 @@ from trainformer.interop.onnx_export import (  # noqa: E402
 )
 from trainformer.modeldir import LoadedModel, load_model_dir, save_model_dir  # noqa: E402
 from trainformer.models import build_model  # noqa: E402
-from trainformer.tasks.translate_infer import Translator  # noqa: E402
 
 TOL = 1e-4  # fp32 graphs against fp32 PyTorch
 

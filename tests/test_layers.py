@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("modeldir",),
     ("generation",),
     ("training",),
+    ("inference",),
     ("tasks",),
     ("compression", "interop", "bench"),
     ("fit", "serve"),
@@ -132,7 +133,7 @@ def test_no_import_cycle_between_modules():
 
 @pytest.mark.parametrize("source, bad_import", [
     ("from trainformer.cli import main\n", "cli"),
-    ("def f():\n    from trainformer.tasks.loading import load_translator\n", "tasks"),
+    ("def f():\n    from trainformer.inference.loading import load_translator\n", "inference"),
 ])
 def test_the_contract_catches_an_upward_import(tmp_path, monkeypatch, source, bad_import):
     """A deliberately bad import in a low layer (models/) fails the check, lazy or not."""

@@ -10,11 +10,11 @@ import torch
 from trainformer.config import DataConfig, ModelConfig, from_dict
 from trainformer.data.batching import IGNORE_INDEX
 from trainformer.data.cache import Ragged
+from trainformer.data.chat_template import CHAT_SPECIAL_TOKENS
 from trainformer.data.packing import join_documents
 from trainformer.errors import ConfigError
 from trainformer.models import build_model
 from trainformer.tasks import build_task
-from trainformer.tasks.chat_template import CHAT_SPECIAL_TOKENS
 from trainformer.tasks.lm import (
     PackedBatches,
     causal_loss,

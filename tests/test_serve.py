@@ -180,7 +180,7 @@ HELLO = "hello , what is your name ?"
 
 def test_translator_merged_batch_equals_separate_calls(models):
     """What the batcher relies on: one translate() over many requests' texts == each alone."""
-    from trainformer.tasks.loading import load_translator
+    from trainformer.inference.loading import load_translator
 
     translator = load_translator(models["tr"], "cpu", "fp32")
     texts = [e for e, _ in make_pairs(24, seed=5)] + ["red " * 20 + ".", "the cat"]
@@ -192,14 +192,14 @@ def test_translator_merged_batch_equals_separate_calls(models):
 def test_decode_rows_each_row_as_alone_and_as_chatbot(models):
     """Rows with different prompts, settings, seeds and limits give in one batch what they give
     alone; a lone row gives exactly `trainformer chat`'s reply for the same seed."""
-    from trainformer.tasks.chat import load_chatbot
-    from trainformer.tasks.lm import SamplingSettings
+    from trainformer.inference.loading import load_chatbot
+    from trainformer.inference.sampling import SamplingSettings
 
     settings = SamplingSettings(temperature=0.9, top_p=0.95, repetition_penalty=1.1, max_new_tokens=20, seed=5)
     bot = load_chatbot(models["chat"], settings, device="cpu", precision="fp32")
     expected = bot.reply(HELLO)
     bot.reset()
-    template, model = bot.template, bot.model
+    template, model = bot.template, bot.engine.model
 
     def rows():
         prompts = [HELLO, "where are you going ?", "hi", "have a nice day !"]
@@ -403,8 +403,8 @@ def test_chat_with_the_openai_client(server, models):
     first = client.chat.completions.create(**kw, extra_body={"repetition_penalty": 1.1})
     again = client.chat.completions.create(**kw, extra_body={"repetition_penalty": 1.1})
     assert first.choices[0].message.content == again.choices[0].message.content
-    from trainformer.tasks.chat import load_chatbot
-    from trainformer.tasks.lm import SamplingSettings
+    from trainformer.inference.loading import load_chatbot
+    from trainformer.inference.sampling import SamplingSettings
 
     bot = load_chatbot(models["chat"], SamplingSettings(0.9, 0, 0.95, 1.1, 20, 7), device="cpu", precision="fp32")
     assert first.choices[0].message.content == bot.reply(HELLO)

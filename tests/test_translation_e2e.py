@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from trainformer.tasks.translate_infer import score_translations
-from trainformer.tasks.translation import split_key
+from trainformer.tasks.translation import score_translations, split_key
 
 # trains models or starts servers: the end-to-end tier (`pytest -m "not slow"` skips it)
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ from trainformer.data.cache import Ragged, TokenStore
 from trainformer.data.chars import word_bytes
 from trainformer.data.windows import join_sentences, window_groups, window_store
 from trainformer.errors import ConfigError
-from trainformer.tasks.crf import crf_nll, words_of
-from trainformer.tasks.extraction import bio_labels
+from trainformer.inference.bio import bio_labels
+from trainformer.inference.crf import crf_nll, words_of
 
 LABELS = bio_labels(["PER", "LOC"])
 NO = IGNORE_INDEX
@@ -139,7 +139,7 @@ def two_sentence_docs(n: int, seed: int) -> str:
 def test_a_context_window_lets_the_tagger_use_the_previous_sentence(tmp_path, monkeypatch, capsys):
     from trainformer.cli import main
     from trainformer.data.registry import DATASETS, DatasetSpec
-    from trainformer.tasks.tagging import load_tagger
+    from trainformer.inference.loading import load_tagger
 
     files = {}
     for split, (n, seed) in {"train": (600, 0), "valid": (40, 1), "test": (60, 2)}.items():

@@ -6,7 +6,7 @@
 
 Extraction models trained from random weights on a few thousand sentences
 differ from seed to seed in what they get wrong, so their vote
-(`trainformer.tasks.ensemble`) beats each of them. This runs the whole procedure
+(`trainformer.inference.ensemble`) beats each of them. This runs the whole procedure
 as one command:
 
     DIR/
@@ -77,7 +77,7 @@ def check_seeds(seeds: list[int], overrides: list[str]) -> None:
 
 def train_seeds(recipe: str, overrides: list[str], seeds: list[int], out: Path) -> dict[str, Any]:
     """Train `recipe` once per seed under `out`, ensemble the models, score it; returns the summary."""
-    from trainformer.tasks.ensemble import ENSEMBLE_TASKS
+    from trainformer.inference.ensemble import ENSEMBLE_TASKS
 
     check_seeds(seeds, overrides)
     configs = {seed: load_recipe(recipe, [*overrides, f"train.seed={seed}"]) for seed in seeds}  # fail before writing
@@ -138,7 +138,7 @@ def _train_one(cfg: Config, seed: int, run_dir: Path) -> dict[str, Any]:
 def _rebuild_ensemble(runs: list[Path], model_dir: Path) -> Path:
     """The ensemble of the runs' models at `model_dir`, built beside it and swapped in (it is
     derived from the runs, so an older one is replaced)."""
-    from trainformer.tasks.ensemble import build_ensemble
+    from trainformer.inference.ensemble import build_ensemble
 
     fresh = model_dir.with_name(model_dir.name + ".new")
     shutil.rmtree(fresh, ignore_errors=True)

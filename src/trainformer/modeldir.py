@@ -27,7 +27,7 @@ from trainformer.config import Config, ModelConfig, from_dict, to_dict
 from trainformer.errors import ConfigError, UserError
 from trainformer.models import build_model
 
-ENSEMBLE_MANIFEST = "ensemble.json"  # marks an ensemble of model dirs (see trainformer.tasks.ensemble)
+ENSEMBLE_MANIFEST = "ensemble.json"  # marks an ensemble of model dirs (see trainformer.inference.ensemble)
 
 
 @dataclass

@@ -131,7 +131,7 @@ def _load(args, settings):
         from trainformer.errors import UserError
 
         raise UserError(f"{args.model_dir}: a CTranslate2 export; pass --engine ctranslate2")
-    from trainformer.tasks.chat import load_chatbot
+    from trainformer.inference.loading import load_chatbot
 
     return load_chatbot(args.model_dir, settings, args.system, args.device, args.precision)
 

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from trainformer.tasks.ensemble import build_ensemble
+    from trainformer.inference.ensemble import build_ensemble
 
     out = build_ensemble(args.model_dirs, args.out)
     print(f"ensemble of {len(args.model_dirs)} models written to {out}; "

@@ -32,11 +32,11 @@ def extract_lines(model_dir: str, lines: list[str], source: str, device: str, pr
 
     task = read_model_config(model_dir).task
     if task == "ner":
-        from trainformer.tasks.tagging import load_tagger
+        from trainformer.inference.loading import load_tagger
 
         return load_tagger(model_dir, device, precision).extract(lines)
     if task == "relations":
-        from trainformer.tasks.relations import load_classifier
+        from trainformer.inference.loading import load_classifier
 
         return load_classifier(model_dir, device, precision).extract(lines, source)
     raise UserError(f"{model_dir}: a {task!r} model; extract needs a 'ner' or 'relations' model")

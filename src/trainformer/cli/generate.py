@@ -26,7 +26,7 @@ def add_sampling_args(p) -> None:
 
 
 def sampling_settings(args):
-    from trainformer.tasks.lm import SamplingSettings
+    from trainformer.inference.sampling import SamplingSettings
 
     return SamplingSettings(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -46,17 +46,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from trainformer.data.tokenizer import EOS_ID
-    from trainformer.tasks.lm import StreamDecoder, prompt_ids, sample_ids
-    from trainformer.tasks.loading import load_for_task
+    from trainformer.inference.loading import load_for_task
+    from trainformer.inference.sampling import StreamDecoder, TorchGenerator, prompt_ids
 
     settings = sampling_settings(args)
     prompts = [args.prompt] if args.prompt is not None else read_lines("-")
     loaded, tokenizer = load_for_task(args.model_dir, ("lm", "chat"), args.device)
-    model = loaded.model
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(settings.seed)
+    engine = TorchGenerator(loaded.model, settings.seed, args.precision)  # one generator for every prompt
     for text in prompts:
         ids = prompt_ids(tokenizer, text, loaded.cfg.model.max_len, settings.max_new_tokens)
         decoder = StreamDecoder(tokenizer)
@@ -67,7 +64,7 @@ def run(args) -> int:
             sys.stdout.write(decoder.push(token))
             sys.stdout.flush()
 
-        sample_ids(model, [ids], settings, EOS_ID, generator, show, args.precision)
+        engine.generate([ids], settings, EOS_ID, show)
         sys.stdout.write("\n")
         sys.stdout.flush()
     return 0

@@ -52,7 +52,7 @@ def _load(args):
         from trainformer.errors import UserError
 
         raise UserError(f"{args.model_dir}: a CTranslate2 export; pass --engine ctranslate2")
-    from trainformer.tasks.loading import load_translator
+    from trainformer.inference.loading import load_translator
 
     return load_translator(args.model_dir, args.device, args.precision)
 

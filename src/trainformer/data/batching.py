@@ -30,7 +30,8 @@ import torch
 
 from trainformer.data.cache import TokenStore
 from trainformer.data.chars import CHAR_WIDTH, subword_chars
-from trainformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from trainformer.data.markers import marker_positions
+from trainformer.data.tokenizer import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
 from trainformer.data.windows import sentence_index
 from trainformer.errors import DataError
 
@@ -323,6 +324,26 @@ def collate_tagging(
         batch["sentence"] = torch.from_numpy(sentence_index(word_ids_list, sentence_words_list, width,
                                                             int(cls_id is not None)))
     return batch
+
+
+def collate_relations(rows: dict[str, list[np.ndarray]], e1_id: int, e2_id: int) -> Batch:
+    """Relation batch of marked sentences (`trainformer.data.markers`), from ``rows["ids"]`` (token
+    ids without wrappers) and ``rows["label"]`` (one label id each).
+
+    Returns:
+        ids (B, S) ``<cls> tokens <sep>`` padded, mask (B, S) bool, e1_pos / e2_pos (B,) the
+        positions of the ``<e1>`` / ``<e2>`` start markers (0 when absent), labels (B,).
+    """
+    seqs = [[CLS_ID, *r.tolist(), SEP_ID] for r in rows["ids"]]
+    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    pos = np.array([marker_positions(s, e1_id, e2_id) for s in seqs], dtype=np.int64)  # (B, 2)
+    return {
+        "ids": torch.from_numpy(pad_to_array(seqs, PAD_ID)),
+        "mask": torch.from_numpy(np.arange(lens.max()) < lens[:, None]),
+        "e1_pos": torch.from_numpy(np.maximum(pos[:, 0], 0)),
+        "e2_pos": torch.from_numpy(np.maximum(pos[:, 1], 0)),
+        "labels": torch.from_numpy(np.array([int(r[0]) for r in rows["label"]], dtype=np.int64)),
+    }
 
 
 def _pair_rows(

@@ -29,6 +29,7 @@ from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import numpy as np
 
+from trainformer.data.markers import entity_markers_ok
 from trainformer.errors import DataError
 
 Policy = Literal["skip", "error"]
@@ -393,32 +394,6 @@ def read_conll(
 # ----------------------------------------------------------------------------
 
 _RELATION = re.compile(r"^(Other|[A-Za-z]+-[A-Za-z]+\((e1,e2|e2,e1)\))$")
-_MARKERS = ("<e1>", "</e1>", "<e2>", "</e2>")
-
-
-def entity_markers_ok(sentence: str) -> bool:
-    """True when each marker occurs once and ``<e1>..</e1>``, ``<e2>..</e2>`` are
-    ordered, non-empty and do not overlap."""
-    if any(sentence.count(m) != 1 for m in _MARKERS):
-        return False
-    a, b, c, d = (sentence.index(m) for m in _MARKERS)
-    spans_ok = a + 4 < b and c + 4 < d
-    return spans_ok and (b < c or d < a)
-
-
-def strip_entity_markers(sentence: str) -> tuple[str, tuple[int, int], tuple[int, int]]:
-    """Sentence without markers and the character spans (start, end) of e1 and e2 in it."""
-    spans = {}
-    out = []
-    pos = 0
-    for piece in re.split(r"(</?e[12]>)", sentence):
-        if piece in _MARKERS:
-            spans[piece] = pos
-        else:
-            out.append(piece)
-            pos += len(piece)
-    text = "".join(out)
-    return text, (spans["<e1>"], spans["</e1>"]), (spans["<e2>"], spans["</e2>"])
 
 
 def read_semeval(

@@ -22,9 +22,10 @@ The CTranslate2 dir then gets our ``tokenizer.json``, our config as
 ``trainformer.json`` (CTranslate2 owns ``config.json``) and ``labels.json``
 if any, so it describes itself: `read_ct2_dir` needs nothing else.
 
-Decoding: `Ct2Translator` has `Translator.translate`'s contract and
-`Ct2Chatbot` `Chatbot.reply`'s; both hand CTranslate2 token strings of our
-tokenizer and detokenise its output with it. Where CTranslate2 decodes
+Decoding: `Ct2Translator` has `Translator.translate`'s contract (and shares
+its frame, `inference.translator.translate_in_order`), and `Ct2Generator`
+writes the replies of a `Chatbot` as our `TorchGenerator` does; both hand
+CTranslate2 token strings of our tokenizer and detokenise its output with it. Where CTranslate2 decodes
 differently from us (beam length penalty, sampling RNG, repetition
 penalty) the docstrings say how.
 """
@@ -47,13 +48,11 @@ from trainformer.config import Config, from_dict
 from trainformer.data.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, TextTokenizer
 from trainformer.errors import UserError
 from trainformer.generation.greedy import length_limits, strip_eos
+from trainformer.inference.chatbot import Chatbot
+from trainformer.inference.sampling import SamplingSettings
+from trainformer.inference.translator import source_window, translate_in_order
 from trainformer.interop import require
 from trainformer.interop.hf import export_hf
-from trainformer.tasks.chat import Chatbot
-from trainformer.tasks.chat_template import ChatTemplate, Message
-from trainformer.tasks.lm import SamplingSettings, StreamDecoder
-from trainformer.tasks.translate_infer import Translator
-from trainformer.textio import warn
 
 # Weight types CTranslate2's converter accepts (`ctranslate2.specs.model_spec.ACCEPTED_MODEL_TYPES`).
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16",
@@ -223,12 +222,9 @@ class Ct2Translator:
       ``sampling["seed"]``): reproducible, but not the samples of the torch engine.
     """
 
-    # Sources are encoded as by Translator: ids + </s>, cut to the model's window (counted).
-    _encode = Translator._encode
-
     def __init__(self, path: Path, tokenizer: TextTokenizer, cfg: Config, options: dict[str, Any]):
         self.path, self.tokenizer, self.cfg, self.options = path, tokenizer, cfg, options
-        self.max_src = min(cfg.model.max_len, max(cfg.data.max_len, 8) * 4)  # as Translator
+        self.max_src = source_window(cfg)  # sources are read as `Translator` reads them
         self.truncated = 0
         self.translator = self._load()
 
@@ -244,24 +240,28 @@ class Ct2Translator:
         sampling: dict | None = None,
     ) -> list[list[str]]:
         """Translations of `sentences` in input order: `nbest` strings each (see `Translator.translate`)."""
-        results: list[list[str]] = [[""] * nbest for _ in sentences]
-        todo = [i for i, s in enumerate(sentences) if s.strip()]
-        self.truncated = 0
-        encoded = self._encode([sentences[i] for i in todo])
         translator = self.translator if sampling is None else self._seeded(int(sampling.get("seed", 0)))
         options = self._decode_options(beam, nbest, sampling)
+        results, self.truncated = translate_in_order(
+            sentences, nbest, self.tokenizer, self.max_src,
+            lambda encoded: self._translate_ids(translator, encoded, max_len, options),
+        )
+        return results
+
+    def _translate_ids(self, translator, encoded: list[list[int]], max_len: int | None,
+                       options: dict[str, Any]) -> list[list[str]]:
+        """The texts of each encoded source, in the order given: decoded in groups that share
+        a length limit (CTranslate2 takes one per call)."""
+        out: list[list[str]] = [[] for _ in encoded]
         limits = self._limits(encoded, max_len)
         by_limit = sorted(range(len(encoded)), key=limits.__getitem__)
         for limit, group in itertools.groupby(by_limit, key=limits.__getitem__):
             group = list(group)
             tokens = [[self.tokenizer.id_to_token(t) for t in encoded[b]] for b in group]
             outs = translator.translate_batch(tokens, max_decoding_length=limit, **options)
-            for b, out in zip(group, outs):
-                texts = [self._detokenize(h) for h in out.hypotheses]
-                results[todo[b]] = (texts + [""] * nbest)[:nbest]
-        if self.truncated:
-            warn(f"{self.truncated} input line(s) longer than {self.max_src - 1} tokens were truncated")
-        return results
+            for b, result in zip(group, outs):
+                out[b] = [self._detokenize(h) for h in result.hypotheses]
+        return out
 
     def _limits(self, encoded: list[list[int]], max_len: int | None) -> list[int]:
         """Our per-sentence length limits (`length_limits` on a mask of the source lengths)."""
@@ -315,7 +315,8 @@ def load_ct2_translator(path: str | Path, device: str = "cpu", threads: int = 0,
 
 
 class Ct2Generator:
-    """Continuations of token prompts by a CTranslate2 decoder, as `tasks.lm.sample_ids` gives them.
+    """Continuations of token prompts by a CTranslate2 decoder, as `inference.sampling.sample_ids` gives them;
+    the `SamplingEngine` of a `Chatbot` on a CTranslate2 export.
 
     Greedy (temperature 0) equals ours. Sampling uses CTranslate2's generator,
     seeded once when this object is made (as our session generator is), and
@@ -390,41 +391,6 @@ class Ct2Generator:
         return outs
 
 
-class Ct2Chatbot(Chatbot):
-    """`Chatbot` (history, window fitting, streaming) whose replies a `Ct2Generator` writes.
-
-    `Chatbot.__init__` needs a torch model (for the device of its torch
-    generator) and `Chatbot.reply` calls the torch sampler directly, so both
-    are restated here with the CTranslate2 generator in their place; the
-    prompt building (`Chatbot.prompt`) is Chatbot's own.
-    """
-
-    def __init__(self, engine: Ct2Generator, settings: SamplingSettings, system: str | None = None):
-        self.engine, self.model, self.cfg, self.settings = engine, None, engine.cfg, settings.check()
-        self.template = ChatTemplate(engine.tokenizer)
-        self.window = self.cfg.model.max_len
-        self.reserve = min(settings.max_new_tokens, self.window // 2)  # room left for the reply
-        self.system = [Message("system", system)] if system else []
-        self.history: list[Message] = []
-        self.dropped = 0
-
-    def reply(self, text: str, stream: Callable[[str], None] | None = None) -> str:
-        """The assistant's answer to `text` (see `Chatbot.reply`)."""
-        ids, kept = self.prompt(text)
-        decoder = StreamDecoder(self.template.tokenizer)
-
-        def on_token(row: int, token: int) -> None:
-            piece = decoder.push(token)
-            if piece:
-                stream(piece)
-
-        end_id = self.template.end_id
-        out = self.engine.generate([ids], self.settings, end_id, on_token if stream is not None else None)[0]
-        answer = self.template.tokenizer.decode(out).strip()
-        self.history = [*kept, Message("assistant", answer)]
-        return answer
-
-
 def load_ct2_generator(path: str | Path, device: str = "cpu", threads: int = 0,
                        compute_type: str | None = None, seed: int = 0,
                        tasks: tuple[str, ...] = ("lm", "chat")) -> Ct2Generator:
@@ -437,7 +403,8 @@ def load_ct2_generator(path: str | Path, device: str = "cpu", threads: int = 0,
 
 
 def load_ct2_chatbot(path: str | Path, settings: SamplingSettings, system: str | None = None,
-                     device: str = "cpu", threads: int = 0, compute_type: str | None = None) -> Ct2Chatbot:
-    """`load_chatbot` for a CTranslate2 export of a chat model."""
+                     device: str = "cpu", threads: int = 0, compute_type: str | None = None) -> Chatbot:
+    """`load_chatbot` for a CTranslate2 export of a chat model: our `Chatbot` (history, window
+    fitting, streaming), its replies written by a `Ct2Generator`."""
     engine = load_ct2_generator(path, device, threads, compute_type, settings.seed, ("chat",))
-    return Ct2Chatbot(engine, settings, system)
+    return Chatbot(engine, engine.tokenizer, engine.cfg.model.max_len, settings, system)

@@ -36,7 +36,7 @@ class TaggingHead(nn.Module):
 
     Parameters: ``proj``; with ``cfg.crf`` also ``crf_start`` (L,) and ``crf_trans``
     (L, L, row = previous tag), the tag-path scores of a linear-chain CRF. The
-    head only holds them: the CRF loss and decoding are in `trainformer.tasks.crf`.
+    head only holds them: the CRF loss and decoding are in `trainformer.inference.crf`.
     """
 
     def __init__(self, cfg: ModelConfig):

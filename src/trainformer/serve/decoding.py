@@ -29,7 +29,7 @@ from torch import nn
 from trainformer.data.tokenizer import TextTokenizer
 from trainformer.generation import apply_repetition_penalty, left_pad, sample_next
 from trainformer.generation.steppers import DecoderStepper, eval_mode
-from trainformer.tasks.translate_infer import inference_autocast
+from trainformer.inference.common import inference_autocast
 
 
 @dataclass(frozen=True)

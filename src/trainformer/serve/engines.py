@@ -103,7 +103,7 @@ class _Base(Engine):
 
 class TranslationEngine(_Base):
     def load(self) -> None:
-        from trainformer.tasks.loading import load_translator
+        from trainformer.inference.loading import load_translator
 
         self.translator = load_translator(self.spec.path, self.settings.device, self.settings.precision)
         self.window = self.translator.max_src - 1  # + </s>
@@ -143,12 +143,12 @@ class ExtractionEngine(_Base):
     def load(self) -> None:
         s = self.settings
         if self.task == "ner":
-            from trainformer.tasks.tagging import load_tagger
+            from trainformer.inference.loading import load_tagger
 
             self.extractor = load_tagger(self.spec.path, s.device, s.precision)
             self.merge = not self.extractor.context_window  # a context window reads texts together
         else:
-            from trainformer.tasks.relations import load_classifier
+            from trainformer.inference.loading import load_classifier
 
             self.extractor = load_classifier(self.spec.path, s.device, s.precision)
             self.merge = True
@@ -161,7 +161,7 @@ class ExtractionEngine(_Base):
         check_texts(req.texts, self.settings.max_texts)
         tokenizer = self.extractor.tokenizer
         if self.task == "relations":
-            from trainformer.data.readers import entity_markers_ok
+            from trainformer.data.markers import entity_markers_ok
 
             for i, text in enumerate(req.texts):
                 if not entity_markers_ok(text):
@@ -169,7 +169,7 @@ class ExtractionEngine(_Base):
                                       "non-overlapping spans", f"texts[{i}]", "bad_markers")
             lengths = [len(ids) for ids in tokenizer.encode_batch(req.texts)]
         else:
-            from trainformer.tasks.extraction import split_words
+            from trainformer.inference.tagger import split_words
 
             words = [[w for w, _, _ in split_words(t)] for t in req.texts]
             lengths = [len(ids) for ids, _ in tokenizer.encode_words_batch(words)]
@@ -211,8 +211,8 @@ class GenerationEngine(_Base):
     retry_alone = False  # rows may have streamed already
 
     def load(self) -> None:
-        from trainformer.tasks.chat_template import ChatTemplate
-        from trainformer.tasks.loading import load_for_task
+        from trainformer.data.chat_template import ChatTemplate
+        from trainformer.inference.loading import load_for_task
 
         loaded, self.tokenizer = load_for_task(self.spec.path, ("lm", "chat"), self.settings.device)
         self.model, self.cfg = loaded.model, loaded.cfg
@@ -250,7 +250,7 @@ class GenerationEngine(_Base):
         return self.window - min(max_tokens, self.window // 2)
 
     def chat_job(self, req: ChatRequest, loop: asyncio.AbstractEventLoop, on_event=None) -> Job:
-        from trainformer.tasks.chat_template import Message
+        from trainformer.data.chat_template import Message
 
         if self.template is None:
             raise bad_request(f"model {self.name!r} is a language model without a chat template; "
@@ -275,7 +275,7 @@ class GenerationEngine(_Base):
         return self._job(state, loop, self.template.end_id, on_event)
 
     def completion_job(self, req: CompletionRequest, loop: asyncio.AbstractEventLoop, on_event=None) -> Job:
-        from trainformer.tasks.lm import prompt_ids
+        from trainformer.inference.sampling import prompt_ids
 
         sampling, max_tokens, n, stops, seed = self._settings(req, 16)  # OpenAI's default max_tokens
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt

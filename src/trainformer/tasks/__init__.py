@@ -1,4 +1,4 @@
-"""Tasks: what differs between jobs (data, model, loss, metric). See `base.Task`."""
+"""Tasks: what differs between jobs (data, model, loss, metric). See `trainformer.training.task.Task`."""
 
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ TASKS = {
 }
 
 
-def load_target(table: dict[str, str], task: str, what: str, error: type[Exception] = ConfigError):
-    """Import ``table[task]`` ("module:attr") lazily; `error` naming `what` when absent."""
+def load_target(table: dict[str, str], task: str, what: str):
+    """Import ``table[task]`` ("module:attr") lazily; a ConfigError naming `what` when absent."""
     target = table.get(task)
     if target is None:
-        raise error(f"{what}: unknown task {task!r} (known: {', '.join(table)})")
+        raise ConfigError(f"{what}: unknown task {task!r} (known: {', '.join(table)})")
     module_name, attr = target.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name == module_name:
-            raise error(f"{what}: {task!r} is not available in this version") from None
+            raise ConfigError(f"{what}: {task!r} is not available in this version") from None
         raise
     return getattr(module, attr)
 

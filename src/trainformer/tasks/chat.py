@@ -1,4 +1,5 @@
-"""Chat: supervised fine-tuning of a pretrained `Decoder` on DailyDialog, and the `Chatbot`.
+"""Chat: supervised fine-tuning of a pretrained `Decoder` on DailyDialog (talking to the result:
+`trainformer.inference.chatbot`).
 
 Data: DailyDialog's official splits (or one DailyDialog-format file, split by
 dialogue). Validation and test dialogues that also occur in train
@@ -12,7 +13,7 @@ is an assistant turn exactly once. A dialogue longer than the window
 (``min(data.max_len, model.max_len)``) is cut into several examples, each
 ending at an assistant turn and starting as far back as fits: the oldest
 turns are dropped, never the newest. Loss falls on assistant turns only (see
-`chat_template`).
+`trainformer.data.chat_template`).
 
 Tokenizer and model: with ``init_from`` (an `lm` run or model dir) the
 pretrained tokenizer.json and architecture are reused. `lm-pretrain` already
@@ -38,15 +39,9 @@ import torch
 from torch import nn
 
 from trainformer.config import Config, DataConfig
-from trainformer.data import readers
 from trainformer.data.batching import length_sorted_batches
 from trainformer.data.cache import Ragged, file_hash
-from trainformer.data.registry import DATASETS, read_file, resolve_dataset
-from trainformer.data.splits import dedup, drop_overlap, make_splits
-from trainformer.data.tokenizer import TextTokenizer, load_or_train_tokenizer
-from trainformer.errors import ConfigError, UserError
-from trainformer.models import build_model
-from trainformer.tasks.chat_template import (
+from trainformer.data.chat_template import (
     ChatTemplate,
     Message,
     Rendered,
@@ -54,17 +49,19 @@ from trainformer.tasks.chat_template import (
     has_chat_tokens,
     reserve_chat_tokens,
 )
+from trainformer.data.registry import DATASETS, read_file, resolve_dataset
+from trainformer.data.splits import dedup, drop_overlap, make_splits
+from trainformer.data.tokenizer import TextTokenizer, load_or_train_tokenizer
+from trainformer.errors import ConfigError
+from trainformer.inference.sampling import SamplingSettings, sample_ids
+from trainformer.models import build_model
 from trainformer.tasks.lm import (
     CausalBatches,
-    SamplingSettings,
-    StreamDecoder,
     causal_logits,
     causal_loss,
     clean_dailydialog,
     collate_causal,
     perplexity,
-    read_eval_file,
-    sample_ids,
 )
 from trainformer.textio import warn
 from trainformer.training.task import Batch, StatefulBatches, Task
@@ -315,9 +312,6 @@ class ChatTask(Task):
         self.cfg.model.preset = None
         return tok
 
-    def data_report(self) -> dict[str, Any]:
-        return self.report
-
     def has_split(self, split: str) -> bool:
         return split in self.examples and len(self.examples[split][0]) > 0
 
@@ -368,118 +362,3 @@ class ChatTask(Task):
     def samples(self, model: nn.Module) -> list[str]:
         n = self.cfg.eval.samples
         return [f"USER: {p}\nBOT:  {r}" for p, r in zip(CHAT_PROMPTS[:n], self.replies(model))]
-
-    def save_artifacts(self, model_dir: Path) -> None:
-        assert self.tokenizer is not None
-        self.tokenizer.save(model_dir / "tokenizer.json")
-
-
-# ----------------------------------------------------------------------------
-# Talking to a trained model
-# ----------------------------------------------------------------------------
-
-
-class Chatbot:
-    """A conversation with a chat model: history, window fitting, sampled and streamed replies.
-
-    Args:
-        model: a chat `Decoder` (eval mode); tokenizer: its tokenizer (with role markers).
-        cfg: the model's config (its ``model.max_len`` is the window).
-        settings: sampling; `settings.seed` seeds one generator for the whole session,
-            so the same seed and inputs give the same replies.
-        system: an optional system line, kept through every truncation.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer: TextTokenizer, cfg: Config,
-                 settings: SamplingSettings, system: str | None = None, precision: str = "auto"):
-        self.model, self.cfg, self.settings, self.precision = model, cfg, settings.check(), precision
-        self.template = ChatTemplate(tokenizer)
-        self.window = cfg.model.max_len
-        self.reserve = min(settings.max_new_tokens, self.window // 2)  # room left for the reply
-        self.system = [Message("system", system)] if system else []
-        device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(settings.seed)
-        self.history: list[Message] = []
-        self.dropped = 0  # messages dropped from the start of the history so far
-
-    def reset(self) -> None:
-        self.history = []
-
-    def _fit_user_text(self, text: str) -> str:
-        """`text` cut so that the system line, it and a reply fit the window (with a warning)."""
-        ids = self.template.encode_text(text)
-        fixed = sum(self.template.turn_length(self.template.encode_text(m.text)) for m in self.system)
-        room = self.window - self.reserve - fixed - 3  # user marker, end, assistant marker
-        if room < 1:
-            raise UserError(f"--system: the system line leaves no room in the {self.window}-token window")
-        if len(ids) <= room:
-            return text
-        warn(f"your message has {len(ids)} tokens; only its first {room} fit the model's window")
-        return self.template.tokenizer.decode(ids[:room])
-
-    def prompt(self, text: str) -> tuple[list[int], list[Message]]:
-        """Prompt ids for a new user message, and the messages they hold (oldest dropped to fit)."""
-        messages = [*self.system, *self.history, Message("user", self._fit_user_text(text))]
-        kept, dropped = self.template.fit(messages, self.window - self.reserve)
-        self.dropped += dropped
-        ids = self.template.render(kept, add_generation_prompt=True).ids
-        return ids, kept[len(self.system):]
-
-    def reply(self, text: str, stream: Callable[[str], None] | None = None) -> str:
-        """The assistant's answer to `text`; `stream(piece)` gets the text as it is generated.
-
-        The exchange joins the history only when the reply completes, so a
-        reply cancelled with Ctrl-C (KeyboardInterrupt) leaves no trace.
-        """
-        ids, kept = self.prompt(text)
-        decoder = StreamDecoder(self.template.tokenizer)
-
-        def on_token(row: int, token: int) -> None:
-            piece = decoder.push(token)
-            if piece and stream is not None:
-                stream(piece)
-
-        out = sample_ids(self.model, [ids], self.settings, self.template.end_id, self.generator,
-                         on_token, self.precision)[0]
-        answer = self.template.tokenizer.decode(out).strip()
-        self.history = [*kept, Message("assistant", answer)]
-        return answer
-
-
-def load_chatbot(model_dir: str | Path, settings: SamplingSettings, system: str | None = None,
-                 device: str = "auto", precision: str = "auto") -> Chatbot:
-    from trainformer.tasks.loading import load_for_task
-
-    loaded, tokenizer = load_for_task(model_dir, "chat", device)
-    return Chatbot(loaded.model, tokenizer, loaded.cfg, settings, system, precision)
-
-
-# ----------------------------------------------------------------------------
-# `trainformer evaluate` on a DailyDialog-format file
-# ----------------------------------------------------------------------------
-
-
-def evaluate_file(cfg: Config, args) -> dict:
-    """Perplexity of the assistant turns of a DailyDialog-format file (both role assignments).
-
-    Args:
-        cfg: the model's resolved config; args: `model_dir`, `data`, `device`,
-            `bad_lines`, `precision` from the CLI.
-    """
-    from trainformer.tasks.loading import load_for_task
-    from trainformer.tasks.translate_infer import inference_autocast
-
-    result = read_eval_file(args, readers.read_dailydialog,
-                            "no dialogues (expected utterances ending with __eou__, one dialogue a line)")
-    loaded, tokenizer = load_for_task(args.model_dir, "chat", args.device)
-    template = ChatTemplate(tokenizer)
-    dialogues = [clean_dialogue(d.utterances) for d in result.examples]
-    window = min(loaded.cfg.data.max_len, loaded.cfg.model.max_len)
-    ids, loss, skipped = build_examples(dialogues, template, window + 1)
-    model = loaded.model
-    device = next(model.parameters()).device
-    with torch.inference_mode(), inference_autocast(device, getattr(args, "precision", "auto")):
-        metrics = assistant_perplexity(lambda b: causal_loss(model, b), ids, loss,
-                                       loaded.cfg.eval.batch_tokens, device)
-    return {**metrics, "dialogues": len(dialogues), "examples": len(ids),
-            "turns_skipped_too_long": skipped, "bad_lines": result.bad.total}

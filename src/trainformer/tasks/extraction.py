@@ -1,30 +1,25 @@
-"""Helpers shared by the information-extraction tasks (NER, relations, MLM pretraining).
+"""What the fine-tuned extraction tasks (NER, relations) share.
 
-- BIO tags: normalising IOB1/BIOES input to BIO (IOB2), the label set, and a
-  constrained Viterbi decoder that never emits an invalid sequence.
-- Words with character offsets into the original text (`split_words`), so
-  extracted entities point back at the exact characters of the input line.
-- Entity markers (``<e1> </e1> <e2> </e2>``) as added special tokens, and the
-  positions of the start markers after tokenisation.
+(BIO tags and their decoding: `trainformer.inference.bio`; entity markers:
+`trainformer.data.markers`.)
+
 - Splits: official ones where a data set has them, the rest carved from train
   (`dataset_splits`).
 - `inherit_pretrained`: a fine-tuning run takes the tokenizer and the network
   shape of the model it starts from (`Config.init_from`).
 - `FineTuneTask`: what the NER and relation tasks share (data set-up, batches,
-  model, artifacts); `read_eval_file` for their `trainformer evaluate`.
+  model, artifacts).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from trainformer.config import Config, DataConfig
@@ -33,262 +28,11 @@ from trainformer.data.cache import TokenStore
 from trainformer.data.readers import ReadResult, filter_too_long
 from trainformer.data.registry import read_dataset
 from trainformer.data.splits import make_splits
-from trainformer.data.tokenizer import TextTokenizer
-from trainformer.errors import DataError, UserError
+from trainformer.errors import DataError
 from trainformer.modeldir import pretrained, take_pretrained_shape
 from trainformer.models import build_model
 from trainformer.textio import warn
 from trainformer.training.task import Batch, StatefulBatches, Task, spread_indices
-
-OUTSIDE = "O"
-
-# ----------------------------------------------------------------------------
-# BIO tags
-# ----------------------------------------------------------------------------
-
-
-def tag_type(tag: str) -> str | None:
-    """``"B-PER"`` -> ``"PER"``; ``"O"`` -> None."""
-    return None if tag == OUTSIDE else tag[2:]
-
-
-def to_bio(tags: Sequence[str]) -> list[str]:
-    """Any of IOB1, IOB2 (BIO) or BIOES -> BIO.
-
-    ``S-X`` becomes ``B-X``, ``E-X`` becomes ``I-X``, and an ``I-X`` that does
-    not continue an entity of type X (IOB1 style, or a broken sequence)
-    becomes ``B-X``. A BIO sequence comes back unchanged.
-    """
-    out: list[str] = []
-    prev = OUTSIDE
-    for tag in tags:
-        kind, typ = (tag[0], tag[2:]) if tag != OUTSIDE else ("O", None)
-        if kind == "S":
-            kind = "B"
-        elif kind == "E":
-            kind = "I"
-        if kind == "I" and tag_type(prev) != typ:
-            kind = "B"
-        new = OUTSIDE if kind == "O" else f"{kind}-{typ}"
-        out.append(new)
-        prev = new
-    return out
-
-
-def bio_labels(types: Sequence[str]) -> list[str]:
-    """The label list: ``O`` first, then ``B-X``, ``I-X`` for each type in sorted order."""
-    return [OUTSIDE] + [f"{p}-{t}" for t in sorted(set(types)) for p in "BI"]
-
-
-def allowed_transitions(labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which BIO labels may start a sentence and follow one another.
-
-    Returns:
-        start (L,) bool: anything but ``I-X``.
-        trans (L, L) bool: trans[i, j] is True when label j may follow label i;
-        ``I-X`` may follow only ``B-X`` or ``I-X``.
-    """
-    types = [tag_type(t) for t in labels]
-    inside = [t.startswith("I-") for t in labels]
-    start = torch.tensor([not i for i in inside])
-    trans = torch.ones(len(labels), len(labels), dtype=torch.bool)
-    for j, (is_inside, typ) in enumerate(zip(inside, types)):
-        if is_inside:
-            trans[:, j] = torch.tensor([types[i] == typ for i in range(len(labels))])
-    return start, trans
-
-
-@dataclass
-class TransitionPrior:
-    """Tag-bigram log-probabilities counted on training sentences, for Viterbi decoding.
-
-    A tagger that scores each word on its own often splits one name in two
-    (``Mark/B-PER Butcher/B-PER``): nothing in a per-word softmax says that a
-    ``B-PER`` is rarely followed by another. Adding ``weight`` x log P(tag |
-    previous tag) to the path score (and log P(first tag) at the start) puts
-    that knowledge into decoding. The counts are add-one smoothed.
-
-    Attributes:
-        start: (L,) log P(first tag); trans: (L, L) log P(next tag | tag), row = previous.
-        weight: how much the decoder trusts the prior; 0 = only the BIO validity rules.
-    """
-
-    start: torch.Tensor
-    trans: torch.Tensor
-    weight: float = 1.0
-
-    @classmethod
-    def count(cls, sequences: Sequence[Sequence[int]], n_labels: int, weight: float = 1.0) -> TransitionPrior:
-        """The prior of label-id sequences (the training sentences' tags)."""
-        firsts = [seq[0] for seq in sequences if len(seq)]
-        pairs = [a * n_labels + b for seq in sequences for a, b in zip(seq[:-1], seq[1:])]
-        start = 1.0 + np.bincount(firsts, minlength=n_labels)  # add-one
-        trans = 1.0 + np.bincount(pairs, minlength=n_labels * n_labels).reshape(n_labels, n_labels)
-        start, trans = torch.from_numpy(start).float(), torch.from_numpy(trans).float()
-        return cls((start / start.sum()).log(), (trans / trans.sum(1, keepdim=True)).log(), weight)
-
-    def to_json(self, labels: Sequence[str]) -> dict[str, Any]:
-        return {"labels": list(labels), "weight": self.weight, "start": self.start.tolist(),
-                "transitions": self.trans.tolist(), "counted_on": "training sentences (add-one)"}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], labels: Sequence[str], source: Path) -> TransitionPrior:
-        if data.get("labels") != list(labels):
-            raise UserError(f"{source}: its labels differ from labels.json")
-        start, trans, n = torch.tensor(data["start"]), torch.tensor(data["transitions"]), len(labels)
-        if start.shape != (n,) or trans.shape != (n, n):
-            raise ValueError(f"expected {n} start and {n}x{n} transition scores, got shapes "
-                             f"{tuple(start.shape)} and {tuple(trans.shape)}")
-        return cls(start, trans, float(data["weight"]))
-
-    def with_weight(self, weight: float) -> TransitionPrior:
-        return replace(self, weight=weight)
-
-
-def viterbi_bio(
-    scores: torch.Tensor, lengths: torch.Tensor, labels: Sequence[str], prior: TransitionPrior | None = None
-) -> list[list[int]]:
-    """The best valid BIO label sequence of each sentence (constrained Viterbi).
-
-    The score of a sequence is the sum of its per-word scores (log-probabilities
-    of the first subword of each word), plus the weighted `prior` of its tag
-    bigrams if given; forbidden starts and transitions (``I-X`` not after
-    ``B-X``/``I-X``) score -inf, so the result is always a valid BIO sequence.
-    We decode instead of repairing the argmax afterwards: repairing turns a
-    stray ``I-X`` into ``B-X`` and splits entities, while decoding picks the
-    best sequence among the valid ones.
-
-    Args:
-        scores: (B, N, L) per-word label scores, N words at most.
-        lengths: (B,) number of real words of each sentence.
-        labels: the L label names (BIO).
-        prior: tag-bigram log-probabilities and their weight (see `TransitionPrior`).
-    Returns:
-        B lists of label ids, sentence b of length lengths[b].
-    """
-    start, trans = allowed_transitions(labels)
-    scores = scores.float()
-    b, n, n_labels = scores.shape
-    if n == 0:
-        return [[] for _ in range(b)]
-    neg = torch.tensor(float("-inf"), device=scores.device)
-    start_pen = torch.where(start.to(scores.device), 0.0, neg)  # (L,)
-    trans_pen = torch.where(trans.to(scores.device), 0.0, neg)  # (L, L)
-    if prior is not None and prior.weight:
-        start_pen = start_pen + prior.weight * prior.start.to(scores.device)
-        trans_pen = trans_pen + prior.weight * prior.trans.to(scores.device)
-    lengths = lengths.to(scores.device)
-    dp = scores[:, 0] + start_pen  # (B, L)
-    back = torch.zeros(b, n, n_labels, dtype=torch.long, device=scores.device)
-    keep = torch.arange(n_labels, device=scores.device).expand(b, n_labels)
-    for t in range(1, n):
-        cand = dp[:, :, None] + trans_pen  # (B, L_prev, L_next)
-        best, arg = cand.max(dim=1)  # (B, L)
-        live = (t < lengths)[:, None]  # (B, 1): padding words carry the state through
-        dp = torch.where(live, best + scores[:, t], dp)
-        back[:, t] = torch.where(live, arg, keep)
-    last = dp.argmax(dim=1)  # (B,)
-    path = torch.zeros(b, n, dtype=torch.long, device=scores.device)
-    path[:, n - 1] = last
-    for t in range(n - 1, 0, -1):
-        path[:, t - 1] = back[:, t].gather(1, path[:, t : t + 1]).squeeze(1)
-    rows = path.cpu().tolist()
-    return [row[: int(k)] for row, k in zip(rows, lengths.cpu().tolist())]
-
-
-def is_valid_bio(tags: Sequence[str]) -> bool:
-    """True when every ``I-X`` follows ``B-X`` or ``I-X`` (and the first tag is not ``I-``)."""
-    prev = OUTSIDE
-    for tag in tags:
-        if tag.startswith("I-") and tag_type(prev) != tag[2:]:
-            return False
-        prev = tag
-    return True
-
-
-def bio_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
-    """Entities of a valid BIO sequence: (type, first word, last word + 1)."""
-    spans: list[tuple[str, int, int]] = []
-    for i, tag in enumerate(tags):
-        if tag.startswith("B-"):
-            spans.append((tag[2:], i, i + 1))
-        elif tag.startswith("I-") and spans and spans[-1][2] == i and spans[-1][0] == tag[2:]:
-            spans[-1] = (spans[-1][0], spans[-1][1], i + 1)
-    return spans
-
-
-# ----------------------------------------------------------------------------
-# Words with character offsets
-# ----------------------------------------------------------------------------
-
-# CoNLL-2003-like word splitting on raw text: abbreviations (U.S.), a possessive
-# 's split off its word (Germany 's), words with inner apostrophes or hyphens
-# (O'Neill, Jean-Pierre), and every other non-space character on its own.
-_WORD = re.compile(
-    r"""
-      (?:[^\W\d_]\.){2,}          # U.S. e.g.
-    | \w+(?=['’][sS]\b)           # Germany  in  Germany's
-    | ['’][sS]\b                  # 's
-    | \w+(?:['’\-]\w+)*           # words, numbers, O'Neill, Jean-Pierre
-    | [^\w\s]                     # punctuation, symbols, emoji: one character each
-    """,
-    re.VERBOSE,
-)
-
-
-def split_words(text: str) -> list[tuple[str, int, int]]:
-    """Words of `text` and their character offsets: [(word, start, end)], text[start:end] == word."""
-    return [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text)]
-
-
-def entity_dicts(
-    text: str, words: Sequence[tuple[str, int, int]], tags: Sequence[str]
-) -> list[dict]:
-    """``{"type", "text", "start", "end"}`` per entity, offsets into `text` (end exclusive)."""
-    out = []
-    for typ, first, last in bio_spans(tags):
-        start, end = words[first][1], words[last - 1][2]
-        out.append({"type": typ, "text": text[start:end], "start": start, "end": end})
-    return out
-
-
-# ----------------------------------------------------------------------------
-# Entity markers (relation classification)
-# ----------------------------------------------------------------------------
-
-MARKERS = ("<e1>", "</e1>", "<e2>", "</e2>")
-
-
-def add_marker_tokens(tokenizer: TextTokenizer) -> tuple[int, int]:
-    """Make the four entity markers unsplittable special tokens; returns the ids of ``<e1>``, ``<e2>``.
-
-    Adding a marker that is already there keeps its id, so a tokenizer
-    inherited from MLM pretraining (which adds them too) keeps its size.
-    """
-    missing = [m for m in MARKERS if tokenizer.token_to_id(m) is None]
-    if missing:
-        tokenizer.add_special_tokens(missing)
-    return tokenizer.token_to_id("<e1>"), tokenizer.token_to_id("<e2>")
-
-
-def marker_positions(ids: Sequence[int], e1_id: int, e2_id: int) -> tuple[int, int]:
-    """Indices of the ``<e1>`` and ``<e2>`` start markers in a token sequence (-1 when absent)."""
-    arr = np.asarray(ids)
-    p1, p2 = np.flatnonzero(arr == e1_id), np.flatnonzero(arr == e2_id)
-    return (int(p1[0]) if len(p1) else -1), (int(p2[0]) if len(p2) else -1)
-
-
-def window_keeping(ids: list[int], limit: int, keep: Sequence[int]) -> tuple[list[int], int]:
-    """At most `limit` tokens of `ids`, a window that holds the positions in `keep` when it can.
-
-    Returns (window, start): window == ids[start:start + limit].
-    """
-    if len(ids) <= limit:
-        return ids, 0
-    lo = min((k for k in keep if k >= 0), default=0)
-    start = max(0, min(lo, len(ids) - limit))
-    return ids[start : start + limit], start
-
 
 # ----------------------------------------------------------------------------
 # Splits: official ones where the data set has them, carved from train otherwise
@@ -396,15 +140,6 @@ def save_labels(model_dir: Path, labels: Sequence[str]) -> None:
     (model_dir / "labels.json").write_text(json.dumps(list(labels), indent=1) + "\n", encoding="utf-8")
 
 
-def inference_batches(lengths: Sequence[int], budget: int) -> list[np.ndarray]:
-    """Indices grouped by similar length so that examples x longest <= `budget` (input order kept per length)."""
-    from trainformer.data.batching import length_sorted_batches
-
-    if not len(lengths):
-        return []
-    return length_sorted_batches(np.asarray(lengths), budget, np.arange(len(lengths)))
-
-
 # ----------------------------------------------------------------------------
 # What the fine-tuning tasks (NER, relations) share
 # ----------------------------------------------------------------------------
@@ -465,9 +200,6 @@ class FineTuneTask(Task):
         """A training batch from ``store.take(rows)``."""
         raise NotImplementedError
 
-    def data_report(self) -> dict[str, Any]:
-        return self.report
-
     def has_split(self, split: str) -> bool:
         return bool(self.eval_sets.get(split))
 
@@ -492,17 +224,5 @@ class FineTuneTask(Task):
         return [data[i] for i in spread_indices(len(data), n)] if n else []
 
     def save_artifacts(self, model_dir: Path) -> None:
-        assert self.tokenizer is not None
-        self.tokenizer.save(model_dir / "tokenizer.json")
+        super().save_artifacts(model_dir)
         save_labels(model_dir, self.labels)
-
-
-def read_eval_file(args, reader: Callable[..., ReadResult[Any]], expected: str) -> ReadResult[Any]:
-    """`trainformer evaluate --data FILE` read with `reader` under ``--bad-lines``; an error if nothing is usable."""
-    path = Path(args.data)
-    if not path.is_file():
-        raise UserError(f"--data: file not found: {path}")
-    result = reader(path, bad_lines=getattr(args, "bad_lines", "skip"))
-    if not result.examples:
-        raise UserError(f"{path}: no usable examples (expected {expected})")
-    return result

@@ -13,7 +13,7 @@ Documents are deduplicated and split into train/valid/test by document
 (seeded), tokenised with byte-level BPE and packed into rows of
 ``data.seq_len + 1`` tokens (`data.packing`); ``data.doc_attention`` keeps
 attention inside documents via the Decoder's ``doc_ids``. The tokenizer
-reserves the chat role markers (`chat_template.CHAT_SPECIAL_TOKENS`), so a
+reserves the chat role markers (`data.chat_template.CHAT_SPECIAL_TOKENS`), so a
 chat model fine-tuned from this one keeps the same vocabulary.
 
 Metric: perplexity (lower is better) over every token of the valid split:
@@ -33,19 +33,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainformer.config import Config, DataConfig
+from trainformer.config import DataConfig
 from trainformer.data import readers
 from trainformer.data.batching import IGNORE_INDEX, TokenBudgetSampler, pad_to_array
 from trainformer.data.cache import Ragged, file_hash, tokenize_cached
+from trainformer.data.chat_template import reserve_chat_tokens
 from trainformer.data.packing import PackedRows, collate_packed, join_documents, pack_documents
 from trainformer.data.registry import DATASETS, read_file, resolve_dataset
 from trainformer.data.splits import make_splits
-from trainformer.data.tokenizer import EOS_ID, PAD_ID, TextTokenizer, load_or_train_tokenizer
-from trainformer.errors import ConfigError, UserError
+from trainformer.data.tokenizer import EOS_ID, PAD_ID, load_or_train_tokenizer
+from trainformer.errors import ConfigError
+from trainformer.inference.sampling import SamplingSettings, prompt_ids, sample_ids
 from trainformer.models import build_model
-from trainformer.tasks.chat_template import reserve_chat_tokens
-from trainformer.tasks.translate_infer import inference_autocast
-from trainformer.textio import warn
 from trainformer.training.loss import cross_entropy_sum
 from trainformer.training.task import Batch, StatefulBatches, Task
 
@@ -279,92 +278,6 @@ def row_batches(rows: dict[str, torch.Tensor], batch_rows: int, limit: int = 0) 
 
 
 # ----------------------------------------------------------------------------
-# Generation helpers (also used by chat and the generate verb)
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class SamplingSettings:
-    """How replies and continuations are sampled (the CLI flags of `chat` and `generate`)."""
-
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    max_new_tokens: int = 64
-    seed: int = 0
-
-    def check(self) -> SamplingSettings:
-        if self.temperature < 0:
-            raise UserError(f"--temperature: expected a number >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"--top-k: expected an integer >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"--top-p: expected a number in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"--repetition-penalty: expected a number > 0 (1 = off), got {self.repetition_penalty}")
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens: expected an integer >= 1, got {self.max_new_tokens}")
-        return self
-
-
-class StreamDecoder:
-    """Generated ids in, printable text out, one token at a time.
-
-    A byte-level BPE token can end inside a multi-byte character; its text
-    is held back (no U+FFFD is ever printed) until the character completes.
-    """
-
-    def __init__(self, tokenizer: TextTokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.shown = ""
-
-    def push(self, token: int) -> str:
-        """Add a token; returns the text that can now be printed (maybe empty)."""
-        self.ids.append(int(token))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.shown = text[len(self.shown):], text
-        return new
-
-
-def sample_ids(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    settings: SamplingSettings,
-    eos_id: int,
-    generator: torch.Generator | None = None,
-    stream: Callable[[int, int], None] | None = None,
-    precision: str = "auto",
-) -> list[list[int]]:
-    """Sampled continuations of token `prompts` (batched), stopping at `eos_id`."""
-    from trainformer.generation import generate
-
-    device = next(model.parameters()).device
-    if generator is None:
-        generator = torch.Generator(device=device).manual_seed(settings.seed)
-    with inference_autocast(device, precision):
-        return generate(
-            model, [list(p) for p in prompts], settings.max_new_tokens, eos_id,
-            temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-            repetition_penalty=settings.repetition_penalty, generator=generator, stream=stream,
-        )
-
-
-def prompt_ids(tokenizer: TextTokenizer, text: str, max_len: int, max_new_tokens: int) -> list[int]:
-    """Ids of a continuation prompt: ``</s>`` then the text (as a document start in pretraining),
-    cut from the left (with a warning) to leave room for `max_new_tokens` in the window."""
-    ids = [EOS_ID, *tokenizer.encode(text)]
-    room = max(max_len - min(max_new_tokens, max_len // 2), 1)
-    if len(ids) > room:
-        warn(f"the prompt has {len(ids)} tokens; only its last {room} are used (model window {max_len})")
-        ids = ids[-room:]
-    return ids
-
-
-# ----------------------------------------------------------------------------
 # The task
 # ----------------------------------------------------------------------------
 
@@ -412,9 +325,6 @@ class LanguageModelTask(Task):
                 f"data.seq_len: expected <= model.max_len={self.cfg.model.max_len}, got {self.cfg.data.seq_len}"
             )
 
-    def data_report(self) -> dict[str, Any]:
-        return self.report
-
     def has_split(self, split: str) -> bool:
         return len(self.docs.get(split, [])) > 0
 
@@ -460,46 +370,3 @@ class LanguageModelTask(Task):
         prompts = [prompt_ids(self.tokenizer, p, self.cfg.model.max_len, 40) for p in SAMPLE_PROMPTS]
         outs = sample_ids(model, prompts, settings, EOS_ID, precision=self.cfg.train.precision)
         return [f"{p} >>> {self.tokenizer.decode(o)}" for p, o in zip(SAMPLE_PROMPTS, outs)]
-
-    def save_artifacts(self, model_dir: Path) -> None:
-        assert self.tokenizer is not None
-        self.tokenizer.save(model_dir / "tokenizer.json")
-
-
-# ----------------------------------------------------------------------------
-# `trainformer evaluate` on a text file
-# ----------------------------------------------------------------------------
-
-
-def read_eval_file(args, read: Callable[[Path, str], readers.ReadResult], empty: str) -> readers.ReadResult:
-    """``read(path, bad_lines)`` of the CLI's ``--data`` file; a UserError when it is missing or
-    holds nothing usable (`empty` says what was expected)."""
-    path = Path(args.data)
-    if not path.is_file():
-        raise UserError(f"--data: file not found: {path}")
-    result = read(path, args.bad_lines)
-    if not result.examples:
-        raise UserError(f"{path}: {empty}")
-    return result
-
-
-def evaluate_file(cfg: Config, args) -> dict:
-    """Perplexity of a plain-text file (documents separated by blank lines) under an LM.
-
-    Args:
-        cfg: the model's resolved config; args: `model_dir`, `data`, `device`,
-            `bad_lines`, `precision` from the CLI.
-    """
-    from trainformer.tasks.loading import load_for_task
-
-    result = read_eval_file(args, lambda p, policy: readers.read_text(p, "blank_line", policy), "no text to score")
-    loaded, tokenizer = load_for_task(args.model_dir, ("lm", "chat"), args.device)
-    model, seq_len = loaded.model, loaded.cfg.data.seq_len
-    docs = Ragged.from_lists(tokenizer.encode_batch([e.text for e in result.examples]))
-    device = next(model.parameters()).device
-    batch_rows = max(1, loaded.cfg.eval.batch_tokens // seq_len)
-    doc_attention = loaded.cfg.data.doc_attention
-    with torch.inference_mode(), inference_autocast(device, getattr(args, "precision", "auto")):
-        metrics = perplexity(lambda b: causal_loss(model, b, 0.0, doc_attention),
-                             row_batches(eval_rows(docs, seq_len), batch_rows), device)
-    return {**metrics, "documents": len(result.examples), "bad_lines": result.bad.total}

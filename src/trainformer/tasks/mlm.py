@@ -36,17 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainformer.config import Config, DataConfig, load_recipe
+from trainformer.config import DataConfig, load_recipe
 from trainformer.data.batching import IGNORE_INDEX, TokenBudgetSampler, pad_to_array
 from trainformer.data.cache import Ragged, texts_hash, tokenize_cached
+from trainformer.data.markers import MARKERS, add_marker_tokens, strip_entity_markers
 from trainformer.data.packing import pack_documents
-from trainformer.data.readers import (
-    Dialogue,
-    Document,
-    RelationExample,
-    TaggedSentence,
-    strip_entity_markers,
-)
+from trainformer.data.readers import Dialogue, Document, RelationExample, TaggedSentence
 from trainformer.data.registry import DATASETS, read_file, read_translation_pairs, resolve_dataset
 from trainformer.data.splits import make_splits
 from trainformer.data.tokenizer import (
@@ -58,13 +53,12 @@ from trainformer.data.tokenizer import (
     TextTokenizer,
     load_or_train_tokenizer,
 )
-from trainformer.errors import DataError, UserError
+from trainformer.errors import DataError
+from trainformer.generation.steppers import eval_mode
+from trainformer.inference.common import inference_autocast
 from trainformer.models import Encoder, build_model
-from trainformer.tasks.extraction import MARKERS, add_marker_tokens
 from trainformer.tasks.lm import perplexity
-from trainformer.tasks.translate_infer import inference_autocast
 from trainformer.tasks.translation import split_key
-from trainformer.textio import read_lines
 from trainformer.training.loss import cross_entropy_sum
 from trainformer.training.task import Batch, StatefulBatches, Task
 
@@ -224,7 +218,6 @@ def mlm_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, chosen: 
     return model(ids, mask)[chosen]
 
 
-@torch.inference_mode()
 def masked_lm_scores(
     model: nn.Module, rows: Ragged, tokenizer: TextTokenizer, prob: float, batch_rows: int,
     seed: int = 0, precision: str = "auto",
@@ -247,11 +240,8 @@ def masked_lm_scores(
         correct += int((logits.argmax(-1) == target).sum())
         return cross_entropy_sum(logits, target)
 
-    was_training = model.training
-    model.eval()
-    with inference_autocast(device, precision):
+    with eval_mode(model), inference_autocast(device, precision):
         out = perplexity(score, batches, device)
-    model.train(was_training)
     return {"ppl": round(out["ppl"], 3), "accuracy": round(100.0 * correct / max(out["tokens"], 1), 2),
             "loss": round(out["loss"], 4), "masked_tokens": out["tokens"]}
 
@@ -310,9 +300,6 @@ class MaskedLMTask(Task):
         seq_len = min(d.seq_len, self.cfg.model.max_len)
         return packed_rows(docs, seq_len) if d.pack else single_rows(docs, seq_len)
 
-    def data_report(self) -> dict[str, Any]:
-        return self.report
-
     def has_split(self, split: str) -> bool:
         return split == "valid" and len(self.valid_rows) > 0  # no test text is ever read
 
@@ -364,32 +351,3 @@ class MaskedLMTask(Task):
             out.append(f"TEXT: {tok.decode(ids[0].tolist(), skip_special_tokens=False)}\n"
                        f"MASK: {tok.id_to_token(int(row[k]))!r} -> guesses {guesses}")
         return out
-
-    def save_artifacts(self, model_dir: Path) -> None:
-        assert self.tokenizer is not None
-        self.tokenizer.save(model_dir / "tokenizer.json")
-
-
-# ----------------------------------------------------------------------------
-# `trainformer evaluate` for mlm models
-# ----------------------------------------------------------------------------
-
-
-def evaluate_file(cfg: Config, args) -> dict:
-    """Masked-token accuracy and perplexity of an ``mlm`` model on a text file (one text per line).
-
-    Each non-empty line is one row ``<cls> line <sep>`` (cut to data.seq_len);
-    the masking is fixed (seed 0), so two models are compared on the same tokens.
-    """
-    from trainformer.tasks.loading import load_for_task
-
-    loaded, tokenizer = load_for_task(args.model_dir, "mlm", args.device)
-    lines = [t for t in read_lines(args.data) if t.strip()]
-    if not lines:
-        raise UserError(f"{args.data}: no text (expected one text per line)")
-    docs = Ragged.from_lists(tokenizer.encode_batch(lines))
-    rows = single_rows(docs, min(cfg.data.seq_len, cfg.model.max_len))
-    batch_rows = max(1, cfg.eval.batch_tokens // max(cfg.data.seq_len, 1))
-    scores = masked_lm_scores(loaded.model, rows, tokenizer, cfg.data.mlm_probability, batch_rows,
-                              seed=0, precision=getattr(args, "precision", "auto"))
-    return {**scores, "texts": len(lines)}

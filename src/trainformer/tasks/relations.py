@@ -26,31 +26,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainformer.config import Config
-from trainformer.data.batching import pad_to_array
+from trainformer.data.batching import collate_relations
 from trainformer.data.cache import Ragged, TokenStore, texts_hash, tokenize_cached
-from trainformer.data.readers import entity_markers_ok, read_semeval, strip_entity_markers
-from trainformer.data.tokenizer import (
-    CLS_ID,
-    PAD_ID,
-    SEP_ID,
-    TextTokenizer,
-    load_or_train_tokenizer,
-)
-from trainformer.errors import ConfigError, DataError, UserError
-from trainformer.generation.steppers import eval_mode
-from trainformer.tasks.extraction import (
-    MARKERS,
-    FineTuneTask,
-    add_marker_tokens,
-    inference_batches,
-    marker_positions,
-    read_eval_file,
-    window_keeping,
-)
-from trainformer.tasks.translate_infer import inference_autocast
+from trainformer.data.markers import MARKERS, add_marker_tokens, strip_entity_markers
+from trainformer.data.tokenizer import TextTokenizer, load_or_train_tokenizer
+from trainformer.errors import ConfigError
+from trainformer.inference.loading import load_classifier
+from trainformer.inference.relations import RelationClassifier
+from trainformer.tasks.extraction import FineTuneTask
 from trainformer.tasks.translation import split_key
-from trainformer.textio import warn
 from trainformer.training.task import Batch
 
 OTHER = "Other"
@@ -116,105 +100,6 @@ def semeval_scores(gold: list[str], pred: list[str]) -> dict[str, float]:
         "accuracy": round(100 * accuracy, 2),
         **out,
     }
-
-
-# ----------------------------------------------------------------------------
-# Batches
-# ----------------------------------------------------------------------------
-
-
-def collate_relations(rows: dict[str, list[np.ndarray]], e1_id: int, e2_id: int) -> Batch:
-    """ids (B, S) ``<cls> tokens <sep>``, mask (B, S), e1_pos / e2_pos (B,), labels (B,)."""
-    seqs = [[CLS_ID, *r.tolist(), SEP_ID] for r in rows["ids"]]
-    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-    pos = np.array([marker_positions(s, e1_id, e2_id) for s in seqs], dtype=np.int64)  # (B, 2)
-    return {
-        "ids": torch.from_numpy(pad_to_array(seqs, PAD_ID)),
-        "mask": torch.from_numpy(np.arange(lens.max()) < lens[:, None]),
-        "e1_pos": torch.from_numpy(np.maximum(pos[:, 0], 0)),
-        "e2_pos": torch.from_numpy(np.maximum(pos[:, 1], 0)),
-        "labels": torch.from_numpy(np.array([int(r[0]) for r in rows["label"]], dtype=np.int64)),
-    }
-
-
-# ----------------------------------------------------------------------------
-# Inference
-# ----------------------------------------------------------------------------
-
-
-class RelationClassifier:
-    """Batched relation classification of marked sentences with a trained relation encoder,
-    or with several (an ensemble: their label distributions are averaged)."""
-
-    def __init__(
-        self, model: nn.Module | Sequence[nn.Module], tokenizer: TextTokenizer, labels: list[str], max_len: int,
-        batch_tokens: int = 8000, precision: str = "auto",
-    ):
-        self.models = list(model) if isinstance(model, Sequence) else [model]
-        self.model, self.tokenizer, self.labels = self.models[0], tokenizer, labels
-        self.e1_id, self.e2_id = add_marker_tokens(tokenizer)
-        self.limit = max_len - 2
-        self.batch_tokens, self.precision = batch_tokens, precision
-        self.device = next(self.model.parameters()).device
-        self.truncated = 0
-
-    def _encode(self, sentences: list[str]) -> list[list[int]]:
-        """Token ids of marked sentences; an over-long one keeps a window around its markers (counted)."""
-        out = []
-        for ids in self.tokenizer.encode_batch(sentences):
-            if len(ids) > self.limit:
-                ids, _ = window_keeping(ids, self.limit, marker_positions(ids, self.e1_id, self.e2_id))
-                self.truncated += 1
-            out.append(ids)
-        return out
-
-    def predict(self, sentences: list[str]) -> list[tuple[str, float]]:
-        """(label, probability) of each marked sentence, in input order."""
-        self.truncated = 0
-        encoded = self._encode(sentences)
-        out: list[tuple[str, float]] = [(OTHER, 0.0)] * len(sentences)
-        with eval_mode(*self.models), inference_autocast(self.device, self.precision):
-            for batch in inference_batches([len(e) + 2 for e in encoded], self.batch_tokens):
-                rows = {"ids": [np.asarray(encoded[b]) for b in batch], "label": [np.zeros(1)] * len(batch)}
-                t = collate_relations(rows, self.e1_id, self.e2_id)
-                inputs = [t[k].to(self.device) for k in ("ids", "mask", "e1_pos", "e2_pos")]
-                probs = sum(torch.softmax(m(*inputs).float(), dim=-1) for m in self.models) / len(self.models)
-                prob, best = probs.max(dim=-1)  # (B,)
-                for b, k, p in zip(batch, best.tolist(), prob.tolist()):
-                    out[b] = (self.labels[k], p)
-        return out
-
-    def extract(self, lines: list[str], source: str = "<input>") -> list[dict[str, Any]]:
-        """``{"text", "relation", "score"}`` per line; an empty line gives relation and score null."""
-        for i, line in enumerate(lines, 1):
-            if line.strip() and not entity_markers_ok(line):
-                raise DataError(f"{source}:{i}: expected one <e1>..</e1> and one <e2>..</e2> around two "
-                                "non-overlapping spans")
-        todo = [i for i, line in enumerate(lines) if line.strip()]
-        preds = dict(zip(todo, self.predict([lines[i] for i in todo])))
-        if self.truncated:
-            warn(f"{self.truncated} line(s) longer than {self.limit} tokens were truncated around their markers")
-        return [
-            {"text": line, "relation": preds[i][0], "score": round(preds[i][1], 4)} if i in preds
-            else {"text": line, "relation": None, "score": None}
-            for i, line in enumerate(lines)
-        ]
-
-
-def load_classifier(model_dir: str | Path, device: str = "auto", precision: str = "auto") -> RelationClassifier:
-    """A `RelationClassifier` for a trained ``relations`` model directory, or an ensemble of them
-    (see `trainformer.tasks.ensemble`)."""
-    from trainformer.tasks.ensemble import load_members
-
-    members = load_members(model_dir, "relations", device)
-    loaded, tokenizer = members[0]
-    if not loaded.labels:
-        raise UserError(f"{loaded.path}: labels.json is missing")
-    if any(tokenizer.token_to_id(m) is None for m in MARKERS):
-        raise UserError(f"{loaded.path}: tokenizer.json has no entity markers ({' '.join(MARKERS)})")
-    c = loaded.cfg
-    return RelationClassifier([m.model for m, _ in members], tokenizer, loaded.labels, c.model.max_len,
-                              c.eval.batch_tokens, precision)
 
 
 # ----------------------------------------------------------------------------
@@ -285,19 +170,6 @@ class RelationTask(FineTuneTask):
         picks = self.sample_examples()
         preds = self.classifier(model).predict([e.sentence for e in picks])
         return [f"TEXT: {e.sentence}\nPRED: {p} ({s:.2f})  GOLD: {e.relation}" for e, (p, s) in zip(picks, preds)]
-
-
-# ----------------------------------------------------------------------------
-# `trainformer evaluate` for relation models
-# ----------------------------------------------------------------------------
-
-
-def evaluate_file(cfg: Config, args) -> dict:
-    """The official SemEval-2010 Task 8 scores of a ``relations`` model on a SemEval TSV file."""
-    classifier = load_classifier(args.model_dir, args.device, getattr(args, "precision", "auto"))
-    result = read_eval_file(args, read_semeval, "a header, then id<TAB>sentence<TAB>relation")
-    return {**score_relations(classifier, result.examples), "bad_lines": result.bad.total,
-            "truncated": classifier.truncated}
 
 
 def score_relations(classifier: RelationClassifier, examples: Sequence[Any]) -> dict[str, float]:

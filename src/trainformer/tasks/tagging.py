@@ -1,19 +1,20 @@
 """Named-entity recognition: token classification on an encoder, scored with seqeval.
 
 Data: CoNLL-style files (CoNLL-2003, WNUT-17, or a path), tags normalised to
-BIO (`extraction.to_bio`), official splits where the data set has them.
+BIO (`inference.bio.to_bio`), official splits where the data set has them.
 Fine-tuning starts from an MLM-pretrained encoder (`init_from`), whose
 tokenizer and shape are taken over (`extraction.inherit_pretrained`).
 
 Labelling: each word's label sits on its first subword; other subwords,
 padding and the ``<cls>``/``<sep>`` wrappers carry -100 (no loss).
-Decoding: constrained Viterbi over the first-subword log-probabilities
-(`extraction.viterbi_bio`), so the output is always valid BIO, plus a
-tag-bigram prior counted on the training tags (`TransitionPrior`, saved as
-``model/transitions.json``) whose weight is chosen on valid at each
-evaluation unless ``eval.transition_weight`` fixes it. With ``model.crf:
-true`` the head learns those scores instead, trained with a linear-chain CRF
-loss (`trainformer.tasks.crf`), and decoding uses them with weight 1.
+Decoding (the `Tagger` of `trainformer.inference.tagger`): constrained
+Viterbi over the first-subword log-probabilities (`inference.bio.viterbi_bio`),
+so the output is always valid BIO, plus a tag-bigram prior counted on the
+training tags (`TransitionPrior`, saved as ``model/transitions.json``) whose
+weight is chosen on valid at each evaluation unless ``eval.transition_weight``
+fixes it. With ``model.crf: true`` the head learns those scores instead,
+trained with a linear-chain CRF loss (`trainformer.inference.crf`), and
+decoding uses them with weight 1.
 Metric: entity-level precision / recall / F1 with seqeval (conlleval
 rules), micro-averaged and per type.
 """
@@ -22,48 +23,38 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from seqeval.metrics import classification_report
 from torch import nn
 
-from trainformer.config import Config
 from trainformer.data.batching import IGNORE_INDEX, collate_tagging
 from trainformer.data.cache import Ragged, TokenStore, texts_hash, tokenize_words_cached
 from trainformer.data.chars import word_bytes
-from trainformer.data.readers import TaggedSentence, read_conll
+from trainformer.data.readers import TaggedSentence
 from trainformer.data.tokenizer import (
     CLS_ID,
     PAD_ID,
     SEP_ID,
     UNK_ID,
-    TextTokenizer,
     load_or_train_tokenizer,
 )
-from trainformer.data.windows import join_sentences, per_subword, window_groups, window_store
-from trainformer.errors import UserError
-from trainformer.generation.steppers import eval_mode
-from trainformer.tasks.crf import crf_nll, learned_prior, tagging_head, words_of
-from trainformer.tasks.extraction import (
+from trainformer.data.windows import per_subword, window_store
+from trainformer.inference.bio import (
     OUTSIDE,
-    FineTuneTask,
+    TRANSITIONS_FILE,
     TransitionPrior,
     bio_labels,
-    entity_dicts,
-    inference_batches,
-    read_eval_file,
-    split_words,
     tag_type,
     to_bio,
-    viterbi_bio,
 )
-from trainformer.tasks.translate_infer import inference_autocast
-from trainformer.textio import warn
+from trainformer.inference.crf import crf_nll, learned_prior, tagging_head, words_of
+from trainformer.inference.loading import load_tagger
+from trainformer.inference.tagger import Tagger
+from trainformer.tasks.extraction import FineTuneTask
 from trainformer.training.task import Batch
 
 
@@ -86,174 +77,6 @@ def score_entities(gold: list[list[str]], pred: list[list[str]]) -> dict[str, fl
 
 # Prior weights tried on valid when eval.transition_weight is not set (0 = validity rules only).
 TRANSITION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
-TRANSITIONS_FILE = "transitions.json"
-
-
-# ----------------------------------------------------------------------------
-# Inference
-# ----------------------------------------------------------------------------
-
-# One sentence ready for the model: subword ids, their word indexes, the words' bytes (or
-# None), the number of words.
-Encoded = tuple[list[int], list[int], np.ndarray | None, int]
-
-
-class Tagger:
-    """Batched BIO tagging of pre-split sentences with a trained tagging encoder, or several.
-
-    Args:
-        model: an `Encoder` with a tagging head, or several trained on the same labels and
-            tokenizer (an ensemble: their per-word log-probabilities are averaged, and with
-            the mean of their priors Viterbi finds the path of highest mean score);
-            tokenizer: its tokenizer.
-        labels: label names in id order (BIO).
-        max_len: the model's window; longer sentences are cut (their last words get ``O``).
-        batch_tokens: padded tokens per inference batch.
-        prior: the tag-bigram prior used in decoding (None: the BIO validity rules only).
-        chars: give the models each word's bytes (`trainformer.data.chars`), for a character CNN.
-        context_window: read consecutive sentences together in windows of up to this many
-            positions (`trainformer.data.windows`; 0: each sentence alone), as the model was trained.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module | Sequence[nn.Module],
-        tokenizer: TextTokenizer,
-        labels: list[str],
-        max_len: int,
-        batch_tokens: int = 8000,
-        precision: str = "auto",
-        prior: TransitionPrior | None = None,
-        chars: bool = False,
-        context_window: int = 0,
-    ):
-        self.models = list(model) if isinstance(model, Sequence) else [model]
-        self.model, self.tokenizer, self.labels = self.models[0], tokenizer, labels
-        self.prior = prior
-        self.limit = max_len - 2  # room for <cls> and <sep>
-        self.batch_tokens = batch_tokens
-        self.precision = precision
-        self.chars = chars
-        self.context_window = min(context_window, max_len)
-        self.device = next(self.model.parameters()).device
-        self.truncated = 0
-
-    def _encode(self, sentences: list[list[str]]) -> list[Encoded]:
-        """(ids, word index of each id, the words' bytes or None, word count) per sentence, cut
-        to the window (counted)."""
-        out = []
-        for words, (ids, word_ids) in zip(sentences, self.tokenizer.encode_words_batch(sentences)):
-            if len(ids) > self.limit:
-                ids, word_ids = ids[: self.limit], word_ids[: self.limit]
-                self.truncated += 1
-            out.append((ids, word_ids, word_bytes(words) if self.chars else None, len(words)))
-        return out
-
-    def _windows(self, encoded: list[Encoded]) -> list[list[int]]:
-        """Positions in `encoded` of each window of consecutive sentences read together
-        (one sentence per window without a context window)."""
-        if not self.context_window:
-            return [[i] for i in range(len(encoded))]
-        return window_groups([len(e[0]) for e in encoded], self.context_window)
-
-    def _word_scores(self, windows: list[list[Encoded]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-word log-probabilities (K, N, L) of the K sentences of `windows`, in order, from
-        their first subwords, and words per sentence (K,) up to the last word with a subword."""
-        rows = [join_sentences([e[0] for e in win], [e[1] for e in win], [e[3] for e in win], SEP_ID)
-                for win in windows]
-        # collate puts each word's index within its sentence on its first subword, -100 elsewhere
-        batch = collate_tagging(
-            [ids for ids, _ in rows], [w for _, w in rows],
-            [np.concatenate([np.arange(e[3]) for e in win]) for win in windows], PAD_ID, CLS_ID, SEP_ID,
-            [np.concatenate([e[2] for e in win]) for win in windows] if self.chars else None,
-            [[e[3] for e in win] for win in windows],
-        )
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        ids, mask, word_at, chars = batch["ids"], batch["mask"], batch["labels"], batch.get("chars")
-        logp = sum(F.log_softmax(m(ids, mask, chars=chars).float(), dim=-1) for m in self.models) / len(self.models)  # (B, S, L)
-        first = word_at >= 0  # (B, S)
-        n_words = [max(e[1], default=-1) + 1 for win in windows for e in win]
-        # a word with no subword at all (e.g. only a zero-width space) keeps score 0: no preference
-        scores = logp.new_zeros(len(n_words), max(max(n_words), 1), logp.shape[-1])  # (K, N, L)
-        scores[batch["sentence"][first], word_at[first]] = logp[first]
-        return scores, torch.tensor(n_words)
-
-    def tag(self, sentences: list[list[str]]) -> list[list[str]]:
-        """BIO tags of each sentence (a list of words), one per word, in input order."""
-        weight = self.prior.weight if self.prior is not None else 0.0
-        return self.tag_each_weight(sentences, [weight])[weight]
-
-    def tag_each_weight(self, sentences: list[list[str]], weights: Sequence[float]) -> dict[float, list[list[str]]]:
-        """For each prior weight, the tags `tag` would give with it; the network runs once."""
-        self.truncated = 0
-        out = {w: [[OUTSIDE] * len(s) for s in sentences] for w in weights}
-        todo = [i for i, s in enumerate(sentences) if s]
-        encoded = self._encode([sentences[i] for i in todo])
-        windows = self._windows(encoded)
-        lengths = [sum(len(encoded[i][0]) + 1 for i in win) + 1 for win in windows]  # + <cls> and the <sep>s
-        with eval_mode(*self.models), inference_autocast(self.device, self.precision):
-            for batch in inference_batches(lengths, self.batch_tokens):
-                scores, n_words = self._word_scores([[encoded[i] for i in windows[b]] for b in batch])
-                order = [i for b in batch for i in windows[b]]  # the sentences of `scores`, in order
-                for w in weights:
-                    prior = self.prior.with_weight(w) if self.prior is not None else None
-                    for i, path in zip(order, viterbi_bio(scores, n_words, self.labels, prior)):
-                        out[w][todo[i]][: len(path)] = [self.labels[k] for k in path]
-        return out
-
-    def extract(self, lines: list[str]) -> list[dict[str, Any]]:
-        """``{"text", "entities": [{"type", "text", "start", "end"}]}`` per raw text line.
-
-        Words are split with `split_words`, so offsets index the original line.
-        """
-        words = [split_words(line) for line in lines]
-        tags = self.tag([[w for w, _, _ in ws] for ws in words])
-        if self.truncated:
-            warn(f"{self.truncated} line(s) longer than {self.limit} tokens were truncated "
-                 "(their last words are tagged O)")
-        return [{"text": line, "entities": entity_dicts(line, ws, t)} for line, ws, t in zip(lines, words, tags)]
-
-
-def load_tagger(model_dir: str | Path, device: str = "auto", precision: str = "auto") -> Tagger:
-    """A `Tagger` for a trained ``ner`` model directory, or an ensemble of them (see
-    `trainformer.tasks.ensemble`)."""
-    from trainformer.tasks.ensemble import load_members
-
-    members = load_members(model_dir, "ner", device)
-    loaded, tokenizer = members[0]
-    if not loaded.labels:
-        raise UserError(f"{loaded.path}: labels.json is missing")
-    priors = [learned_prior(m.model) or load_prior(m.path / TRANSITIONS_FILE, m.labels) for m, _ in members]
-    cfg = loaded.cfg
-    chars = any(m.cfg.model.char_cnn for m, _ in members)
-    if len({m.cfg.data.context_window for m, _ in members}) > 1:
-        raise UserError(f"{model_dir}: the members were trained with different data.context_window; "
-                        "an ensemble reads its sentences one way for all")
-    return Tagger([m.model for m, _ in members], tokenizer, loaded.labels, cfg.model.max_len, cfg.eval.batch_tokens,
-                  precision, mean_prior(priors, model_dir), chars, cfg.data.context_window)
-
-
-def mean_prior(priors: Sequence[TransitionPrior | None], source: str | Path) -> TransitionPrior | None:
-    """The weight-1 prior whose scores are the mean of the members' weighted scores (one
-    member: its own prior). Members must all have a prior or all lack one."""
-    if len(priors) == 1 or all(p is None for p in priors):
-        return priors[0]
-    if any(p is None for p in priors):
-        raise UserError(f"{source}: some members decode with a tag-transition prior and some without")
-    start = sum(p.weight * p.start for p in priors) / len(priors)
-    trans = sum(p.weight * p.trans for p in priors) / len(priors)
-    return TransitionPrior(start, trans, 1.0)
-
-
-def load_prior(path: Path, labels: list[str]) -> TransitionPrior | None:
-    """The `TransitionPrior` saved in `path`; None if there is none (model dirs from before
-    the prior decode with the BIO validity rules only)."""
-    if not path.is_file():
-        return None
-    try:
-        return TransitionPrior.from_json(json.loads(path.read_text(encoding="utf-8")), labels, path)
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"{path}: expected the tag-transition file a ner run writes ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------
@@ -430,20 +253,6 @@ class TaggingTask(FineTuneTask):
         lines = [" ".join(s.tokens) for s in self.sample_examples()]
         return [f"TEXT: {r['text']}\nENTS: " + "; ".join(f"{e['type']}: {e['text']}" for e in r["entities"])
                 for r in self.tagger(model).extract(lines)]
-
-
-# ----------------------------------------------------------------------------
-# `trainformer evaluate` for ner models
-# ----------------------------------------------------------------------------
-
-
-def evaluate_file(cfg: Config, args) -> dict:
-    """seqeval P/R/F1 (micro and per type) of a ``ner`` model on a CoNLL-format file."""
-    tagger = load_tagger(args.model_dir, args.device, getattr(args, "precision", "auto"))
-    result = read_eval_file(args, read_conll, "CoNLL: one 'token ... tag' per line, blank lines between sentences")
-    gold = [to_bio(s.tags) for s in result.examples]
-    return {**score_tagger(tagger, [s.tokens for s in result.examples], gold), "bad_lines": result.bad.total,
-            "truncated": tagger.truncated}
 
 
 def score_tagger(tagger: Tagger, sentences: list[list[str]], gold: list[list[str]]) -> dict[str, float]:

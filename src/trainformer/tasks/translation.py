@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import sacrebleu
 import torch
 from torch import nn
 
@@ -24,8 +24,8 @@ from trainformer.data.readers import BadLines, Pair, filter_too_long
 from trainformer.data.registry import read_translation_pairs
 from trainformer.data.splits import group_references, make_splits
 from trainformer.data.tokenizer import load_or_train_tokenizer
+from trainformer.inference.translator import Translator
 from trainformer.models import build_model
-from trainformer.tasks.translate_infer import Translator, score_translations
 from trainformer.training.task import Batch, StatefulBatches, Task, spread_indices
 
 _PUNCT = re.compile(r"[\W_]+", re.UNICODE)
@@ -38,6 +38,21 @@ def split_key(source: str) -> str:
     split and near-identical pairs cannot leak from train into test.
     """
     return _PUNCT.sub(" ", source.lower()).strip()
+
+
+def score_translations(hyps: list[str], refs: list[list[str]]) -> dict[str, float | str]:
+    """Corpus BLEU and chrF with every reference of each hypothesis (variable counts allowed)."""
+    n_refs = max((len(r) for r in refs), default=1)
+    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(n_refs)]
+    bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
+    b, c = bleu.corpus_score(hyps, streams), chrf.corpus_score(hyps, streams)
+    return {
+        "bleu": round(b.score, 2),
+        "chrf": round(c.score, 2),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+        "bleu_detail": str(b),
+    }
 
 
 @dataclass
@@ -96,9 +111,6 @@ class TranslationTask(Task):
     def _eval_set(self, pairs: list[Pair], index: np.ndarray) -> EvalSet:
         grouped = group_references([p.src for p in pairs], [p.tgt for p in pairs], index)
         return EvalSet([s for s, _ in grouped], [r for _, r in grouped])
-
-    def data_report(self) -> dict[str, Any]:
-        return self.report
 
     def train_batches(self) -> StatefulBatches:
         from trainformer.data.batching import PairBatches
@@ -166,7 +178,3 @@ class TranslationTask(Task):
             f"EN:  {s}\nFR*: {h}\nREF: {data.references[i][0]}"
             for s, h, i in zip(sources, hyps, idx)
         ]
-
-    def save_artifacts(self, model_dir: Path) -> None:
-        assert self.tokenizer is not None
-        self.tokenizer.save(model_dir / "tokenizer.json")

@@ -118,8 +118,10 @@ class Task(ABC):
         return int(sum(v.sum() for k, v in batch.items() if k.endswith("mask")))
 
     def save_artifacts(self, model_dir: Path) -> None:
-        """Write what inference needs beside the weights (tokenizer.json, labels...)."""
-        return None
+        """Write what inference needs beside the weights: here tokenizer.json, when the task has a
+        tokenizer; a task adds its own files (labels.json, transitions.json) after calling this."""
+        if self.tokenizer is not None:
+            self.tokenizer.save(model_dir / "tokenizer.json")
 
     def samples(self, model: nn.Module) -> list[str]:
         """A few human-readable outputs printed at the end of a run."""
@@ -140,5 +142,6 @@ class Task(ABC):
         return 6.0 * (dense + self.vocab_scored_share * tied)
 
     def data_report(self) -> dict[str, Any]:
-        """Counts of skipped/malformed lines, split sizes, padding — logged to metrics."""
-        return {}
+        """Counts of skipped/malformed lines, split sizes, padding — logged to metrics: `self.report`,
+        which `setup` fills (and `write_data_report` saves)."""
+        return self.report

@@ -16,7 +16,7 @@ directory of its own, so `evaluate` and `extract` take it like any other:
       member-0/ ...     a full copy of each member's model directory
 
 Translation and chat models are not combined (their decoding would need
-the members stepped together).
+the members stepped together). Loading the members: `loading.load_members`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ import json
 import shutil
 from pathlib import Path
 
-from trainformer.data.tokenizer import TextTokenizer
 from trainformer.errors import UserError
 from trainformer.modeldir import ENSEMBLE_MANIFEST as MANIFEST
-from trainformer.modeldir import LoadedModel, read_model_config, resolve_model_dir
+from trainformer.modeldir import read_model_config, resolve_model_dir
 
 SHARED = ("config.json", "tokenizer.json", "labels.json")
 ENSEMBLE_TASKS = ("relations", "ner")
@@ -50,18 +49,6 @@ def member_dirs(path: str | Path) -> list[Path]:
     for m in members:
         if not (m / "config.json").is_file():
             raise UserError(f"{p / MANIFEST}: member {m.name} is missing from {p}")
-    return members
-
-
-def load_members(model_dir: str | Path, task: str, device: str = "auto") -> list[tuple[LoadedModel, TextTokenizer]]:
-    """(model, tokenizer) of each member of the ensemble at `model_dir`, or of the one model there;
-    every member has the same labels."""
-    from trainformer.tasks.loading import load_for_task
-
-    dirs = member_dirs(model_dir) if is_ensemble(model_dir) else [model_dir]
-    members = [load_for_task(d, task, device) for d in dirs]
-    if any(m.labels != members[0][0].labels for m, _ in members):
-        raise UserError(f"{model_dir}: its members' labels.json differ")
     return members
 
 

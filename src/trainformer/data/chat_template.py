@@ -12,7 +12,9 @@ user or system text, nor on the ``<|assistant|>`` marker the prompt supplies.
 
 `lm-pretrain` reserves the four markers in its tokenizer, so a chat model
 fine-tuned from it needs no resized embedding (see `tasks/chat.py`).
-Everything here works on token ids and needs no model.
+Everything here works on token ids and needs no model, so it sits with the
+data: the chat task renders its training examples with it, `inference.chatbot`
+its prompts, `serve` its requests.
 """
 
 from __future__ import annotations

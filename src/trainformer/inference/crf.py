@@ -14,7 +14,10 @@ Per-word constants do not change the best path, so decoding may use the
 head's log-softmax where training used its raw logits.
 
 The parameters live in the model (`TaggingHead` with ``model.crf: true``);
-this module holds the training-side maths only.
+this module holds the maths on both sides: the loss the NER task trains
+(`crf_nll` on `words_of`) and the learned scores a `Tagger` decodes with
+(`learned_prior`). It sits beside `bio.py`, whose constraints and Viterbi it
+shares, below the tasks that train with it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from trainformer.tasks.extraction import TransitionPrior, allowed_transitions
+from trainformer.inference.bio import TransitionPrior, allowed_transitions
 
 # Score of a forbidden start / transition in training: finite, so no NaN reaches the gradient.
 FORBIDDEN = -1e4
