@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,33 +35,14 @@ from trainformer.rundir import RunDir, atomic_write_text
 from trainformer.training import checkpoint as ckpt
 from trainformer.training import distributed as D
 from trainformer.training.device import setup_device
+from trainformer.training.metrics_log import MetricsWindow, TrainLog
 from trainformer.training.optim import build_optimizer, clip_gradients
 from trainformer.training.precision import build_precision
-from trainformer.training.progress import Progress
 from trainformer.training.schedule import build_scheduler
+from trainformer.training.state import TrainState
 from trainformer.training.task import Batch, Task
-from trainformer.training.throughput import eta_seconds, mfu, peak_flops
+from trainformer.training.throughput import mfu, peak_flops
 from trainformer.training.wrapping import apply_activation_checkpointing, compile_model
-
-
-@dataclass
-class TrainState:
-    """Counters saved in every checkpoint (plain numbers only)."""
-
-    step: int = 0  # optimizer updates done (skipped non-finite steps do not count)
-    tokens: int = 0  # non-padding tokens processed, all ranks
-    elapsed_s: float = 0.0  # wall time of the run, across resumes
-    train_s: float = 0.0  # time inside training steps (excludes evaluation, checkpoints)
-    bad_steps: int = 0  # non-finite steps skipped in total
-    best_value: float | None = None
-    best_step: int = 0
-    evals_since_best: int = 0
-    decay_start_s: float | None = None  # elapsed_s when warm-up ended (optim.decay_horizon: budget)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainState:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 class Trainer:
@@ -103,6 +84,8 @@ class Trainer:
         self._last_eval_step = -1
         self._bad_in_a_row = 0
         self.valid_metrics: dict[str, float] = {}
+        self.window = MetricsWindow(self.device)  # the steps since the last train record
+        self.log: TrainLog | None = None  # metrics.jsonl and the progress bar, from fit() on
 
     # ------------------------------------------------------------------
     # Set-up
@@ -230,7 +213,7 @@ class Trainer:
         mine = {"rng": ckpt.capture_rng(), "batches": ckpt.to_plain(self.batches.state_dict())}
         ranks = D.all_gather_object(mine, self.env)
         # Tokens of the unlogged window are counted too: a resumed run restarts the window.
-        pending = D.all_reduce(torch.tensor(float(self._window_tokens), device=self.comm_device), self.env)
+        pending = D.all_reduce(torch.tensor(float(self.window.tokens), device=self.comm_device), self.env)
         path = None
         if self.env.is_main:
             state = {
@@ -296,7 +279,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         n_tokens = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
-            self._window_tokens += self.task.batch_tokens(batch)  # CPU tensors: no device sync
+            self.window.add_tokens(self.task.batch_tokens(batch))  # CPU tensors: no device sync
             batch = self._to_device(batch)
             with D.gradient_sync(self.sync_model, enabled=i == len(micro) - 1):
                 with self.precision.autocast():
@@ -340,9 +323,7 @@ class Trainer:
         ok, norm = self._optimizer_step(loss_sum)
         self._last_norm = norm.detach()
         if ok:
-            self._window_loss += loss_sum
-            self._window_ntok += n_tokens
-            self._window_steps += 1
+            self.window.add_step(loss_sum, n_tokens)
         else:
             self._last_bad = (loss_sum, n_tokens)
         self.state.train_s += time.monotonic() - start
@@ -353,10 +334,10 @@ class Trainer:
     # ------------------------------------------------------------------
 
     def _print(self, line: str) -> None:
+        """A line for the user, rank 0 only: below the progress bar once fit() has one."""
         if self.env.is_main:
-            progress = getattr(self, "progress", None)
-            if progress is not None and progress.enabled:
-                progress.print(line)
+            if self.log is not None:
+                self.log.print(line)
             else:
                 print(line, flush=True)
 
@@ -385,52 +366,22 @@ class Trainer:
             epoch += 1
         return int(epoch)
 
-    def _reset_window(self) -> None:
-        self._window_loss = torch.zeros((), device=self.device)
-        self._window_ntok = torch.zeros((), device=self.device)
-        self._window_tokens = 0
-        self._window_steps = 0
-        self._window_start = time.monotonic()
-        self._window_paused = 0.0  # evaluation / checkpoint time inside the window
-
     def _log_train(self) -> None:
-        """Reduce the window's sums over ranks, then log one record (the only .item() calls)."""
-        tokens = torch.tensor(float(self._window_tokens), device=self.device)
-        sums = torch.stack([self._window_loss, self._window_ntok, tokens]).to(self.comm_device)
-        loss_sum, n_tokens, tokens = D.all_reduce(sums, self.env).tolist()  # one host sync
-        seconds = max(1e-9, time.monotonic() - self._window_start - self._window_paused)
-        tokens_per_s = tokens / seconds
-        self.state.tokens += int(tokens)
+        """The window's train record (its sums reduced over ranks: the only .item() calls); a new window."""
+        totals = self.window.totals(self.env, self.comm_device)  # one host sync
+        self.state.tokens += totals.tokens
         self._sync_elapsed()
-        record = {
-            "event": "train",
-            "step": self.state.step,
-            "loss": loss_sum / max(n_tokens, 1.0),
-            "lr": self.scheduler.get_last_lr()[0],
-            "tokens_per_s": tokens_per_s,
-            "mfu": mfu(self.flops_per_token, tokens_per_s / self.env.world_size, self.peak),
-            "grad_norm": self._last_norm.item(),
-            "elapsed_s": self.state.elapsed_s,
-            "eta_s": eta_seconds(self.state.step, self.cfg.train.max_steps,
-                                 seconds / max(1, self._window_steps), self.state.elapsed_s,
-                                 self.cfg.train.max_minutes),
-        }
-        epoch = self._epoch()
-        if epoch is not None:
-            record["epoch"] = epoch
-        self.progress.log(record)
-        self._reset_window()
+        self.log.train(totals, self.state.step, self.state.elapsed_s, self.scheduler.get_last_lr()[0],
+                       self._last_norm.item(), self._epoch())
+        self.window.reset()
 
-    def _log_bad_step(self) -> None:
+    def _on_bad_step(self) -> None:
         """Record a skipped non-finite step; stop after `max_bad_steps` in a row."""
         self._bad_in_a_row += 1
         self.state.bad_steps += 1
         loss_sum, n_tokens = self._last_bad
         loss = (loss_sum / n_tokens.clamp_min(1.0)).item()
-        record = {"event": "bad_step", "step": self.state.step, "loss": loss,
-                  "grad_norm": self._last_norm.item(), "in_a_row": self._bad_in_a_row}
-        self.progress.log(record)
-        self._print(f"step {self.state.step}: non-finite loss/gradients (loss {loss}); step skipped")
+        self.log.bad_step(self.state.step, loss, self._last_norm.item(), self._bad_in_a_row)
         if self._bad_in_a_row >= self.cfg.train.max_bad_steps:
             last = ckpt.latest_checkpoint(self.run_dir.checkpoints)
             where = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
@@ -461,23 +412,18 @@ class Trainer:
 
     def evaluate(self, split: str = "valid", **extra: Any) -> dict[str, float]:
         """Evaluate on `split`, log it, and (for valid) track the best model and early stopping."""
-        start = time.monotonic()
-        metrics = self._on_eval_ranks(lambda m: self.task.evaluate(m, split))
-        main = self.task.main_metric
-        if main not in metrics:
-            raise RuntimeError(f"{type(self.task).__name__}.evaluate({split!r}) returned no {main!r}")
-        self._sync_elapsed()
-        record = {"event": "eval", "split": split, "step": self.state.step,
-                  "elapsed_s": self.state.elapsed_s, "train_s": self.state.train_s, "main_metric": main,
-                  **extra, **metrics}
-        self.progress.log(record)
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
-        self._print(f"{split} @ step {self.state.step}: {shown}")
-        if split == "valid" and not extra:
-            self._last_eval_step = self.state.step
-            self.valid_metrics = metrics
-            self._track_best(float(metrics[main]))
-        self._window_paused += time.monotonic() - start
+        with self.window.paused():
+            metrics = self._on_eval_ranks(lambda m: self.task.evaluate(m, split))
+            main = self.task.main_metric
+            if main not in metrics:
+                raise RuntimeError(f"{type(self.task).__name__}.evaluate({split!r}) returned no {main!r}")
+            self._sync_elapsed()
+            self.log.evaluation(split, self.state.step, self.state.elapsed_s, self.state.train_s, main,
+                                metrics, **extra)
+            if split == "valid" and not extra:
+                self._last_eval_step = self.state.step
+                self.valid_metrics = metrics
+                self._track_best(float(metrics[main]))
         return metrics
 
     def _track_best(self, value: float) -> None:
@@ -540,9 +486,8 @@ class Trainer:
         if t.eval_every and step % t.eval_every == 0:
             self.evaluate("valid")
         if self._checkpoint_due():
-            start = time.monotonic()
-            self.save_checkpoint()
-            self._window_paused += time.monotonic() - start
+            with self.window.paused():
+                self.save_checkpoint()
 
     # ------------------------------------------------------------------
     # The run
@@ -570,17 +515,15 @@ class Trainer:
                 return "data_exhausted"
             start = time.monotonic()
             if not self.train_step(micro):
-                self._log_bad_step()
+                self._on_bad_step()
                 continue
             if first and self.cfg.train.compile:
-                seconds = time.monotonic() - start
-                self.progress.log({"event": "compile", "step": self.state.step + 1, "compile_s": seconds})
-                self._print(f"torch.compile: first step took {seconds:.1f}s")
-                self._reset_window()  # keep compile time out of tokens/s
+                self.log.compiled(self.state.step + 1, time.monotonic() - start)
+                self.window.reset()  # keep compile time out of tokens/s
             first = False
             self._bad_in_a_row = 0
             self.state.step += 1
-            self.progress.advance()
+            self.log.advance()
             self._after_step()
         return reason
 
@@ -596,24 +539,20 @@ class Trainer:
         self._setup(resume)
         self._clock = self._last_ckpt_time = time.monotonic()
         report = self.task.data_report()
-        t = self.cfg.train
-        # Under a wall-clock budget the step count is unknown: the bar counts steps without a
-        # total (tqdm's own ETA would assume max_steps) and the postfix shows the budget's ETA.
-        total = None if t.max_minutes else t.max_steps
-        self.progress = Progress(self.run_dir, total, self.state.step, bar=t.progress,
-                                 enabled=self.env.is_main)
+        self.log = TrainLog(self.run_dir, self.cfg.train, self.state.step, self.env.is_main,
+                            self.flops_per_token, self.peak, self.env.world_size)
         if report:
-            self.progress.log({"event": "data", "step": self.state.step, **report})
-        self._reset_window()
+            self.log.log({"event": "data", "step": self.state.step, **report})
+        self.window.reset()
         old_handlers = self._install_signal_handlers()
         try:
             reason = self._train_loop()
-            self.progress.end_bar()
+            self.log.end_bar()
             return self._finish(reason)
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
-            self.progress.close()
+            self.log.close()
             self._release_wrappers()
 
     def _release_wrappers(self) -> None:
@@ -692,10 +631,9 @@ class Trainer:
 
     def _finish(self, reason: str) -> dict[str, Any]:
         """Last checkpoint and evaluation, model/, summary.json, plots, samples."""
-        if self._window_steps:
+        if self.window.steps:
             self._log_train()
-        if self.env.is_main and getattr(self, "progress", None) is not None:
-            self.progress.end_bar()  # evaluation and samples print below a finished bar
+        self.log.end_bar()  # evaluation and samples print below a finished bar
         if reason == "signal":  # be quick: a scheduler's grace period is short
             if self._last_ckpt_step != self.state.step:
                 self.save_checkpoint()
