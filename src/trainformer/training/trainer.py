@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import signal
 import threading
 import time
@@ -30,18 +29,18 @@ from torch import nn
 
 from trainformer.config import Config, save_config
 from trainformer.errors import ConfigError, UserError
-from trainformer.modeldir import save_model_dir
 from trainformer.rundir import RunDir, atomic_write_text
 from trainformer.training import checkpoint as ckpt
 from trainformer.training import distributed as D
 from trainformer.training.device import setup_device
+from trainformer.training.finish import RunEnd, RunFacts, track_best
 from trainformer.training.metrics_log import MetricsWindow, TrainLog
 from trainformer.training.optim import build_optimizer, clip_gradients
 from trainformer.training.precision import build_precision
 from trainformer.training.schedule import build_scheduler
 from trainformer.training.state import TrainState
 from trainformer.training.task import Batch, Task
-from trainformer.training.throughput import mfu, peak_flops
+from trainformer.training.throughput import peak_flops
 from trainformer.training.wrapping import apply_activation_checkpointing, compile_model
 
 
@@ -427,19 +426,15 @@ class Trainer:
         return metrics
 
     def _track_best(self, value: float) -> None:
+        """Save the model as checkpoints/best when `value` is the best on valid; count down early stopping."""
         s = self.state
-        better = s.best_value is None or (
-            value > s.best_value if self.task.higher_is_better else value < s.best_value
-        )
-        if math.isfinite(value) and better:
-            s.best_value, s.best_step, s.evals_since_best = value, s.step, 0
+        if track_best(s, value, self.task.higher_is_better):
             model_state = D.full_model_state(self.module)
             if self.env.is_main:
                 info = {"step": s.step, "metric": self.task.main_metric, "value": value}
                 ckpt.save_best(self.run_dir.checkpoints, model_state, info)
             D.barrier(self.env)
             return
-        s.evals_since_best += 1
         patience = self.cfg.train.early_stopping
         if patience and s.evals_since_best >= patience:
             self._early_stop = True
@@ -566,115 +561,16 @@ class Trainer:
     # The end of a run
     # ------------------------------------------------------------------
 
-    def _average_last(self) -> int:
-        """Load the mean of the last `train.average_last` checkpoints; returns how many."""
-        n = self.cfg.train.average_last
-        paths = ckpt.list_checkpoints(self.run_dir.checkpoints)[-n:] if n > 1 else []
-        if len(paths) < 2:
-            return 0
-        D.load_full_model_state(self.module, ckpt.average_checkpoints(paths))
-        self._print(f"averaged the weights of {len(paths)} checkpoints: {paths[0].name}..{paths[-1].name}")
-        return len(paths)
-
-    def _restore_best(self, valid: dict[str, float]) -> bool:
-        """Load ``checkpoints/best`` (train.keep_best) if it scored better on valid than the
-        weights in hand, whose scores are `valid`; True if it did."""
-        s, main = self.state, self.task.main_metric
-        path = self.run_dir.checkpoints / ckpt.BEST
-        if s.best_value is None or main not in valid or not (path / ckpt.WEIGHTS).is_file():
-            return False
-        if self._better(valid, {main: s.best_value}):
-            return False  # the last weights are the best (or as good)
-        D.load_full_model_state(self.module, ckpt.load_weights(path / ckpt.WEIGHTS))
-        self._print(f"keeping the weights of step {s.best_step}, best on valid ({main} {s.best_value:.4g} "
-                    f"against {float(valid[main]):.4g} at the end)")
-        return True
-
-    def _better(self, new: dict[str, float], old: dict[str, float]) -> bool:
-        """`new` scores at least as well as `old` on the task's main metric (True when unknown)."""
-        main = self.task.main_metric
-        if main not in old or main not in new:
-            return True
-        a, b = float(new[main]), float(old[main])
-        return a >= b if self.task.higher_is_better else a <= b
-
-    def _has_split(self, split: str) -> bool:
-        has = getattr(self.task, "has_split", None)
-        if callable(has):
-            return bool(has(split))
-        return split != "test" or self.cfg.data.test_size > 0
-
-    def _write_model_dir(self) -> None:
-        """model/: weights, config.json and the task's files, published in one rename."""
-        model_state = D.full_model_state(self.module)
-        if self.env.is_main:
-            final = self.run_dir.model_dir
-            tmp = ckpt.fresh_tmp_dir(final)
-            save_model_dir(model_state, self.cfg, tmp)  # the one writer of model/ weights and config.json
-            self.task.save_artifacts(tmp)
-            ckpt.publish_dir(tmp, final)
-        D.barrier(self.env)
-
-    def _summary(self, reason: str, valid: dict, test: dict, averaged: int, kept_best: bool = False) -> dict[str, Any]:
-        self._sync_elapsed()
-        s = self.state
-        return {
-            "name": self.cfg.name, "task": self.cfg.task, "stop_reason": reason,
-            "steps": s.step, "tokens": s.tokens, "wall_time_s": s.elapsed_s, "train_time_s": s.train_s,
-            "tokens_per_s": s.tokens / s.train_s if s.train_s else 0.0,
-            "mfu": mfu(self.flops_per_token, s.tokens / max(s.train_s, 1e-9) / self.env.world_size, self.peak),
-            "params": self.n_params, "precision": self.precision.name, "device": str(self.device),
-            "world_size": self.env.world_size, "bad_steps": s.bad_steps, "averaged_checkpoints": averaged,
-            "main_metric": self.task.main_metric, "best": {"step": s.best_step, "value": s.best_value},
-            "valid": valid, "test": test, "kept_best": kept_best,
-        }
-
     def _finish(self, reason: str) -> dict[str, Any]:
-        """Last checkpoint and evaluation, model/, summary.json, plots, samples."""
+        """The window's last record, then the end of the run (`training/finish.py`): the weights
+        kept, model/, summary.json, plots, samples. Returns the summary."""
         if self.window.steps:
             self._log_train()
         self.log.end_bar()  # evaluation and samples print below a finished bar
-        if reason == "signal":  # be quick: a scheduler's grace period is short
-            if self._last_ckpt_step != self.state.step:
-                self.save_checkpoint()
-            self._print(f"stopped by signal at step {self.state.step}; --resume {self.run_dir.path} continues")
-            summary = self._summary(reason, {}, {}, 0)
-            self.run_dir.write_summary(summary)
-            return summary
-        self._print(f"stopping at step {self.state.step}: {reason}")
-        if self._last_eval_step != self.state.step:
-            self.evaluate("valid")
-        if self._last_ckpt_step != self.state.step:
-            self.save_checkpoint()
-        valid = self.valid_metrics
-        averaged = self._average_last()
-        if averaged:
-            mean_valid = self.evaluate("valid", averaged=averaged)
-            if self._better(mean_valid, valid):
-                valid = mean_valid
-            else:  # averaging over a still-fast-improving stretch can lose; keep the last weights
-                last = ckpt.list_checkpoints(self.run_dir.checkpoints)[-1]
-                D.load_full_model_state(self.module, ckpt.load_weights(last / ckpt.WEIGHTS))
-                self._print(f"the averaged weights score lower on valid; kept {last.name}")
-                averaged = 0
-        kept_best = bool(self.cfg.train.keep_best and self._restore_best(valid))
-        if kept_best:
-            valid, averaged = self.evaluate("valid", best_step=self.state.best_step), 0
-        test = self.evaluate("test") if self._has_split("test") else {}
-        self._write_model_dir()
-        summary = self._summary(reason, valid, test, averaged, kept_best)
-        self.run_dir.write_summary(summary)
-        self._plot()
-        for line in self._on_eval_ranks(self.task.samples) or []:
-            self._print(line)
-        return summary
-
-    def _plot(self) -> None:
-        if not self.env.is_main:
-            return
-        from trainformer.training.plots import plot_run
-
-        try:
-            plot_run(self.run_dir.path)
-        except Exception as e:  # a plotting problem must not cost a finished run its summary
-            self._print(f"plots: skipped ({type(e).__name__}: {e})")
+        facts = RunFacts(self.n_params, self.precision.name, str(self.device), self.env.world_size,
+                         self.flops_per_token, self.peak)
+        end = RunEnd(self.cfg, self.task, self.run_dir, self.module, self.env, self.state, facts,
+                     evaluate=self.evaluate, save_checkpoint=self.save_checkpoint,
+                     on_eval_ranks=self._on_eval_ranks, sync_elapsed=self._sync_elapsed, print=self._print)
+        return end.run(reason, self.valid_metrics, evaluated=self._last_eval_step == self.state.step,
+                       checkpointed=self._last_ckpt_step == self.state.step)
