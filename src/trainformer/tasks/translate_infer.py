@@ -53,7 +53,7 @@ class Translator:
         self.max_src = min(cfg.model.max_len, max(cfg.data.max_len, 8) * 4)
         self.truncated = 0
         # False keeps stepping finished sentences until the batch is done, as HF generate() does:
-        # same output, for benchmarks/bench_drop_finished.py to time the difference
+        # same output, for benchmarks/speed/bench_drop_finished.py to time the difference
         self.drop_finished = True
 
     # ----------------------------------------------------------------- input
