@@ -1,4 +1,5 @@
-"""The performance suite's pure pieces: FLOP/MFU arithmetic, timing helpers, report writer, CLI smoke."""
+"""The performance suite's pure pieces: FLOP/MFU arithmetic, timing helpers, report writer, CLI smoke;
+the benchmark scripts' imports."""
 
 from __future__ import annotations
 
@@ -255,3 +256,41 @@ def test_peer_schedule_decays_to_zero_where_the_budget_ends():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # HF's warm-up: lr 0 at step 0
     assert sched.total == 30
     assert lrs[28] == pytest.approx(1 / 26) and lrs[29:] == [0.0] * 10
+
+
+def test_spread_by_length_covers_short_to_long():
+    from trainformer.bench.testset import spread_by_length
+
+    items = [("x" * n) for n in (5, 1, 9, 3, 7, 2, 8, 4, 6)]
+    picked = spread_by_length(items, 3)
+    assert [len(s) for s in picked] == [1, 5, 9]  # the shortest, the middle, the longest
+    assert spread_by_length(items, 20) == sorted(items, key=len)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("script", sorted(BENCHMARKS.glob("*/*.py")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_benchmark_scripts_import_only_what_exists(script):
+    """Scripts run as files from any group folder: no imports of a sibling script (which
+    only its own folder's sys.path entry would find), and every trainformer name they
+    import at the top exists (a rename in the package breaks no script unnoticed)."""
+    import ast
+    import importlib
+
+    siblings = {p.stem for p in BENCHMARKS.rglob("*.py")}
+    for node in ast.parse(script.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            modules = [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules = [(node.module, [a.name for a in node.names])]
+        else:
+            continue
+        for module, names in modules:
+            assert module.split(".")[0] not in siblings, f"{script.name} imports the script {module}"
+            if module.startswith("trainformer"):
+                imported = importlib.import_module(module)
+                package = hasattr(imported, "__path__")
+                missing = [n for n in names if not hasattr(imported, n)
+                           and not (package and importlib.util.find_spec(f"{module}.{n}"))]
+                assert not missing, f"{script.name}: {module} has no {missing}"

@@ -15,6 +15,17 @@ def run_cli(*args, stdin=None):
     )
 
 
+def run_main(capsys, *args) -> subprocess.CompletedProcess:
+    """`main(args)` in this process (argparse's exits included), as run_cli would report it:
+    the same code as ``python -m trainformer`` without a second interpreter's start-up."""
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def assert_user_error(proc, *fragments):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -25,14 +36,14 @@ def assert_user_error(proc, *fragments):
 
 
 def test_help_lists_commands():
-    proc = run_cli("--help")
+    proc = run_cli("--help")  # the one fast test through `python -m trainformer` itself
     assert proc.returncode == 0
     for verb in ("train", "recipes"):
         assert verb in proc.stdout
 
 
-def test_unknown_command_is_exit_2():
-    assert_user_error(run_cli("trian"))
+def test_unknown_command_is_exit_2(capsys):
+    assert_user_error(run_main(capsys, "trian"))
 
 
 def test_recipes_lists_builtins(capsys):
@@ -53,12 +64,12 @@ def test_bad_value_and_missing_recipe_in_subprocess(tmp_path):
     assert_user_error(run_cli("recipes", str(tmp_path / "nope.yaml")), "nope.yaml")
 
 
-def test_debug_shows_traceback():
-    proc = run_cli("--debug", "recipes", "translate-en-fr", "--set", "optim.lr=-1")
+def test_debug_shows_traceback(capsys):
+    proc = run_main(capsys, "--debug", "recipes", "translate-en-fr", "--set", "optim.lr=-1")
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
 @pytest.mark.parametrize("verb", ["train", "recipes"])
-def test_each_verb_has_help(verb):
-    proc = run_cli(verb, "--help")
+def test_each_verb_has_help(verb, capsys):
+    proc = run_main(capsys, verb, "--help")
     assert proc.returncode == 0 and "usage" in proc.stdout

@@ -1,7 +1,7 @@
 """The same behaviour on a CUDA device: blocks, families, generation, the trainer, resume, compile.
 
 Skipped where no GPU is visible (CI). Run them on a GPU machine with
-``pytest -m gpu``; `benchmarks/gpu.sh` runs them before the benchmark.
+``pytest -m gpu``; `benchmarks/speed/gpu.sh` runs them before the benchmark.
 TF32 is switched off wherever outputs are compared with fp32 references.
 """
 

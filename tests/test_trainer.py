@@ -210,7 +210,6 @@ def test_gradient_accumulation_is_exact(tmp_path, key):
         # seeded in __init__: same initial weights
         t = make_trainer(tmp_path, *over, *extra, name=name, task_cls=TargetsTask)
         t._setup(resume=False)
-        t._reset_window()
         trainers.append(t)
     accum, whole = trainers
     accum._forward_backward([half1, half2])
@@ -246,7 +245,6 @@ def test_non_finite_step_is_skipped(tmp_path):
     NaNTask.bad_calls, NaNTask.always_from = {1}, 0
     t = make_trainer(tmp_path, task_cls=NaNTask)
     t._setup(resume=False)
-    t._reset_window()
     before = {k: v.clone() for k, v in t.module.state_dict().items()}
     batch = next(iter(t.batches))
     assert t.train_step([batch]) is False
@@ -485,7 +483,6 @@ def test_activation_checkpointing_keeps_names_and_gradients(tmp_path, monkeypatc
     for i, ac in enumerate(("false", "true")):
         t = make_trainer(tmp_path, "model.dropout=0", f"train.activation_checkpointing={ac}", name=str(i))
         t._setup(resume=False)
-        t._reset_window()
         t._forward_backward([batch])
         grads.append({n: p.grad.clone() for n, p in t.module.named_parameters()})
     assert len(calls) == 2  # one per layer, only with checkpointing on

@@ -9,7 +9,7 @@ One step = forward + cross-entropy + backward + AdamW(fused) step, dropout 0:
 Steps of the two models alternate (ours, theirs, ours, ...) after a warm-up,
 so background load hits both alike. MFU = model FLOPs per step (matmuls
 counted from the shapes, training = 3 x forward, attention included) / step
-time / peak. Used by `benchmarks/bench_models.py` and `trainformer bench`.
+time / peak. Used by `benchmarks/speed/bench_models.py` and `trainformer bench`.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ class Translator:
         self.max_src = source_window(cfg)
         self.truncated = 0
         # False keeps stepping finished sentences until the batch is done, as HF generate() does:
-        # same output, for benchmarks/bench_drop_finished.py to time the difference
+        # same output, for benchmarks/speed/bench_drop_finished.py to time the difference
         self.drop_finished = True
 
     # ----------------------------------------------------------------- input

@@ -13,7 +13,7 @@ Three methods (``compression.json``: ``{"quantized": true, "quantization": METHO
   dequantised on the fly; activations stay fp32/bf16. It halves memory
   traffic where the matmul is memory-bound (GPU decoding), but on a CPU
   without int8 kernels the int8 -> float conversion costs more than it saves
-  (see benchmarks/bench_compression.py).
+  (see benchmarks/compression/bench_compression.py).
 - ``bf16``: the weights cast to bfloat16 (half the size), a baseline.
 
 The token embedding, which is also the tied output projection (the largest

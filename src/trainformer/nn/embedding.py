@@ -36,7 +36,7 @@ class TokenEmbedding(nn.Embedding):
         multiplies by a cached (D, V) copy of the weight instead: for a few rows
         against a (V, D) matrix, CPU GEMV kernels are slower than for the same
         product against its contiguous transpose, and the head is the largest
-        matmul of a decoding step (benchmarks/bench_decode_profile.py compares
+        matmul of a decoding step (benchmarks/speed/bench_decode_profile.py compares
         both, row "head via F.linear"). The copy costs V x D floats of memory.
         """
         if self._fast_head(h):

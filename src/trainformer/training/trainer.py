@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import signal
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,38 +29,19 @@ from torch import nn
 
 from trainformer.config import Config, save_config
 from trainformer.errors import ConfigError, UserError
-from trainformer.modeldir import save_model_dir
 from trainformer.rundir import RunDir, atomic_write_text
 from trainformer.training import checkpoint as ckpt
 from trainformer.training import distributed as D
 from trainformer.training.device import setup_device
+from trainformer.training.finish import RunEnd, RunFacts, track_best
+from trainformer.training.metrics_log import MetricsWindow, TrainLog
 from trainformer.training.optim import build_optimizer, clip_gradients
 from trainformer.training.precision import build_precision
-from trainformer.training.progress import Progress
 from trainformer.training.schedule import build_scheduler
+from trainformer.training.state import TrainState
 from trainformer.training.task import Batch, Task
-from trainformer.training.throughput import eta_seconds, mfu, peak_flops
+from trainformer.training.throughput import peak_flops
 from trainformer.training.wrapping import apply_activation_checkpointing, compile_model
-
-
-@dataclass
-class TrainState:
-    """Counters saved in every checkpoint (plain numbers only)."""
-
-    step: int = 0  # optimizer updates done (skipped non-finite steps do not count)
-    tokens: int = 0  # non-padding tokens processed, all ranks
-    elapsed_s: float = 0.0  # wall time of the run, across resumes
-    train_s: float = 0.0  # time inside training steps (excludes evaluation, checkpoints)
-    bad_steps: int = 0  # non-finite steps skipped in total
-    best_value: float | None = None
-    best_step: int = 0
-    evals_since_best: int = 0
-    decay_start_s: float | None = None  # elapsed_s when warm-up ended (optim.decay_horizon: budget)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainState:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 class Trainer:
@@ -103,6 +83,8 @@ class Trainer:
         self._last_eval_step = -1
         self._bad_in_a_row = 0
         self.valid_metrics: dict[str, float] = {}
+        self.window = MetricsWindow(self.device)  # the steps since the last train record
+        self.log: TrainLog | None = None  # metrics.jsonl and the progress bar, from fit() on
 
     # ------------------------------------------------------------------
     # Set-up
@@ -230,7 +212,7 @@ class Trainer:
         mine = {"rng": ckpt.capture_rng(), "batches": ckpt.to_plain(self.batches.state_dict())}
         ranks = D.all_gather_object(mine, self.env)
         # Tokens of the unlogged window are counted too: a resumed run restarts the window.
-        pending = D.all_reduce(torch.tensor(float(self._window_tokens), device=self.comm_device), self.env)
+        pending = D.all_reduce(torch.tensor(float(self.window.tokens), device=self.comm_device), self.env)
         path = None
         if self.env.is_main:
             state = {
@@ -296,7 +278,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         n_tokens = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
-            self._window_tokens += self.task.batch_tokens(batch)  # CPU tensors: no device sync
+            self.window.add_tokens(self.task.batch_tokens(batch))  # CPU tensors: no device sync
             batch = self._to_device(batch)
             with D.gradient_sync(self.sync_model, enabled=i == len(micro) - 1):
                 with self.precision.autocast():
@@ -340,9 +322,7 @@ class Trainer:
         ok, norm = self._optimizer_step(loss_sum)
         self._last_norm = norm.detach()
         if ok:
-            self._window_loss += loss_sum
-            self._window_ntok += n_tokens
-            self._window_steps += 1
+            self.window.add_step(loss_sum, n_tokens)
         else:
             self._last_bad = (loss_sum, n_tokens)
         self.state.train_s += time.monotonic() - start
@@ -353,10 +333,10 @@ class Trainer:
     # ------------------------------------------------------------------
 
     def _print(self, line: str) -> None:
+        """A line for the user, rank 0 only: below the progress bar once fit() has one."""
         if self.env.is_main:
-            progress = getattr(self, "progress", None)
-            if progress is not None and progress.enabled:
-                progress.print(line)
+            if self.log is not None:
+                self.log.print(line)
             else:
                 print(line, flush=True)
 
@@ -385,52 +365,22 @@ class Trainer:
             epoch += 1
         return int(epoch)
 
-    def _reset_window(self) -> None:
-        self._window_loss = torch.zeros((), device=self.device)
-        self._window_ntok = torch.zeros((), device=self.device)
-        self._window_tokens = 0
-        self._window_steps = 0
-        self._window_start = time.monotonic()
-        self._window_paused = 0.0  # evaluation / checkpoint time inside the window
-
     def _log_train(self) -> None:
-        """Reduce the window's sums over ranks, then log one record (the only .item() calls)."""
-        tokens = torch.tensor(float(self._window_tokens), device=self.device)
-        sums = torch.stack([self._window_loss, self._window_ntok, tokens]).to(self.comm_device)
-        loss_sum, n_tokens, tokens = D.all_reduce(sums, self.env).tolist()  # one host sync
-        seconds = max(1e-9, time.monotonic() - self._window_start - self._window_paused)
-        tokens_per_s = tokens / seconds
-        self.state.tokens += int(tokens)
+        """The window's train record (its sums reduced over ranks: the only .item() calls); a new window."""
+        totals = self.window.totals(self.env, self.comm_device)  # one host sync
+        self.state.tokens += totals.tokens
         self._sync_elapsed()
-        record = {
-            "event": "train",
-            "step": self.state.step,
-            "loss": loss_sum / max(n_tokens, 1.0),
-            "lr": self.scheduler.get_last_lr()[0],
-            "tokens_per_s": tokens_per_s,
-            "mfu": mfu(self.flops_per_token, tokens_per_s / self.env.world_size, self.peak),
-            "grad_norm": self._last_norm.item(),
-            "elapsed_s": self.state.elapsed_s,
-            "eta_s": eta_seconds(self.state.step, self.cfg.train.max_steps,
-                                 seconds / max(1, self._window_steps), self.state.elapsed_s,
-                                 self.cfg.train.max_minutes),
-        }
-        epoch = self._epoch()
-        if epoch is not None:
-            record["epoch"] = epoch
-        self.progress.log(record)
-        self._reset_window()
+        self.log.train(totals, self.state.step, self.state.elapsed_s, self.scheduler.get_last_lr()[0],
+                       self._last_norm.item(), self._epoch())
+        self.window.reset()
 
-    def _log_bad_step(self) -> None:
+    def _on_bad_step(self) -> None:
         """Record a skipped non-finite step; stop after `max_bad_steps` in a row."""
         self._bad_in_a_row += 1
         self.state.bad_steps += 1
         loss_sum, n_tokens = self._last_bad
         loss = (loss_sum / n_tokens.clamp_min(1.0)).item()
-        record = {"event": "bad_step", "step": self.state.step, "loss": loss,
-                  "grad_norm": self._last_norm.item(), "in_a_row": self._bad_in_a_row}
-        self.progress.log(record)
-        self._print(f"step {self.state.step}: non-finite loss/gradients (loss {loss}); step skipped")
+        self.log.bad_step(self.state.step, loss, self._last_norm.item(), self._bad_in_a_row)
         if self._bad_in_a_row >= self.cfg.train.max_bad_steps:
             last = ckpt.latest_checkpoint(self.run_dir.checkpoints)
             where = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
@@ -461,39 +411,30 @@ class Trainer:
 
     def evaluate(self, split: str = "valid", **extra: Any) -> dict[str, float]:
         """Evaluate on `split`, log it, and (for valid) track the best model and early stopping."""
-        start = time.monotonic()
-        metrics = self._on_eval_ranks(lambda m: self.task.evaluate(m, split))
-        main = self.task.main_metric
-        if main not in metrics:
-            raise RuntimeError(f"{type(self.task).__name__}.evaluate({split!r}) returned no {main!r}")
-        self._sync_elapsed()
-        record = {"event": "eval", "split": split, "step": self.state.step,
-                  "elapsed_s": self.state.elapsed_s, "train_s": self.state.train_s, "main_metric": main,
-                  **extra, **metrics}
-        self.progress.log(record)
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
-        self._print(f"{split} @ step {self.state.step}: {shown}")
-        if split == "valid" and not extra:
-            self._last_eval_step = self.state.step
-            self.valid_metrics = metrics
-            self._track_best(float(metrics[main]))
-        self._window_paused += time.monotonic() - start
+        with self.window.paused():
+            metrics = self._on_eval_ranks(lambda m: self.task.evaluate(m, split))
+            main = self.task.main_metric
+            if main not in metrics:
+                raise RuntimeError(f"{type(self.task).__name__}.evaluate({split!r}) returned no {main!r}")
+            self._sync_elapsed()
+            self.log.evaluation(split, self.state.step, self.state.elapsed_s, self.state.train_s, main,
+                                metrics, **extra)
+            if split == "valid" and not extra:
+                self._last_eval_step = self.state.step
+                self.valid_metrics = metrics
+                self._track_best(float(metrics[main]))
         return metrics
 
     def _track_best(self, value: float) -> None:
+        """Save the model as checkpoints/best when `value` is the best on valid; count down early stopping."""
         s = self.state
-        better = s.best_value is None or (
-            value > s.best_value if self.task.higher_is_better else value < s.best_value
-        )
-        if math.isfinite(value) and better:
-            s.best_value, s.best_step, s.evals_since_best = value, s.step, 0
+        if track_best(s, value, self.task.higher_is_better):
             model_state = D.full_model_state(self.module)
             if self.env.is_main:
                 info = {"step": s.step, "metric": self.task.main_metric, "value": value}
                 ckpt.save_best(self.run_dir.checkpoints, model_state, info)
             D.barrier(self.env)
             return
-        s.evals_since_best += 1
         patience = self.cfg.train.early_stopping
         if patience and s.evals_since_best >= patience:
             self._early_stop = True
@@ -540,9 +481,8 @@ class Trainer:
         if t.eval_every and step % t.eval_every == 0:
             self.evaluate("valid")
         if self._checkpoint_due():
-            start = time.monotonic()
-            self.save_checkpoint()
-            self._window_paused += time.monotonic() - start
+            with self.window.paused():
+                self.save_checkpoint()
 
     # ------------------------------------------------------------------
     # The run
@@ -570,17 +510,15 @@ class Trainer:
                 return "data_exhausted"
             start = time.monotonic()
             if not self.train_step(micro):
-                self._log_bad_step()
+                self._on_bad_step()
                 continue
             if first and self.cfg.train.compile:
-                seconds = time.monotonic() - start
-                self.progress.log({"event": "compile", "step": self.state.step + 1, "compile_s": seconds})
-                self._print(f"torch.compile: first step took {seconds:.1f}s")
-                self._reset_window()  # keep compile time out of tokens/s
+                self.log.compiled(self.state.step + 1, time.monotonic() - start)
+                self.window.reset()  # keep compile time out of tokens/s
             first = False
             self._bad_in_a_row = 0
             self.state.step += 1
-            self.progress.advance()
+            self.log.advance()
             self._after_step()
         return reason
 
@@ -596,24 +534,20 @@ class Trainer:
         self._setup(resume)
         self._clock = self._last_ckpt_time = time.monotonic()
         report = self.task.data_report()
-        t = self.cfg.train
-        # Under a wall-clock budget the step count is unknown: the bar counts steps without a
-        # total (tqdm's own ETA would assume max_steps) and the postfix shows the budget's ETA.
-        total = None if t.max_minutes else t.max_steps
-        self.progress = Progress(self.run_dir, total, self.state.step, bar=t.progress,
-                                 enabled=self.env.is_main)
+        self.log = TrainLog(self.run_dir, self.cfg.train, self.state.step, self.env.is_main,
+                            self.flops_per_token, self.peak, self.env.world_size)
         if report:
-            self.progress.log({"event": "data", "step": self.state.step, **report})
-        self._reset_window()
+            self.log.log({"event": "data", "step": self.state.step, **report})
+        self.window.reset()
         old_handlers = self._install_signal_handlers()
         try:
             reason = self._train_loop()
-            self.progress.end_bar()
+            self.log.end_bar()
             return self._finish(reason)
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
-            self.progress.close()
+            self.log.close()
             self._release_wrappers()
 
     def _release_wrappers(self) -> None:
@@ -627,116 +561,16 @@ class Trainer:
     # The end of a run
     # ------------------------------------------------------------------
 
-    def _average_last(self) -> int:
-        """Load the mean of the last `train.average_last` checkpoints; returns how many."""
-        n = self.cfg.train.average_last
-        paths = ckpt.list_checkpoints(self.run_dir.checkpoints)[-n:] if n > 1 else []
-        if len(paths) < 2:
-            return 0
-        D.load_full_model_state(self.module, ckpt.average_checkpoints(paths))
-        self._print(f"averaged the weights of {len(paths)} checkpoints: {paths[0].name}..{paths[-1].name}")
-        return len(paths)
-
-    def _restore_best(self, valid: dict[str, float]) -> bool:
-        """Load ``checkpoints/best`` (train.keep_best) if it scored better on valid than the
-        weights in hand, whose scores are `valid`; True if it did."""
-        s, main = self.state, self.task.main_metric
-        path = self.run_dir.checkpoints / ckpt.BEST
-        if s.best_value is None or main not in valid or not (path / ckpt.WEIGHTS).is_file():
-            return False
-        if self._better(valid, {main: s.best_value}):
-            return False  # the last weights are the best (or as good)
-        D.load_full_model_state(self.module, ckpt.load_weights(path / ckpt.WEIGHTS))
-        self._print(f"keeping the weights of step {s.best_step}, best on valid ({main} {s.best_value:.4g} "
-                    f"against {float(valid[main]):.4g} at the end)")
-        return True
-
-    def _better(self, new: dict[str, float], old: dict[str, float]) -> bool:
-        """`new` scores at least as well as `old` on the task's main metric (True when unknown)."""
-        main = self.task.main_metric
-        if main not in old or main not in new:
-            return True
-        a, b = float(new[main]), float(old[main])
-        return a >= b if self.task.higher_is_better else a <= b
-
-    def _has_split(self, split: str) -> bool:
-        has = getattr(self.task, "has_split", None)
-        if callable(has):
-            return bool(has(split))
-        return split != "test" or self.cfg.data.test_size > 0
-
-    def _write_model_dir(self) -> None:
-        """model/: weights, config.json and the task's files, published in one rename."""
-        model_state = D.full_model_state(self.module)
-        if self.env.is_main:
-            final = self.run_dir.model_dir
-            tmp = ckpt.fresh_tmp_dir(final)
-            save_model_dir(model_state, self.cfg, tmp)  # the one writer of model/ weights and config.json
-            self.task.save_artifacts(tmp)
-            ckpt.publish_dir(tmp, final)
-        D.barrier(self.env)
-
-    def _summary(self, reason: str, valid: dict, test: dict, averaged: int, kept_best: bool = False) -> dict[str, Any]:
-        self._sync_elapsed()
-        s = self.state
-        return {
-            "name": self.cfg.name, "task": self.cfg.task, "stop_reason": reason,
-            "steps": s.step, "tokens": s.tokens, "wall_time_s": s.elapsed_s, "train_time_s": s.train_s,
-            "tokens_per_s": s.tokens / s.train_s if s.train_s else 0.0,
-            "mfu": mfu(self.flops_per_token, s.tokens / max(s.train_s, 1e-9) / self.env.world_size, self.peak),
-            "params": self.n_params, "precision": self.precision.name, "device": str(self.device),
-            "world_size": self.env.world_size, "bad_steps": s.bad_steps, "averaged_checkpoints": averaged,
-            "main_metric": self.task.main_metric, "best": {"step": s.best_step, "value": s.best_value},
-            "valid": valid, "test": test, "kept_best": kept_best,
-        }
-
     def _finish(self, reason: str) -> dict[str, Any]:
-        """Last checkpoint and evaluation, model/, summary.json, plots, samples."""
-        if self._window_steps:
+        """The window's last record, then the end of the run (`training/finish.py`): the weights
+        kept, model/, summary.json, plots, samples. Returns the summary."""
+        if self.window.steps:
             self._log_train()
-        if self.env.is_main and getattr(self, "progress", None) is not None:
-            self.progress.end_bar()  # evaluation and samples print below a finished bar
-        if reason == "signal":  # be quick: a scheduler's grace period is short
-            if self._last_ckpt_step != self.state.step:
-                self.save_checkpoint()
-            self._print(f"stopped by signal at step {self.state.step}; --resume {self.run_dir.path} continues")
-            summary = self._summary(reason, {}, {}, 0)
-            self.run_dir.write_summary(summary)
-            return summary
-        self._print(f"stopping at step {self.state.step}: {reason}")
-        if self._last_eval_step != self.state.step:
-            self.evaluate("valid")
-        if self._last_ckpt_step != self.state.step:
-            self.save_checkpoint()
-        valid = self.valid_metrics
-        averaged = self._average_last()
-        if averaged:
-            mean_valid = self.evaluate("valid", averaged=averaged)
-            if self._better(mean_valid, valid):
-                valid = mean_valid
-            else:  # averaging over a still-fast-improving stretch can lose; keep the last weights
-                last = ckpt.list_checkpoints(self.run_dir.checkpoints)[-1]
-                D.load_full_model_state(self.module, ckpt.load_weights(last / ckpt.WEIGHTS))
-                self._print(f"the averaged weights score lower on valid; kept {last.name}")
-                averaged = 0
-        kept_best = bool(self.cfg.train.keep_best and self._restore_best(valid))
-        if kept_best:
-            valid, averaged = self.evaluate("valid", best_step=self.state.best_step), 0
-        test = self.evaluate("test") if self._has_split("test") else {}
-        self._write_model_dir()
-        summary = self._summary(reason, valid, test, averaged, kept_best)
-        self.run_dir.write_summary(summary)
-        self._plot()
-        for line in self._on_eval_ranks(self.task.samples) or []:
-            self._print(line)
-        return summary
-
-    def _plot(self) -> None:
-        if not self.env.is_main:
-            return
-        from trainformer.training.plots import plot_run
-
-        try:
-            plot_run(self.run_dir.path)
-        except Exception as e:  # a plotting problem must not cost a finished run its summary
-            self._print(f"plots: skipped ({type(e).__name__}: {e})")
+        self.log.end_bar()  # evaluation and samples print below a finished bar
+        facts = RunFacts(self.n_params, self.precision.name, str(self.device), self.env.world_size,
+                         self.flops_per_token, self.peak)
+        end = RunEnd(self.cfg, self.task, self.run_dir, self.module, self.env, self.state, facts,
+                     evaluate=self.evaluate, save_checkpoint=self.save_checkpoint,
+                     on_eval_ranks=self._on_eval_ranks, sync_elapsed=self._sync_elapsed, print=self._print)
+        return end.run(reason, self.valid_metrics, evaluated=self._last_eval_step == self.state.step,
+                       checkpointed=self._last_ckpt_step == self.state.step)

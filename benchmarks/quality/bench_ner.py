@@ -21,13 +21,13 @@ fine-tuning recipe and decoding from the pretraining.
 
 Writes OUT/bench_ner.json and OUT/bench_ner.md.
 
-    python benchmarks/bench_ner.py --mlm-minutes 35 --ner-minutes 22 --out runs/bench-ner
-    python benchmarks/bench_ner.py --mlm-minutes 5 --ner-minutes 5 --out /tmp/bench-ner
+    python benchmarks/quality/bench_ner.py --mlm-minutes 35 --ner-minutes 22 --out runs/bench-ner
+    python benchmarks/quality/bench_ner.py --mlm-minutes 5 --ner-minutes 5 --out /tmp/bench-ner
     # finished runs instead of new ones (their own minutes are read from summary.json):
-    python benchmarks/bench_ner.py --ours-mlm runs/encoder-mlm --ours-ner runs/ner-conll2003 --peer-minutes 22
-    python benchmarks/bench_ner.py --scratch --ner-minutes 8 --out runs/bench-ner-scratch
+    python benchmarks/quality/bench_ner.py --ours-mlm runs/encoder-mlm --ours-ner runs/ner-conll2003 --peer-minutes 22
+    python benchmarks/quality/bench_ner.py --scratch --ner-minutes 8 --out runs/bench-ner-scratch
     # a finished run of today's recipe (from random weights) instead of a new one:
-    python benchmarks/bench_ner.py --scratch --ours-ner runs/ner-conll2003 --out runs/bench-ner-scratch
+    python benchmarks/quality/bench_ner.py --scratch --ours-ner runs/ner-conll2003 --out runs/bench-ner-scratch
 
 The peer runs twice by default (``--peer-variants``): as Hugging Face
 configures BERT (attention-probability dropout 0.1, which sends CPU attention

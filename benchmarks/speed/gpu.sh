@@ -11,12 +11,12 @@
 # keeps the rows it finished. Installs nothing: it needs an environment where
 # `import trainformer, torch, transformers, matplotlib` works (`pip install -e .`, or PYTHONPATH).
 #
-#   bash benchmarks/gpu.sh [OUT_DIR]            # default bench_out_gpu/
-#   BENCH_TIMEOUT=480 BENCH_TESTS=0 BENCH_EAGER_S=200 PYTHON=python3 bash benchmarks/gpu.sh
+#   bash benchmarks/speed/gpu.sh [OUT_DIR]            # default bench_out_gpu/
+#   BENCH_TIMEOUT=480 BENCH_TESTS=0 BENCH_EAGER_S=200 PYTHON=python3 bash benchmarks/speed/gpu.sh
 # Real-data throughput needs the Tatoeba pairs under $TRAINFORMER_DATA (else it is skipped).
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT="${1:-bench_out_gpu}"
 TIMEOUT="${BENCH_TIMEOUT:-480}"        # seconds for all three stages
 TESTS="${BENCH_TESTS:-1}"              # 0: skip stage 1

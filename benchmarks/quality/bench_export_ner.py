@@ -1,6 +1,6 @@
 """Entity F1 of a NER model, ours against its Hugging Face export read by `pipeline("token-classification")`.
 
-    python benchmarks/bench_export_ner.py MODEL_DIR --data TEST.conll [--out benchmarks/results/interop]
+    python benchmarks/quality/bench_export_ner.py MODEL_DIR --data TEST.conll [--out benchmarks/results/interop]
 
 The export carries the encoder and the per-token scores, not the CRF's
 transition scores nor our Viterbi decoding (see the model card that
@@ -79,7 +79,7 @@ def main() -> None:
                             ("HF pipeline on the export (argmax, first subword)", theirs))]
     intro = [f"{len(sentences)} sentences of `{args.data.name}`; seqeval entity scores.",
              f"Machine: {machine_line(hw)}.",
-             f"Command: `python benchmarks/bench_export_ner.py MODEL_DIR --data {args.data.name}`"]
+             f"Command: `python benchmarks/quality/bench_export_ner.py MODEL_DIR --data {args.data.name}`"]
     results = {"ours": ours, "hf_pipeline": theirs, "sentences": len(sentences), "hardware": hw}
     print(write_table_report(args.out, "bench_export_ner", results, "NER: ours vs the HF export's pipeline",
                              intro, ["reader", "F1", "precision", "recall"], rows))

@@ -6,7 +6,7 @@ tokenises every pair once, then compares one epoch of `TokenBudgetSampler`
 batches against random batches of a fixed number of sentences. Lengths
 include the </s> (source) and <s> (target) that collate adds.
 
-    python benchmarks/bench_padding.py [--max-tokens 4096] [--batch-size 64] [--out FILE]
+    python benchmarks/speed/bench_padding.py [--max-tokens 4096] [--batch-size 64] [--out FILE]
 """
 
 from __future__ import annotations

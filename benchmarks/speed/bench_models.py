@@ -15,7 +15,7 @@ bf16 and fp32 matmul peaks are measured in the same run; MFU = model FLOPs per s
 (matmuls counted from the shapes, training = 3 x forward, attention
 included) / step time / peak.
 
-    python benchmarks/bench_models.py --steps 10 --out bench.json
+    python benchmarks/speed/bench_models.py --steps 10 --out bench.json
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ deduplicated DailyDialog test split, distinct-1/2 of replies sampled (fixed
 seed) to the ten `CHAT_PROMPTS`, and the replies themselves. Results go to
 OUT/bench_chat.json and OUT/bench_chat.md.
 
-    python benchmarks/bench_chat.py --minutes 20 --out benchmarks/results/chat
-    python benchmarks/bench_chat.py --minutes 3 --max-test-examples 300   # a short smoke version
+    python benchmarks/quality/bench_chat.py --minutes 20 --out benchmarks/results/chat
+    python benchmarks/quality/bench_chat.py --minutes 3 --max-test-examples 300   # a short smoke version
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ throughput; then BLEU / chrF on the test sentences (beam = the model's eval.beam
 Test data: --data TSV (header src<TAB>tgt), or by default the model's own held-out
 test split rebuilt from its config (leak-free by construction).
 
-    python benchmarks/bench_compression.py MODEL_DIR [--data TEST.tsv] [--finetune-steps N] [--distill ALPHA]
+    python benchmarks/compression/bench_compression.py MODEL_DIR [--data TEST.tsv] [--finetune-steps N] [--distill ALPHA]
         [--calibrate N] [--threads 1,2] [--repeats 3] [--latency-sentences 12] [--batch-sentences 64]
         [--bleu-sentences 400] [--work DIR] [--out DIR]
 
@@ -32,11 +32,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from trainformer.bench.testset import spread_by_length, translation_test_set
 from trainformer.compression.pipeline import prune_model_dir, quantize_model_dir
-from trainformer.data.tokenizer import TextTokenizer
 from trainformer.errors import run_script
+from trainformer.inference.loading import load_translator
 from trainformer.inference.translator import Translator
-from trainformer.modeldir import load_model_dir, read_model_config, resolve_model_dir
+from trainformer.modeldir import resolve_model_dir
 from trainformer.paths import REPO_ROOT
 from trainformer.rundir import hardware, package_versions
 from trainformer.tasks.translation import score_translations
@@ -95,46 +96,8 @@ def stored_weights(path: Path) -> int:
 
 
 # ----------------------------------------------------------------------------
-# Test data
-# ----------------------------------------------------------------------------
-
-
-def test_data(model_dir: Path, data: Path | None) -> tuple[list[str], list[list[str]]]:
-    """(sources, references per source) from a TSV, or the model's own held-out test split."""
-    cfg = read_model_config(model_dir)
-    if data is not None:
-        from trainformer.data.readers import read_parallel_tsv
-        from trainformer.data.splits import group_references
-
-        pairs = read_parallel_tsv(data, cfg.data.src_lang, cfg.data.tgt_lang).examples
-        grouped = group_references([p.src for p in pairs], [p.tgt for p in pairs], range(len(pairs)))
-        return [s for s, _ in grouped], [r for _, r in grouped]
-    from trainformer.tasks.translation import TranslationTask
-
-    cfg.data.tokenizer.path = str(resolve_model_dir(model_dir) / "tokenizer.json")
-    task = TranslationTask(cfg)
-    task.setup(None)
-    test = task.eval_sets["test"]
-    return test.sources, test.references
-
-
-def spread(items: list[str], n: int) -> list[str]:
-    """n items evenly spaced over a list sorted by length (short to long sentences alike)."""
-    ordered = sorted(items, key=len)
-    if n >= len(ordered):
-        return ordered
-    return [ordered[round(i * (len(ordered) - 1) / max(n - 1, 1))] for i in range(n)]
-
-
-# ----------------------------------------------------------------------------
 # Measurements
 # ----------------------------------------------------------------------------
-
-
-def load_translator(path: Path) -> Translator:
-    loaded = load_model_dir(path, "cpu")
-    tok = TextTokenizer.load(loaded.tokenizer_path)
-    return Translator(loaded.model, tok, loaded.cfg, precision="fp32")
 
 
 def per_sentence_ms(tr: Translator, sentences: list[str], beam: int) -> list[float]:
@@ -246,10 +209,10 @@ def main() -> None:
         ap.error("--prune / --finetune-levels: expected comma-separated whole percentages, e.g. 25,30,50")
     variants = make_variants(model_dir, args.work or args.out / "variants", args.finetune_steps, args.overrides,
                              levels, ft_levels, args.calibrate, args.distill)
-    sources, refs = test_data(model_dir, args.data)
-    latency = spread(sources, args.latency_sentences)
+    sources, refs = translation_test_set(model_dir, args.data)
+    latency = spread_by_length(sources, args.latency_sentences)
     batch = [sources[i] for i in spread_indices(len(sources), args.batch_sentences)]
-    translators = {name: load_translator(path) for name, path in variants.items()}
+    translators = {name: load_translator(path, "cpu", "fp32") for name, path in variants.items()}
     print(f"timing {len(translators)} variants at threads {threads} ...", flush=True)
     speed = measure_speed(translators, threads, args.repeats, latency, batch)
     torch.set_num_threads(max(threads))

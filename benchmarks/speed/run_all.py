@@ -1,8 +1,8 @@
 """Run the whole performance suite (`trainformer bench`) from a checkout, passing options through.
 
-    python benchmarks/run_all.py --quick --out bench_out      # smoke sizes
-    python benchmarks/run_all.py --out bench_out              # full (quiet machine, tens of minutes on CPU)
-    python benchmarks/run_all.py --device cuda --precision bf16 --compile
+    python benchmarks/speed/run_all.py --quick --out bench_out      # smoke sizes
+    python benchmarks/speed/run_all.py --out bench_out              # full (quiet machine, tens of minutes on CPU)
+    python benchmarks/speed/run_all.py --device cuda --precision bf16 --compile
 
 See `trainformer bench --help` for the options; output: OUT/bench.json, OUT/bench.md, OUT/*.png.
 """

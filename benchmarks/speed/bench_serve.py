@@ -20,8 +20,8 @@ the CPU is part of the measurement) and warms each server up first.
 Writes OUT/bench_serve.json and OUT/bench_serve.md (hardware and CPU flags,
 versions, commit, settings).
 
-    python benchmarks/bench_serve.py --model runs/en-fr-60/model --out benchmarks/results/serve
-    python benchmarks/bench_serve.py --model MODEL --sentences FILE --smoke --out /tmp/bench-serve   # seconds
+    python benchmarks/speed/bench_serve.py --model runs/en-fr-60/model --out benchmarks/results/serve
+    python benchmarks/speed/bench_serve.py --model MODEL --sentences FILE --smoke --out /tmp/bench-serve   # seconds
 """
 
 from __future__ import annotations

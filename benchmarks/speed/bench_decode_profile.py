@@ -19,7 +19,7 @@ output head on `F.linear` ("head via F.linear"), the path used before the
 head multiplied by a cached (D, V) transpose at decoding (see
 `TokenEmbedding.attend`), so the two are compared in the same process.
 
-    python benchmarks/bench_decode_profile.py runs/en-fr-60/model [MORE_MODEL_DIRS ...]
+    python benchmarks/speed/bench_decode_profile.py runs/en-fr-60/model [MORE_MODEL_DIRS ...]
         [--threads 1] [--sentences 12] [--repeats 3] [--out benchmarks/results/decode_profile]
 """
 
@@ -36,13 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from bench_compression import load_translator, spread, test_data
 from trainformer.bench.report import write_table_report
+from trainformer.bench.testset import spread_by_length, translation_test_set
 from trainformer.cli.common import require_positive
 from trainformer.models.quantized import dynamic_int8
 from trainformer.errors import run_script
 from trainformer.modeldir import resolve_model_dir
 from trainformer.rundir import hardware, machine_line, package_versions
+from trainformer.inference.loading import load_translator
 
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "quantized::linear_dynamic", "aten::_weight_int8pack_mm")
 
@@ -134,11 +135,11 @@ def main() -> None:
     require_positive(ap, args, "sentences", "repeats", "threads")
     torch.set_num_threads(args.threads)
     dirs = [resolve_model_dir(d) for d in args.model_dirs]
-    sources, _ = test_data(dirs[0], None)
-    sentences = spread(sources, args.sentences)
-    translators = {d.name if d.name != "model" else d.parent.name: load_translator(d) for d in dirs}
+    sources, _ = translation_test_set(dirs[0])
+    sentences = spread_by_length(sources, args.sentences)
+    translators = {d.name if d.name != "model" else d.parent.name: load_translator(d, "cpu", "fp32") for d in dirs}
     slow = f"{next(iter(translators))}, head via F.linear"
-    translators[slow] = load_translator(dirs[0])
+    translators[slow] = load_translator(dirs[0], "cpu", "fp32")
     translators[slow].model.tok_embed.fast_head_rows = 0  # this copy always multiplies by the (V, D) weight
     for tr in translators.values():
         tr.translate(sentences[:2], beam=1)  # warm-up

@@ -1,6 +1,6 @@
 """One translation model in every runtime it exports to: sentences/s and BLEU, interleaved in one process.
 
-    python benchmarks/bench_interop.py MODEL_DIR [--sentences 512] [--latency-sentences 48]
+    python benchmarks/speed/bench_interop.py MODEL_DIR [--sentences 512] [--latency-sentences 48]
         [--threads 1 2] [--repeats 2] [--out benchmarks/results/interop]
 
 Engines, all on the CPU and all from MODEL_DIR: ours (PyTorch fp32, and the
@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from bench_compression import spread, test_data
 from trainformer.bench.report import write_table_report
+from trainformer.bench.testset import spread_by_length, translation_test_set
 from trainformer.errors import run_script
 from trainformer.generation.greedy import length_limits
 from trainformer.modeldir import resolve_model_dir
@@ -216,9 +216,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/interop"))
     args = p.parse_args()
     model_dir = resolve_model_dir(args.model_dir)
-    sources, references = test_data(model_dir, None)
+    sources, references = translation_test_set(model_dir)
     refs = dict(zip(sources, references))
-    sentences = {32: spread(sources, args.sentences), 1: spread(sources, args.latency_sentences)}
+    sentences = {32: spread_by_length(sources, args.sentences), 1: spread_by_length(sources, args.latency_sentences)}
     with tempfile.TemporaryDirectory() as work:
         dirs = export_all(model_dir, Path(work))
         from trainformer.inference.loading import load_translator
@@ -262,7 +262,7 @@ def write_report(args, model_dir: Path, by_threads: dict[int, dict], refs: dict[
         "after a warm-up, engines interleaved; medians.",
         f"Machine: {machine_line(hw)}.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()) + ".",
-        "Command: `python benchmarks/bench_interop.py " + " ".join(
+        "Command: `python benchmarks/speed/bench_interop.py " + " ".join(
             [str(args.model_dir), "--sentences", str(args.sentences), "--latency-sentences",
              str(args.latency_sentences), "--threads", *map(str, args.threads), "--repeats", str(args.repeats)]) + "`",
     ]

@@ -11,7 +11,7 @@ With ``--chat MODEL_DIR`` it also times a chat model (a `Decoder`) replying
 greedily, in one batch, to the first user turn of test dialogues: the
 `generate` loop drops a reply once it has produced the end-of-turn token.
 
-    python benchmarks/bench_drop_finished.py runs/en-fr-60/model [--sentences 256] [--repeats 3]
+    python benchmarks/speed/bench_drop_finished.py runs/en-fr-60/model [--sentences 256] [--repeats 3]
         [--chat runs/chat/model] [--prompts 64] [--threads 2] [--out benchmarks/results/drop_finished]
 """
 
@@ -27,12 +27,13 @@ from typing import Any
 
 import torch
 
-from bench_compression import load_translator, test_data
 from trainformer.bench.report import write_table_report
+from trainformer.bench.testset import translation_test_set
 from trainformer.cli.common import require_positive
 from trainformer.errors import run_script
 from trainformer.modeldir import resolve_model_dir
 from trainformer.rundir import hardware, machine_line, package_versions
+from trainformer.inference.loading import load_translator
 from trainformer.training.task import spread_indices
 
 
@@ -90,9 +91,9 @@ def main() -> None:
     require_positive(ap, args, "sentences", "prompts", "repeats", "threads")
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(args.model_dir)
-    tr = load_translator(model_dir)
+    tr = load_translator(model_dir, "cpu", "fp32")
     chat = chat_replies(resolve_model_dir(args.chat), args.prompts) if args.chat is not None else None
-    sources, _ = test_data(model_dir, None)
+    sources, _ = translation_test_set(model_dir)
     sentences = [sources[i] for i in spread_indices(len(sources), args.sentences)]  # short to long
     results: dict = {"model_dir": str(model_dir), "sentences": len(sentences), "threads": args.threads,
                      "repeats": args.repeats, "hardware": hardware(), "versions": package_versions(), "modes": {}}

@@ -20,7 +20,7 @@ sacreBLEU code), and it ends with the same full test pass.
 Writes OUT/bench_translation.json, OUT/bench_translation.md and
 OUT/bleu_vs_minutes.png.
 
-    python benchmarks/bench_translation.py --ours runs/en-fr-60 --peer-minutes 30 --out runs/bench-translation
+    python benchmarks/quality/bench_translation.py --ours runs/en-fr-60 --peer-minutes 30 --out runs/bench-translation
 """
 
 from __future__ import annotations

@@ -1,0 +1,39 @@
+"""Test sentences for the translation benchmark scripts (benchmarks/speed, benchmarks/compression):
+a model's own held-out test split, or a TSV, and an even spread of them over lengths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainformer.modeldir import read_model_config, resolve_model_dir
+
+
+def translation_test_set(model_dir: Path, data: Path | None = None) -> tuple[list[str], list[list[str]]]:
+    """(sources, references per source) from a TSV, or the model's own held-out test split.
+
+    The split is rebuilt from the model's config as its training run made it
+    (leak-free by construction), with the model's own tokenizer.
+    """
+    cfg = read_model_config(model_dir)
+    if data is not None:
+        from trainformer.data.readers import read_parallel_tsv
+        from trainformer.data.splits import group_references
+
+        pairs = read_parallel_tsv(data, cfg.data.src_lang, cfg.data.tgt_lang).examples
+        grouped = group_references([p.src for p in pairs], [p.tgt for p in pairs], range(len(pairs)))
+        return [s for s, _ in grouped], [r for _, r in grouped]
+    from trainformer.tasks.translation import TranslationTask
+
+    cfg.data.tokenizer.path = str(resolve_model_dir(model_dir) / "tokenizer.json")
+    task = TranslationTask(cfg)
+    task.setup(None)
+    test = task.eval_sets["test"]
+    return test.sources, test.references
+
+
+def spread_by_length(items: list[str], n: int) -> list[str]:
+    """n items evenly spaced over a list sorted by length (short to long sentences alike)."""
+    ordered = sorted(items, key=len)
+    if n >= len(ordered):
+        return ordered
+    return [ordered[round(i * (len(ordered) - 1) / max(n - 1, 1))] for i in range(n)]
