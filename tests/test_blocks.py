@@ -314,3 +314,25 @@ def test_init_statistics():
     assert layer.self_attn.out.weight.std().item() == pytest.approx(0.02 / 2, rel=0.05)
     assert layer.ffn.down.weight.std().item() == pytest.approx(0.02 / 2, rel=0.05)
     assert layer.ffn.up.bias.abs().sum() == 0 and (layer.attn_norm.weight == 1).all()
+
+
+def test_cpu_bf16_attention_runs_in_fp32_under_autocast():
+    """bf16 q/k/v on the CPU: computed by the fp32 kernel (autocast paused), the result cast back,
+    with gradients; the switch off gives SDPA's own bf16 kernel."""
+    from trainformer.nn.attention import reference_attention, sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 7, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sdpa(q, k, v, attn_mask=mask)
+        native = sdpa(q, k, v, attn_mask=mask, cpu_bf16_in_fp32=False)
+    assert y.dtype == native.dtype == torch.bfloat16
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).bfloat16()
+    assert torch.equal(y, exact)
+    ref = reference_attention(q.float(), k.float(), v.float(), mask)
+    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(native.float(), ref, atol=3e-2, rtol=3e-2)
+    y.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all()

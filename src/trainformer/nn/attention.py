@@ -8,6 +8,10 @@ incremental KV cache. Attention-probability dropout is deliberately absent:
 ``dropout_p > 0`` pushes CPU SDPA onto a ~9x slower kernel, so dropout is
 applied to the residual branch instead (see `EncoderLayer`).
 
+On the CPU, bf16 attention is computed in fp32 (`sdpa`): PyTorch's CPU
+flash-attention kernel is slower in bf16 than in fp32 at every length we
+train at (its backward 1.5-4x at T <= 256; `benchmarks/speed/bench_attention.py`).
+
 `reference_attention` is the plain softmax(QK^T / sqrt(Dh)) V the tests
 compare against.
 """
@@ -24,6 +28,23 @@ from trainformer.nn.cache import LayerKV
 from trainformer.nn.embedding import apply_rotary
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+         is_causal: bool = False, enable_gqa: bool = False, cpu_bf16_in_fp32: bool = True) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` of q (B, H, T, Dh), k, v (B, KV, S, Dh) -> (B, H, T, Dh).
+
+    With `cpu_bf16_in_fp32`, bf16 inputs on the CPU are computed in fp32 and the
+    result cast back (the fp32 kernel is the faster one there); autocast, which
+    would cast them back to bf16, is paused for the call. Elsewhere SDPA runs as given.
+    """
+    if not cpu_bf16_in_fp32 or q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                              enable_gqa=enable_gqa)
+    with torch.autocast("cpu", enabled=False):
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                           is_causal=is_causal, enable_gqa=enable_gqa)
+    return y.to(torch.bfloat16)
 
 
 class MultiHeadAttention(nn.Module):
@@ -54,6 +75,7 @@ class MultiHeadAttention(nn.Module):
         else:
             self.qkv = nn.Linear(d_model, q_dim + 2 * kv_dim, bias=bias)
         self.out = nn.Linear(q_dim, d_model, bias=bias)
+        self.cpu_bf16_in_fp32 = True  # see `sdpa`; a benchmark turns it off to compare
 
     def forward(
         self,
@@ -79,10 +101,8 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self._cross_qkv(x, memory, cache)
         else:
             q, k, v = self._self_qkv(x, rope, cache)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, T, Dh)
+        y = sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads,
+                 cpu_bf16_in_fp32=self.cpu_bf16_in_fp32)
         b, _, t, _ = y.shape
         return self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, H*Dh) -> (B, T, D)
 
