@@ -209,7 +209,7 @@ def test_gradient_accumulation_is_exact(tmp_path, key):
     for name, extra in (("a", ["train.grad_accum=2"]), ("b", [])):
         # seeded in __init__: same initial weights
         t = make_trainer(tmp_path, *over, *extra, name=name, task_cls=TargetsTask)
-        t._setup(resume=False)
+        t.setup(resume=False)
         trainers.append(t)
     accum, whole = trainers
     accum._forward_backward([half1, half2])
@@ -244,7 +244,7 @@ class NaNTask(ToyTask):
 def test_non_finite_step_is_skipped(tmp_path):
     NaNTask.bad_calls, NaNTask.always_from = {1}, 0
     t = make_trainer(tmp_path, task_cls=NaNTask)
-    t._setup(resume=False)
+    t.setup(resume=False)
     before = {k: v.clone() for k, v in t.module.state_dict().items()}
     batch = next(iter(t.batches))
     assert t.train_step([batch]) is False
@@ -482,7 +482,7 @@ def test_activation_checkpointing_keeps_names_and_gradients(tmp_path, monkeypatc
     grads = []
     for i, ac in enumerate(("false", "true")):
         t = make_trainer(tmp_path, "model.dropout=0", f"train.activation_checkpointing={ac}", name=str(i))
-        t._setup(resume=False)
+        t.setup(resume=False)
         t._forward_backward([batch])
         grads.append({n: p.grad.clone() for n, p in t.module.named_parameters()})
     assert len(calls) == 2  # one per layer, only with checkpointing on
@@ -495,7 +495,7 @@ def test_init_from_copies_matching_weights(tmp_path):
     first = make_trainer(tmp_path, "train.max_steps=2", "train.eval_every=0", name="a")
     first.fit()
     t = make_trainer(tmp_path, f"init_from={first.run_dir.path}", "train.max_steps=2", name="b")
-    t._setup(resume=False)
+    t.setup(resume=False)
     saved = load_file(first.run_dir.model_dir / "model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in t.module.state_dict().items())
 

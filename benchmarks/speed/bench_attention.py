@@ -4,9 +4,10 @@ Part 1 (kernels): forward+backward and forward-only time of
 `F.scaled_dot_product_attention` on bf16 q/k/v of (B, 4, T, Dh) with a padding
 mask and ~4k tokens per call, for the default bf16 kernel (flash), the math
 kernel, and the inputs upcast to fp32 (what `trainformer.nn.attention.sdpa`
-does). Part 2 (steps): the training step of each recipe (real batches, bf16
-autocast, fused AdamW) with the upcast on and off, and in fp32. Variants are
-interleaved in one process after a warm-up; medians are reported.
+does). Part 2 (steps): the trainer's own step on each recipe's batch stream
+(its precision: bf16 on CPUs with native bf16), the upcast on and off in
+alternating blocks. Variants are interleaved in one process after a warm-up;
+medians are reported.
 
     python benchmarks/speed/bench_attention.py [--recipes translate-en-fr translate-en-fr-60min]
         [--rounds 5] [--out benchmarks/results/attention]
@@ -19,7 +20,6 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,9 +30,9 @@ from trainformer.config import load_recipe
 from trainformer.errors import run_script
 from trainformer.nn.attention import MultiHeadAttention
 from trainformer.paths import REPO_ROOT
-from trainformer.rundir import machine_line, package_versions
+from trainformer.rundir import RunDir, machine_line, package_versions
 from trainformer.tasks import build_task
-from trainformer.training.optim import build_optimizer
+from trainformer.training.trainer import Trainer
 
 KERNELS = ("bf16 flash", "bf16 math", "fp32 upcast")
 
@@ -85,50 +85,45 @@ def bench_kernels(rounds: int) -> list[dict]:
     return rows
 
 
-def step_runner(recipe: str, precision: str, upcast: bool, n_batches: int) -> Callable:
-    """A callable running one training step of `recipe` per call, cycling over its first batches."""
-    cfg = load_recipe(recipe)
-    task = build_task(cfg)
-    task.setup(REPO_ROOT / "bench_out" / "bench_attention" / recipe, 0, 1)
-    batches = [b for b, _ in zip(task.train_batches(), range(n_batches))]
-    torch.manual_seed(0)
-    model = task.build_model().train()
+def recipe_trainer(recipe: str, out: Path) -> Trainer:
+    """A set-up trainer of `recipe` (its data, model, optimizer and precision), ready to step."""
+    cfg = load_recipe(recipe, ["train.progress=false"])
+    trainer = Trainer(cfg, build_task(cfg), RunDir(out / recipe))
+    trainer.setup()
+    return trainer
+
+
+def set_upcast(model: torch.nn.Module, upcast: bool) -> None:
     for m in model.modules():
         if isinstance(m, MultiHeadAttention):
             m.cpu_bf16_in_fp32 = upcast
-    optimizer = build_optimizer(model, cfg.optim)
-    state = {"i": 0}
-
-    def step() -> int:
-        batch = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-        with autocast:
-            loss, n = task.loss(model, batch)
-        (loss.float() / n).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return task.batch_tokens(batch)
-
-    return step
 
 
-def bench_steps(recipes: list[str], rounds: int, n_batches: int = 24) -> list[dict]:
+def bench_steps(recipes: list[str], rounds: int, out: Path, steps: int = 25) -> list[dict]:
+    """The trainer's own `train_step` on the recipe's batch stream, upcast on and off in
+    alternating blocks of `steps` steps (one model, so both see the same kind of batches)."""
     rows = []
-    variants = {"bf16, attention upcast to fp32": ("bf16", True), "bf16, SDPA as is": ("bf16", False),
-                "fp32": ("fp32", True)}
     for recipe in recipes:
-        runners = {name: step_runner(recipe, *v, n_batches) for name, v in variants.items()}
-        # one "call" = a pass over all batches, so every variant sees the same shapes
-        passes = {name: (lambda r=r: [r() for _ in range(n_batches)]) for name, r in runners.items()}
-        tokens = sum(runners["fp32"]() for _ in range(n_batches))  # also a warm-up pass
-        med = interleaved(passes, rounds, warmup=1)
-        row = {"recipe": recipe, "batches": n_batches,
-               "tokens_per_s": {k: round(tokens / v) for k, v in med.items()},
-               "ms_per_step": {k: round(v / n_batches * 1e3, 1) for k, v in med.items()}}
-        base = med["bf16, SDPA as is"]
-        row["speedup_vs_bf16_as_is"] = {k: round(base / v, 2) for k, v in med.items()}
+        trainer = recipe_trainer(recipe, out)
+        batches = iter(trainer.batches)
+
+        def block(upcast: bool) -> tuple[float, int]:
+            set_upcast(trainer.module, upcast)
+            micro = [[next(batches) for _ in range(trainer.cfg.train.grad_accum)] for _ in range(steps)]
+            start = time.perf_counter()
+            for m in micro:
+                trainer.train_step(m)
+            return time.perf_counter() - start, sum(trainer.task.batch_tokens(b) for m in micro for b in m)
+
+        block(True), block(False)  # warm-up
+        runs: dict[str, list[tuple[float, int]]] = {"upcast to fp32": [], "SDPA as is": []}
+        for _ in range(rounds):
+            for name in runs:
+                runs[name].append(block(name == "upcast to fp32"))
+        row = {"recipe": recipe, "precision": trainer.precision.name, "steps_per_block": steps,
+               "steps_per_s": {k: round(statistics.median(steps / s for s, _ in v), 2) for k, v in runs.items()},
+               "tokens_per_s": {k: round(statistics.median(t / s for s, t in v)) for k, v in runs.items()}}
+        row["speedup"] = round(row["steps_per_s"]["upcast to fp32"] / row["steps_per_s"]["SDPA as is"], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -144,12 +139,13 @@ def markdown(result: dict) -> str:
         best = min(r["ms"], key=r["ms"].get)
         lines.append(f"| {'fwd+bwd' if r['backward'] else 'fwd'} | {r['head_dim']} | {r['T']} | "
                      + " | ".join(f"{r['ms'][k]:.2f}" for k in KERNELS) + f" | {best} |")
-    lines += ["", "## Training steps (real batches of each recipe)", "",
-              "| recipe | variant | ms/step | tokens/s | speed-up vs bf16 SDPA as is |", "|---|---|---|---|---|"]
+    lines += ["", "## The trainer's step on each recipe's batches (alternating blocks, medians)", "",
+              "| recipe | precision | attention | steps/s | tokens/s |", "|---|---|---|---|---|"]
     for r in result["steps"]:
-        for k in r["ms_per_step"]:
-            lines.append(f"| {r['recipe']} | {k} | {r['ms_per_step'][k]} | {r['tokens_per_s'][k]:,} | "
-                         f"{r['speedup_vs_bf16_as_is'][k]:.2f}x |")
+        for k in r["steps_per_s"]:
+            lines.append(f"| {r['recipe']} | {r['precision']} | {k} | {r['steps_per_s'][k]} | "
+                         f"{r['tokens_per_s'][k]:,} |")
+        lines.append(f"| | | **speed-up** | **{r['speedup']:.2f}x** | |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,7 +159,7 @@ def main() -> None:
     result = {"machine": machine_line(), "versions": package_versions(), "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
               "kernels": [] if args.skip_kernels else bench_kernels(args.rounds),
-              "steps": bench_steps(args.recipes, args.rounds)}
+              "steps": bench_steps(args.recipes, args.rounds, REPO_ROOT / "bench_out" / "bench_attention")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_attention.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (args.out / "bench_attention.md").write_text(markdown(result), encoding="utf-8")

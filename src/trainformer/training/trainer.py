@@ -124,7 +124,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.max_steps, budget)
         self.scaler = self.precision.grad_scaler()
 
-    def _setup(self, resume: bool) -> Path | None:
+    def setup(self, resume: bool = False) -> Path | None:
         """Everything before the first step; returns the checkpoint resumed from, if any."""
         # The CPU peak is measured first, while no tokenizer or loader threads are busy.
         peak = peak_flops(self.device, self.precision.name, self.precision.dtype) if self.env.is_main else None
@@ -531,7 +531,7 @@ class Trainer:
         Returns:
             The summary also written to summary.json.
         """
-        self._setup(resume)
+        self.setup(resume)
         self._clock = self._last_ckpt_time = time.monotonic()
         report = self.task.data_report()
         self.log = TrainLog(self.run_dir, self.cfg.train, self.state.step, self.env.is_main,
