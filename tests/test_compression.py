@@ -10,10 +10,16 @@ from trainformer.compression.magnitude import prunable_weights
 from trainformer.compression.structured import activation_scores, neuron_scores
 from trainformer.config import ModelConfig
 from trainformer.errors import ConfigError
-from trainformer.models.quantized import Int8Embedding, Int8WeightOnlyLinear, quantize_model
-from trainformer.models.shapes import apply_layer_sizes, attention_modules, ffn_modules, ffn_width, model_shapes
 from trainformer.generation import beam_translate, generate, greedy_translate
 from trainformer.models import build_model, count_parameters
+from trainformer.models.quantized import Int8Embedding, Int8WeightOnlyLinear, quantize_model
+from trainformer.models.shapes import (
+    apply_layer_sizes,
+    attention_modules,
+    ffn_modules,
+    ffn_width,
+    model_shapes,
+)
 from trainformer.nn.embedding import TokenEmbedding
 from trainformer.training.loss import cross_entropy_sum
 

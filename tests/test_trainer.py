@@ -576,3 +576,23 @@ def test_progress_eta_counts_down_between_train_records(tmp_path, monkeypatch):
     bar.advance()
     assert "ETA 0s" in bar.bar.postfix
     bar.close()
+
+
+def test_auto_precision_decodes_small_cpu_batches_in_fp32(monkeypatch):
+    """'auto' on a bf16 CPU: bf16 autocast for big decoding steps, fp32 below CPU_BF16_MIN_ROWS rows
+    (autocast's casts cost more than bf16 saves there); an explicit bf16 is kept."""
+    from trainformer.inference import common
+    from trainformer.training import precision
+
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    cpu = torch.device("cpu")
+    x, w = torch.randn(2, 8), torch.randn(8, 8)
+
+    def dtype_under(p: str, rows: int | None) -> torch.dtype:
+        with common.inference_autocast(cpu, p, rows=rows):
+            return (x @ w).dtype
+
+    big, small = common.CPU_BF16_MIN_ROWS, common.CPU_BF16_MIN_ROWS - 1
+    assert dtype_under("auto", big) == dtype_under("auto", None) == torch.bfloat16
+    assert dtype_under("auto", small) == torch.float32
+    assert dtype_under("bf16", 1) == torch.bfloat16 and dtype_under("fp32", big) == torch.float32

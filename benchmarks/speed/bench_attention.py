@@ -99,6 +99,17 @@ def set_upcast(model: torch.nn.Module, upcast: bool) -> None:
             m.cpu_bf16_in_fp32 = upcast
 
 
+def timed_block(trainer: Trainer, batches, upcast: bool, steps: int) -> tuple[float, int]:
+    """Seconds and tokens of `steps` training steps with the upcast on or off."""
+    set_upcast(trainer.module, upcast)
+    accum = trainer.cfg.train.grad_accum
+    micro = [[next(batches) for _ in range(accum)] for _ in range(steps)]
+    start = time.perf_counter()
+    for m in micro:
+        trainer.train_step(m)
+    return time.perf_counter() - start, sum(trainer.task.batch_tokens(b) for m in micro for b in m)
+
+
 def bench_steps(recipes: list[str], rounds: int, out: Path, steps: int = 25) -> list[dict]:
     """The trainer's own `train_step` on the recipe's batch stream, upcast on and off in
     alternating blocks of `steps` steps (one model, so both see the same kind of batches)."""
@@ -107,19 +118,11 @@ def bench_steps(recipes: list[str], rounds: int, out: Path, steps: int = 25) -> 
         trainer = recipe_trainer(recipe, out)
         batches = iter(trainer.batches)
 
-        def block(upcast: bool) -> tuple[float, int]:
-            set_upcast(trainer.module, upcast)
-            micro = [[next(batches) for _ in range(trainer.cfg.train.grad_accum)] for _ in range(steps)]
-            start = time.perf_counter()
-            for m in micro:
-                trainer.train_step(m)
-            return time.perf_counter() - start, sum(trainer.task.batch_tokens(b) for m in micro for b in m)
-
-        block(True), block(False)  # warm-up
+        timed_block(trainer, batches, True, steps), timed_block(trainer, batches, False, steps)  # warm-up
         runs: dict[str, list[tuple[float, int]]] = {"upcast to fp32": [], "SDPA as is": []}
         for _ in range(rounds):
             for name in runs:
-                runs[name].append(block(name == "upcast to fp32"))
+                runs[name].append(timed_block(trainer, batches, name == "upcast to fp32", steps))
         row = {"recipe": recipe, "precision": trainer.precision.name, "steps_per_block": steps,
                "steps_per_s": {k: round(statistics.median(steps / s for s, _ in v), 2) for k, v in runs.items()},
                "tokens_per_s": {k: round(statistics.median(t / s for s, t in v)) for k, v in runs.items()}}

@@ -39,11 +39,11 @@ from torch.profiler import ProfilerActivity, profile
 from trainformer.bench.report import write_table_report
 from trainformer.bench.testset import spread_by_length, translation_test_set
 from trainformer.cli.common import require_positive
-from trainformer.models.quantized import dynamic_int8
 from trainformer.errors import run_script
-from trainformer.modeldir import resolve_model_dir
-from trainformer.rundir import hardware, machine_line, package_versions
 from trainformer.inference.loading import load_translator
+from trainformer.modeldir import resolve_model_dir
+from trainformer.models.quantized import dynamic_int8
+from trainformer.rundir import hardware, machine_line, package_versions
 
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "quantized::linear_dynamic", "aten::_weight_int8pack_mm")
 

@@ -31,9 +31,9 @@ from trainformer.bench.report import write_table_report
 from trainformer.bench.testset import translation_test_set
 from trainformer.cli.common import require_positive
 from trainformer.errors import run_script
+from trainformer.inference.loading import load_translator
 from trainformer.modeldir import resolve_model_dir
 from trainformer.rundir import hardware, machine_line, package_versions
-from trainformer.inference.loading import load_translator
 from trainformer.training.task import spread_indices
 
 

@@ -3,7 +3,9 @@
     python benchmarks/speed/bench_interop.py MODEL_DIR [--sentences 512] [--latency-sentences 48]
         [--threads 1 2] [--repeats 2] [--out benchmarks/results/interop]
 
-Engines, all on the CPU and all from MODEL_DIR: ours (PyTorch fp32, and the
+Engines, all on the CPU and all from MODEL_DIR (``--bf16`` adds ours and HF
+under bf16 autocast, for CPUs with native bf16; CTranslate2 has no bf16 on the
+CPU): ours (PyTorch fp32, and the
 int8 model of ``trainformer quantize --method dynamic``), Hugging Face
 ``generate()`` on the ``--to hf`` export, onnxruntime on the ``--to onnx``
 export (greedy only: our ONNX runner has no beam search), and CTranslate2
@@ -52,6 +54,9 @@ BEAMS = (1, 4)
 # ----------------------------------------------------------------------------
 
 
+DEFAULT_OUT = Path("benchmarks/results/interop")
+
+
 def export_all(model_dir: Path, work: Path) -> dict[str, Path]:
     """Every export of `model_dir` under `work`, made with the same commands a user runs."""
     from trainformer.cli import main
@@ -84,10 +89,10 @@ def chunk_limit(translator, sentences: list[str]) -> int:
     return max(length_limits(mask, mask, translator.cfg.model.max_len, None, e.max_len_a, e.max_len_b))
 
 
-def ours(model_dir: Path) -> Callable[[int], Engine]:
+def ours(model_dir: Path, precision: str = "fp32") -> Callable[[int], Engine]:
     from trainformer.inference.loading import load_translator
 
-    translator = load_translator(model_dir, "cpu", "fp32")
+    translator = load_translator(model_dir, "cpu", precision)
     translator.cfg.eval.batch_tokens = 1 << 20  # a chunk is one batch, as for the other engines
 
     def make(threads: int) -> Engine:
@@ -96,7 +101,7 @@ def ours(model_dir: Path) -> Callable[[int], Engine]:
     return make
 
 
-def hf_generate(hf_dir: Path, reference) -> Callable[[int], Engine]:
+def hf_generate(hf_dir: Path, reference, bf16: bool = False) -> Callable[[int], Engine]:
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
@@ -104,7 +109,7 @@ def hf_generate(hf_dir: Path, reference) -> Callable[[int], Engine]:
 
     def translate(chunk: list[str], beam: int) -> list[str]:
         batch = tokenizer(chunk, return_tensors="pt", padding=True)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model.generate(**batch, num_beams=beam, do_sample=False,
                                  max_new_tokens=chunk_limit(reference, chunk), max_length=None)
         return tokenizer.batch_decode(out, skip_special_tokens=True)
@@ -213,7 +218,8 @@ def main() -> None:
     p.add_argument("--latency-sentences", type=int, default=48, help="test sentences for batch 1")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/interop"))
+    p.add_argument("--bf16", action="store_true", help="add ours, HF and CTranslate2 in bf16")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args()
     model_dir = resolve_model_dir(args.model_dir)
     sources, references = translation_test_set(model_dir)
@@ -228,6 +234,9 @@ def main() -> None:
                    "HF generate": hf_generate(dirs["hf"], reference), "onnxruntime": onnx_greedy(dirs["onnx"]),
                    "CTranslate2 float32": ct2(dirs["ct2-float32"], reference),
                    "CTranslate2 int8": ct2(dirs["ct2-int8"], reference)}
+        if args.bf16:  # bf16 autocast on CPUs that have it (AVX512-BF16 / AMX); CTranslate2 has no CPU bf16
+            engines.update({"ours bf16": ours(model_dir, "bf16"),
+                            "HF generate bf16": hf_generate(dirs["hf"], reference, bf16=True)})
         by_threads = {t: measure(engines, sentences, t, args.repeats) for t in args.threads}
     write_report(args, model_dir, by_threads, refs)
 
@@ -264,7 +273,8 @@ def write_report(args, model_dir: Path, by_threads: dict[int, dict], refs: dict[
         "Versions: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()) + ".",
         "Command: `python benchmarks/speed/bench_interop.py " + " ".join(
             [str(args.model_dir), "--sentences", str(args.sentences), "--latency-sentences",
-             str(args.latency_sentences), "--threads", *map(str, args.threads), "--repeats", str(args.repeats)]) + "`",
+             str(args.latency_sentences), "--threads", *map(str, args.threads), "--repeats", str(args.repeats)]
+            + (["--bf16"] if args.bf16 else []) + (["--out", str(args.out)] if args.out != DEFAULT_OUT else [])) + "`",
     ]
     results = {"hardware": hardware(), "versions": package_versions(), "results": table}
     print(write_table_report(args.out, "bench_interop", results, "Decoding in every runtime", intro, header, rows))

@@ -84,7 +84,7 @@ def sample_ids(
     device = next(model.parameters()).device
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(settings.seed)
-    with inference_autocast(device, precision):
+    with inference_autocast(device, precision, rows=len(prompts)):
         return generate(
             model, [list(p) for p in prompts], settings.max_new_tokens, eos_id,
             temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,

@@ -150,12 +150,13 @@ class Translator:
         generator = None
         if sampling is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(sampling.get("seed", 0)))
-        with eval_mode(self.model), inference_autocast(self.device, self.precision):
-            for batch in self._batches([len(e) for e in encoded], budget):
-                src, src_mask = self._pad([encoded[b] for b in batch])  # (B, S), (B, S)
+        for batch in self._batches([len(e) for e in encoded], budget):
+            src, src_mask = self._pad([encoded[b] for b in batch])  # (B, S), (B, S)
+            rows = len(batch) * max(beam, 1)  # rows of one decoding step
+            with eval_mode(self.model), inference_autocast(self.device, self.precision, rows=rows):
                 hyps = self._decode(src, src_mask, beam, nbest, max_len, sampling, generator)
-                for b, ids in zip(batch, hyps):
-                    out[b] = [self.tokenizer.decode(h) for h in ids]
+            for b, ids in zip(batch, hyps):
+                out[b] = [self.tokenizer.decode(h) for h in ids]
         return out
 
     def _decode(self, src, src_mask, beam, nbest, limit, sampling, generator) -> list[list[list[int]]]:

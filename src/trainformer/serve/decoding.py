@@ -184,7 +184,7 @@ def decode_rows(
     tokens, mask = left_pad([r.prompt for r in rows])  # (B, T) each
     tokens, mask = tokens.to(device), mask.to(device)
     alive = list(rows)
-    with eval_mode(model), inference_autocast(device, precision):
+    with eval_mode(model), inference_autocast(device, precision, rows=len(rows)):
         stepper = DecoderStepper(model, mask, use_cache=True)
         seen = torch.zeros(len(rows), model.cfg.vocab_size, dtype=torch.bool, device=device)  # (A, V)
         seen.scatter_(1, tokens, mask)  # padding does not count as seen
