@@ -140,7 +140,7 @@ def main() -> None:
     translators = {d.name if d.name != "model" else d.parent.name: load_translator(d, "cpu", "fp32") for d in dirs}
     slow = f"{next(iter(translators))}, head via F.linear"
     translators[slow] = load_translator(dirs[0], "cpu", "fp32")
-    translators[slow].model.tok_embed.fast_head_rows = 0  # this copy always multiplies by the (V, D) weight
+    translators[slow].model.tok_embed.fast_head.max_rows = 0  # this copy always multiplies by the (V, D) weight
     for tr in translators.values():
         tr.translate(sentences[:2], beam=1)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in translators}

@@ -1,9 +1,10 @@
-"""Shared building blocks: embeddings, position encodings, attention, feed-forward, norms, layers, init."""
+"""Shared building blocks: embeddings, position encodings, attention, feed-forward, norms, layers,
+the character CNN, init."""
 
 from trainformer.nn.attention import MultiHeadAttention, reference_attention
 from trainformer.nn.cache import KVCache, LayerKV
+from trainformer.nn.char_cnn import CharCNN
 from trainformer.nn.embedding import (
-    CharCNN,
     LearnedPositions,
     RotaryEmbedding,
     SinusoidalPositions,

@@ -1,4 +1,4 @@
-"""Token embeddings, word-character features and the three position encodings.
+"""Token embeddings and the three position encodings.
 
 Positions are passed explicitly as a tensor of indices, (T,) shared by the
 batch or (B, T) per row, so padding-aware positions (left-padded prompts),
@@ -13,16 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FAST_HEAD_ROWS = 64  # decoding batches; teacher-forced evaluation keeps the GEMM layout
+from trainformer.nn.cpu_head import TransposedHead
 
 
 class TokenEmbedding(nn.Embedding):
-    """`nn.Embedding` whose output is multiplied by `scale` (sqrt(d_model) in Vaswani et al.)."""
+    """`nn.Embedding` whose output is multiplied by `scale` (sqrt(d_model) in Vaswani et al.);
+    its weight is also the tied output projection (`attend`)."""
 
     def __init__(self, vocab_size: int, d_model: int, scale: bool = True):
         super().__init__(vocab_size, d_model)
         self.scale = math.sqrt(d_model) if scale else 1.0
-        self.fast_head_rows = FAST_HEAD_ROWS  # 0: always the plain F.linear head (for comparisons)
+        self.fast_head = TransposedHead()  # CPU decoding's route to the same logits (nn/cpu_head.py)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> (B, T, D)."""
@@ -32,35 +33,12 @@ class TokenEmbedding(nn.Embedding):
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         """The tied output projection: h (..., D) -> logits (..., V), one per embedding row.
 
-        Decoding on the CPU (no gradients, fp32, at most `FAST_HEAD_ROWS` rows)
-        multiplies by a cached (D, V) copy of the weight instead: for a few rows
-        against a (V, D) matrix, CPU GEMV kernels are slower than for the same
-        product against its contiguous transpose, and the head is the largest
-        matmul of a decoding step (benchmarks/speed/bench_decode_profile.py compares
-        both, row "head via F.linear"). The copy costs V x D floats of memory.
+        Decoding batches on the CPU get the same product from `self.fast_head`, which is
+        faster there (`trainformer.nn.cpu_head`; ``fast_head.max_rows = 0`` turns it off).
         """
-        if self._fast_head(h):
-            return h @ self._transposed_weight()  # (..., D) @ (D, V)
-        return F.linear(h, self.weight)
-
-    def _fast_head(self, h: torch.Tensor) -> bool:
-        return (
-            h.device.type == "cpu"
-            and not torch.is_grad_enabled()
-            and h.dtype == self.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not self.weight.is_inference()  # no version counter to tell when the copy is stale
-            and h.numel() <= self.fast_head_rows * h.shape[-1]
-        )
-
-    def _transposed_weight(self) -> torch.Tensor:
-        """The (D, V) contiguous transpose of the weight, rebuilt after the weight changes."""
-        w = self.weight
-        key = (w._version, w.data_ptr(), w.device)
-        cached = self.__dict__.get("_transposed")  # a plain attribute: not a buffer, never saved
-        if cached is None or cached[0] != key:
-            self.__dict__["_transposed"] = cached = (key, w.detach().t().contiguous())
-        return cached[1]
+        if not self.fast_head.applies(h, self.weight):
+            return F.linear(h, self.weight)  # (..., V)
+        return self.fast_head(h, self.weight)
 
 
 def sinusoid_table(max_len: int, d_model: int) -> torch.Tensor:
@@ -130,42 +108,3 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, Dh/2) each
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
-
-
-class CharCNN(nn.Module):
-    """Word features from the word's bytes (Ma & Hovy 2016, Lample et al. 2016), for tagging.
-
-    byte embedding -> a width-3 convolution (a Linear over each window of three
-    byte embeddings) -> ReLU -> max over the bytes -> Linear -> LayerNorm: one
-    (D,) vector per word, which the encoder adds to each of the word's subword
-    embeddings. Casing, digits, hyphens and name endings survive for words the
-    subword vocabulary splits into pieces it rarely saw. Each distinct word of
-    the batch is computed once (a word's subwords and its repeats share the
-    row). Positions without bytes (wrappers, padding) get zeros.
-
-    Parameters: ``embed`` (257, C), ``conv`` (F, 3C), ``proj`` (D, F), ``norm``.
-    """
-
-    WINDOW = 3
-
-    def __init__(self, d_model: int, filters: int, byte_dim: int = 32):
-        super().__init__()
-        self.embed = nn.Embedding(257, byte_dim)  # UTF-8 byte + 1; 0 = padding (learned: the windows see word edges)
-        self.conv = nn.Linear(self.WINDOW * byte_dim, filters)
-        self.proj = nn.Linear(filters, d_model)
-        self.norm = nn.LayerNorm(d_model)
-
-    def forward(self, chars: torch.Tensor) -> torch.Tensor:
-        """chars (B, S, W) byte ids (0 = padding) -> (B, S, D)."""
-        b, s, w = chars.shape
-        words, where = torch.unique(chars.reshape(b * s, w), dim=0, return_inverse=True)  # (U, W), (BS,)
-        return self.words(words)[where].reshape(b, s, -1)
-
-    def words(self, words: torch.Tensor) -> torch.Tensor:
-        """words (U, W) byte ids -> (U, D); an all-padding row gives zeros."""
-        e = F.pad(self.embed(words), (0, 0, 1, 1))  # (U, W + 2, C): a padding byte either side
-        windows = torch.cat([e[:, k : k + words.shape[1]] for k in range(self.WINDOW)], dim=-1)  # (U, W, 3C)
-        h = F.relu(self.conv(windows))  # (U, W, F)
-        h = h.masked_fill((words == 0)[..., None], 0.0).amax(dim=1)  # (U, F); ReLU >= 0, so padding never wins
-        has_word = (words != 0).any(dim=-1, keepdim=True)  # (U, 1)
-        return self.norm(self.proj(h)) * has_word

@@ -47,8 +47,7 @@ def causal_mask(
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :]  # (B, 1, T, S)
     if doc_ids is not None:
-        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-        allowed = allowed & same_doc[:, None]
+        allowed = allowed & same_document(doc_ids)[:, None]  # (B, 1, T, T)
     return allowed | (k_pos == q_pos)  # a query always sees itself: no empty row
 
 
@@ -87,13 +86,28 @@ def positions_for(
     left-padded row gets the positions it would have unpadded. With doc_ids
     (B, T), positions restart at 0 at each document start of a packed row.
     """
-    if doc_ids is not None:
-        idx = torch.arange(t, device=device).expand_as(doc_ids)  # (B, T)
-        starts = torch.ones_like(doc_ids, dtype=torch.bool)
-        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-        return past + idx - first
+    if doc_ids is not None:  # packed rows (the end of this file)
+        return past + document_positions(doc_ids)
     if key_mask is None:
         return torch.arange(past, past + t, device=device)
     counted = key_mask.long().cumsum(dim=1)[:, past:] - 1  # (B, T)
     return counted.clamp(min=0)
+
+
+# ----------------------------------------------------------------------------
+# Packed rows (`data.doc_attention`): several documents in one row, each kept to itself
+# ----------------------------------------------------------------------------
+
+
+def same_document(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids (B, T) document index per token -> (B, T, T), True where two tokens share a document."""
+    return doc_ids[:, :, None] == doc_ids[:, None, :]
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids (B, T) -> (B, T) each token's position inside its document (0 at each document start)."""
+    idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)  # (B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T) start of each doc
+    return idx - first
