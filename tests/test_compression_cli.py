@@ -289,3 +289,17 @@ def test_calibrated_pruning_scores_by_activations_on_the_task_data(model_dir, tm
     loaded = load_model_dir(out)
     assert count_parameters(loaded.model) < count_parameters(load_model_dir(src_dir).model)
     assert outputs(loaded.model, loaded.cfg.model.vocab_size).isfinite().all()
+
+
+def test_bad_layer_sizes_in_config_json_name_the_file(model_dir, tmp_path):
+    from trainformer.errors import ConfigError
+
+    src_dir, _ = model_dir
+    out = tmp_path / "pruned"
+    assert main(["prune", str(src_dir), "--out", str(out), "--method", "structured", "--sparsity", "0.5",
+                 "--calibrate", "0"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["model"]["layer_sizes"] = {"layers.7.ffn.d_ff": 4}
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config\.json: model\.layer_sizes\['layers\.7\.ffn\.d_ff'\]: the model has no"):
+        load_model_dir(out)

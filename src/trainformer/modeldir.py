@@ -153,35 +153,50 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
         raise UserError(f"{p}: an ensemble of several models; only `evaluate` and `extract` of ner and "
                         "relation models read ensembles (give one of its member-* folders here)")
     cfg = read_model_config(p)
-    compression = {}
-    if (p / "compression.json").is_file():
-        compression = json.loads((p / "compression.json").read_text(encoding="utf-8"))
+    compression = _read_json(p / "compression.json") if (p / "compression.json").is_file() else {}
+    sizes_from = "config.json"
     if compression.get("pruned") and not cfg.model.layer_sizes:  # pruned before config.json had them
-        cfg.model.layer_sizes = dict(compression["pruned"])
+        cfg.model.layer_sizes, sizes_from = dict(compression["pruned"]), "compression.json"
     weights = p / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"{p}: model.safetensors is missing")
     state, _ = read_weights(weights)
-    if compression.get("quantized"):
-        from trainformer.models.quantized import load_quantized  # (torch.ao, imported when needed)
-
-        model = load_quantized(state, cfg, compression, weights, device)
-    else:
-        model = build_model(cfg.model)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {n for n, _ in _tied_names(model)}
-        missing = [k for k in missing if k not in tied]
-        if missing or unexpected:
-            raise UserError(
-                f"{weights}: weights do not match config.json "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-        model.to(device)
+    try:
+        model = _build_and_load(cfg, compression, state, weights, device)
+    except ConfigError as e:  # e.g. a per-layer size the model does not have
+        raise ConfigError(f"{p / sizes_from}: {e}") from None
     model.eval()
     labels = []
     if (p / "labels.json").is_file():
         labels = json.loads((p / "labels.json").read_text(encoding="utf-8"))
     return LoadedModel(cfg=cfg, model=model, path=p, labels=labels, compression=compression)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def _build_and_load(cfg: Config, compression: dict[str, Any], state: dict[str, torch.Tensor],
+                    weights: Path, device: str | torch.device) -> nn.Module:
+    """The model of `cfg` (quantized as `compression` says) holding the tensors of `state`."""
+    if compression.get("quantized"):
+        from trainformer.models.quantized import load_quantized  # (torch.ao, imported when needed)
+
+        return load_quantized(state, cfg, compression, weights, device)
+    model = build_model(cfg.model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n, _ in _tied_names(model)}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise UserError(f"{weights}: weights do not match config.json "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device)
 
 
 def _tied_names(model: nn.Module):
