@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from trainformer.bench.timing import interleaved, timed
 from trainformer.config import load_recipe
 from trainformer.errors import run_script
 from trainformer.nn.attention import MultiHeadAttention
@@ -56,21 +57,11 @@ def attention_call(kernel: str, t: int, dh: int, backward: bool, tokens: int = 4
     return run
 
 
-def seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def interleaved(fns: dict[str, Callable], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each function, run in turns (round-robin) after `warmup` turns."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(warmup + rounds):
-        for name, fn in fns.items():
-            dt = seconds(fn)
-            if r >= warmup:
-                times[name].append(dt)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def median_seconds(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each function, called in turns (`bench.timing.interleaved`)."""
+    cpu = torch.device("cpu")
+    runs = {name: (lambda fn=fn: timed(fn, cpu)) for name, fn in fns.items()}
+    return {name: statistics.median(ts) for name, ts in interleaved(runs, rounds, warmup).items()}
 
 
 def bench_kernels(rounds: int) -> list[dict]:
@@ -79,7 +70,7 @@ def bench_kernels(rounds: int) -> list[dict]:
         for dh in (32, 64):
             for t in (8, 16, 32, 64, 128, 256, 512):
                 fns = {k: attention_call(k, t, dh, backward) for k in KERNELS}
-                ms = {k: round(v * 1e3, 2) for k, v in interleaved(fns, rounds).items()}
+                ms = {k: round(v * 1e3, 2) for k, v in median_seconds(fns, rounds).items()}
                 rows.append({"backward": backward, "head_dim": dh, "T": t, "ms": ms})
                 print(f"{'fwd+bwd' if backward else 'fwd'} Dh={dh} T={t}: {ms}", flush=True)
     return rows
