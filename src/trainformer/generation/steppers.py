@@ -54,6 +54,17 @@ class EncDecStepper:
         self.memory = None  # the cache now holds the cross-attention K/V; memory is not needed again
         return out
 
+    def expand(self, index: torch.Tensor, beam: int) -> None:
+        """Each source's one row becomes `beam` rows: index (B * beam,) = each source's row, repeated.
+
+        With the cache the beams share their source's cross-attention K/V instead of copying them.
+        """
+        if self.cache is None:
+            self.select(index)
+            return
+        self.cache.share_cross(beam)
+        self.cache.select(index, cross=False)
+
     def select(self, index: torch.Tensor, same_source: bool = False) -> None:
         """Row i becomes old row index[i]. ``same_source``: rows only move between beams of one source."""
         if self.cache is not None:

@@ -112,7 +112,7 @@ class Int8Embedding(nn.Module):
         self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8,
                                                         device=device))
         self.register_buffer("weight_scale", torch.ones(num_embeddings, device=device))
-        self._packed: tuple[int, nn.Module] | None = None  # (version of the int8 buffer, the ao head)
+        self._packed: tuple[int, dict[str, nn.Module]] | None = None  # (int8 buffer version, engine -> head)
 
     @classmethod
     @torch.no_grad()
@@ -138,26 +138,61 @@ class Int8Embedding(nn.Module):
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> logits (..., V)."""
         if self.dynamic:
-            return self._dynamic_head()(h)
+            return self._dynamic_head(head_engine(h.numel() // h.shape[-1], self.num_embeddings))(h)
         y = F.linear(h, self.weight_int8.to(h.dtype))
         return y * self.weight_scale.to(y.dtype)
 
-    def _dynamic_head(self) -> nn.Module:
-        """torch.ao's packed int8 Linear over the same int8 numbers, built on first use and
-        again after the buffer changes (loading). Kept off the module tree: not saved twice."""
+    def _dynamic_head(self, engine: str) -> nn.Module:
+        """torch.ao's int8 Linear over the same int8 numbers, packed for `engine`; built on first
+        use and again after the buffer changes (loading). Kept off the module tree: not saved twice."""
         version = self.weight_int8._version
         if self._packed is None or self._packed[0] != version:
+            self._packed = (version, {})
+        heads = self._packed[1]
+        if engine not in heads:
             zeros = torch.zeros(self.num_embeddings, dtype=torch.long)
             scale = self.weight_scale.double().cpu()
-            with _quiet_ao(), torch.inference_mode(False):
+            with _quiet_ao(), torch.inference_mode(False), _packing_engine(engine):
                 qweight = torch.quantize_per_channel(self.weight.cpu(), scale, zeros, 0, torch.qint8)
                 head = DynamicInt8Linear(self.embedding_dim, self.num_embeddings, bias_=False, dtype=torch.qint8)
                 head.set_weight_bias(qweight, None)
-            self._packed = (version, head)
-        return self._packed[1]
+            heads[engine] = head
+        return heads[engine]
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8, dynamic={self.dynamic}"
+
+
+ONEDNN_HEAD_MIN_OUTPUTS = 1 << 18  # rows x vocabulary from which the oneDNN head is the faster
+
+
+def head_engine(rows: int, vocab: int) -> str:
+    """The int8 kernel (torch.ao engine) for a tied output head of `rows` rows on this CPU.
+
+    On AVX-512 CPUs oneDNN's int8 GEMM beats the default engine's (fbgemm) on large
+    outputs — 1.26x at 128 rows x 8,000 words, a batch-32 beam-4 step — and loses
+    on small ones (0.75x at one row); the Linear layers of a decoding step stay on
+    the default (`benchmarks/speed/bench_head_kernels.py`).
+    """
+    if rows * vocab < ONEDNN_HEAD_MIN_OUTPUTS or not _onednn_is_faster():
+        return torch.backends.quantized.engine
+    return "onednn"
+
+
+def _onednn_is_faster() -> bool:
+    return (torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+            and "onednn" in torch.backends.quantized.supported_engines)
+
+
+@contextmanager
+def _packing_engine(engine: str) -> Iterator[None]:
+    """Pack weights for `engine`; a packed weight then runs on its engine whatever is selected."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
 
 
 def int8_embedding(model: nn.Module, dynamic: bool) -> bool:

@@ -101,10 +101,15 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self._cross_qkv(x, memory, cache)
         else:
             q, k, v = self._self_qkv(x, rope, cache)
+        group = cache.group if cache is not None else 1
+        b, _, t, _ = q.shape
+        if group > 1:  # the queries of `group` rows that share one row of k/v, as one block
+            q = q.view(b // group, group, self.n_heads, t, self.head_dim).transpose(1, 2)
+            q = q.reshape(b // group, self.n_heads, group * t, self.head_dim)  # (B / g, H, g T, Dh)
         y = sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads,
-                 cpu_bf16_in_fp32=self.cpu_bf16_in_fp32)
-        b, _, t, _ = y.shape
-        return self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, H*Dh) -> (B, T, D)
+                 cpu_bf16_in_fp32=self.cpu_bf16_in_fp32)  # (B / g, H, g T, Dh)
+        y = y.view(b // group, self.n_heads, group, t, self.head_dim).permute(0, 2, 3, 1, 4)  # (B / g, g, T, H, Dh)
+        return self.out(y.reshape(b, t, -1))  # (B, T, H*Dh) -> (B, T, D)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         b, t, _ = x.shape

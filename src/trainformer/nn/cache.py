@@ -6,6 +6,10 @@ and, for an encoder-decoder, the cross-attention keys/values of the encoder
 memory (computed on the first step, then reused). It also keeps the key
 padding mask of the cached tokens, so a left-padded prompt keeps masking its
 padding while generation continues.
+
+Beam search shares the cross-attention K/V between the beams of a source
+(`KVCache.share_cross`): they are stored once per source, and the
+cross-attention folds each source's beams into one query block.
 """
 
 from __future__ import annotations
@@ -14,11 +18,16 @@ import torch
 
 
 class LayerKV:
-    """Keys and values of one attention layer, (B, KV, S, Dh) each, or empty."""
+    """Keys and values of one attention layer, (B, KV, S, Dh) each, or empty.
+
+    ``group`` (cross-attention only): each row of k/v serves `group` consecutive
+    query rows, so a batch of B * group queries attends to B rows of k/v.
+    """
 
     def __init__(self) -> None:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.group = 1
 
     @property
     def empty(self) -> bool:
@@ -61,18 +70,33 @@ class KVCache:
     def has_cross(self) -> bool:
         return not self.cross_kv[0].empty if self.cross_kv else False
 
+    @property
+    def cross_group(self) -> int:
+        return self.cross_kv[0].group if self.cross_kv else 1
+
+    def share_cross(self, group: int) -> None:
+        """From now on each row of cross K/V (and of `cross_mask`) serves `group` consecutive
+        batch rows: call it when every source's row is about to become `group` rows (beam
+        search's first expansion), then `select` those rows with ``cross=False``."""
+        for kv in self.cross_kv:
+            kv.group = group
+
     def select(self, index: torch.Tensor, cross: bool = True) -> None:
         """Reorder the batch: row i becomes old row `index[i]` (beam search, batch expansion).
 
         Beam search reorders beams of the same source only; their cross K/V are
-        identical, so it passes ``cross=False`` and skips that copy.
+        identical, so it passes ``cross=False`` and skips that copy. With shared
+        cross K/V (`share_cross`) `index` must move whole groups (keep, drop or
+        reorder sources); the cross K/V follow the groups.
         """
         for kv in self.self_kv:
             kv.select(index)
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, index)
         if cross:
+            group = self.cross_group
+            source = index if group == 1 else index.view(-1, group)[:, 0].div(group, rounding_mode="floor")
             for kv in self.cross_kv:
-                kv.select(index)
+                kv.select(source)
             if self.cross_mask is not None:
-                self.cross_mask = self.cross_mask.index_select(0, index)
+                self.cross_mask = self.cross_mask.index_select(0, source)

@@ -1,0 +1,134 @@
+"""The matmul kernels of a CPU decoding step, per row count: which one each layer should use.
+
+Decoding runs the same few matmuls at every step, on as many rows as there are
+alive hypotheses (batch x beam). This script times, for each row count, the
+choices `trainformer` makes there:
+
+- int8 (``trainformer quantize --method dynamic``): torch.ao's dynamic int8 Linear
+  packed for the default engine (fbgemm) or for oneDNN, on the tied output head
+  (d_model -> vocabulary) and on the decoder's Linear shapes. `models.quantized.head_engine`
+  picks oneDNN for the head from ``ONEDNN_HEAD_MIN_OUTPUTS`` rows x words on AVX-512 CPUs.
+- fp32: the head as ``F.linear(h, W)`` or through the cached contiguous transpose
+  ``h @ W.T`` (`nn.cpu_head.TransposedHead`, used up to ``FAST_HEAD_ROWS`` rows).
+
+Random weights of the model's shapes, one thread (as decoding benchmarks run),
+variants interleaved after a warm-up; medians in microseconds.
+
+    python benchmarks/speed/bench_head_kernels.py [--d-model 192] [--vocab 8000 4000] [--d-ff 768]
+        [--rounds 40] [--out benchmarks/results/head-kernels]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainformer.bench.report import write_table_report
+from trainformer.bench.timing import interleaved, timed
+from trainformer.errors import run_script
+from trainformer.models.quantized import ONEDNN_HEAD_MIN_OUTPUTS, head_engine
+from trainformer.nn.cpu_head import FAST_HEAD_ROWS
+from trainformer.paths import REPO_ROOT
+from trainformer.rundir import machine_line, package_versions
+
+ROWS = (1, 8, 16, 32, 64, 128, 256, 512)
+
+
+def int8_linear(d_in: int, d_out: int, engine: str) -> nn.Module:
+    """torch.ao's dynamic int8 Linear of a random (d_out, d_in) weight, packed for `engine`."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(nn.Sequential(nn.Linear(d_in, d_out)), {nn.Linear: per_channel_dynamic_qconfig},
+                                    dtype=torch.qint8)
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def medians_us(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    cpu = torch.device("cpu")
+    runs = {name: (lambda fn=fn: timed(fn, cpu)) for name, fn in fns.items()}
+    return {k: round(statistics.median(v) * 1e6, 1) for k, v in interleaved(runs, rounds, warmup=3).items()}
+
+
+def int8_rows(shapes: dict[str, tuple[int, int]], rounds: int) -> list[dict]:
+    engines = (torch.backends.quantized.engine, "onednn")
+    rows = []
+    for name, (d_in, d_out) in shapes.items():
+        layers = {e: int8_linear(d_in, d_out, e) for e in engines}
+        for n in ROWS:
+            x = torch.randn(n, d_in)
+            us = medians_us({e: (lambda m=m: m(x)) for e, m in layers.items()}, rounds)
+            rows.append({"kind": "int8", "layer": name, "rows": n, "us": us,
+                         "picked": head_engine(n, d_out) if name.startswith("head") else engines[0]})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def fp32_rows(d_model: int, vocabs: list[int], rounds: int) -> list[dict]:
+    rows = []
+    for vocab in vocabs:
+        w = torch.randn(vocab, d_model)
+        wt = w.t().contiguous()
+        for n in ROWS:
+            x = torch.randn(n, d_model)
+            us = medians_us({"F.linear": lambda: F.linear(x, w), "transposed": lambda: x @ wt}, rounds)
+            rows.append({"kind": "fp32", "layer": f"head {d_model}->{vocab}", "rows": n, "us": us,
+                         "picked": "transposed" if n <= FAST_HEAD_ROWS else "F.linear"})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        (a, ta), (b, tb) = r["us"].items()
+        out.append([r["kind"], r["layer"], str(r["rows"]), f"{a} {ta:.1f}", f"{b} {tb:.1f}",
+                    f"{ta / tb:.2f}x", r["picked"]])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d-model", type=int, default=192)
+    ap.add_argument("--d-ff", type=int, default=768)
+    ap.add_argument("--vocab", type=int, nargs="+", default=[8000, 4000])
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "head-kernels")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    d = args.d_model
+    shapes = {f"head {d}->{v}": (d, v) for v in args.vocab}
+    shapes |= {f"qkv {d}->{3 * d}": (d, 3 * d), f"ffn up {d}->{args.d_ff}": (d, args.d_ff),
+               f"ffn down {args.d_ff}->{d}": (args.d_ff, d)}
+    rows = int8_rows(shapes, args.rounds) + fp32_rows(d, args.vocab, args.rounds)
+    results = {"machine": machine_line(), "versions": package_versions(), "threads": 1,
+               "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
+               "onednn_head_min_outputs": ONEDNN_HEAD_MIN_OUTPUTS, "fast_head_rows": FAST_HEAD_ROWS, "rows": rows}
+    intro = [f"{results['date']}, {results['machine']}; torch {results['versions']['torch']}, 1 thread; "
+             f"median of {args.rounds} interleaved calls, microseconds per call (random weights).",
+             f"Command: `python benchmarks/speed/bench_head_kernels.py --d-model {d} --vocab "
+             f"{' '.join(map(str, args.vocab))}`",
+             "", "ratio = first / second (above 1: the second is faster). picked = what trainformer uses "
+             f"there (int8 head: oneDNN from {ONEDNN_HEAD_MIN_OUTPUTS:,} rows x words on AVX-512 CPUs; "
+             f"fp32 head: the transpose up to {FAST_HEAD_ROWS} rows)."]
+    text = write_table_report(args.out, "bench_head_kernels", results, "Matmul kernels of a CPU decoding step",
+                              intro, ["dtype", "layer", "rows", "first (us)", "second (us)", "ratio", "picked"],
+                              table(rows))
+    print(text)
+
+
+if __name__ == "__main__":
+    run_script(main, "bench_head_kernels")
