@@ -187,6 +187,37 @@ def test_cross_attention_cache_computes_memory_kv_once():
     assert first.shape == (B, 1, D) and len(calls) == 2  # once for the cache, once uncached
 
 
+def test_cross_attention_shared_by_a_group_of_rows_equals_copied_kv():
+    """Beam search keeps one row of cross K/V per source for all its beams (`LayerKV.group`)."""
+    m, memory = _mha(cross=True), torch.randn(B, 5, D)
+    real = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    shared = LayerKV()
+    m(memory[:, :1], memory, cache=shared)  # fills one row of K/V per source
+    copied = LayerKV()
+    copied.k, copied.v = shared.k.repeat_interleave(3, 0), shared.v.repeat_interleave(3, 0)
+    shared.group = 3
+    x = torch.randn(3 * B, 2, D)  # 3 rows per source, 2 new tokens each
+    mask = key_padding_mask(real)
+    torch.testing.assert_close(m(x, None, attn_mask=mask, cache=shared),
+                               m(x, None, attn_mask=mask.repeat_interleave(3, 0), cache=copied))
+
+
+def test_kv_cache_select_moves_shared_cross_kv_with_their_groups():
+    cache = KVCache(1)
+    src = torch.arange(3.0).view(3, 1, 1, 1)  # three sources
+    cache.cross_kv[0].append(src, src)
+    cache.cross_mask = torch.tensor([[True], [False], [True]])
+    cache.share_cross(2)
+    rows = torch.arange(6.0).view(6, 1, 1, 1)  # two rows (beams) per source
+    cache.self_kv[0].append(rows, rows)
+    cache.select(torch.tensor([2, 3, 4, 5]))  # source 0 leaves
+    assert cache.self_kv[0].k.flatten().tolist() == [2, 3, 4, 5]
+    assert cache.cross_kv[0].k.flatten().tolist() == [1, 2]
+    assert cache.cross_mask.flatten().tolist() == [False, True]
+    cache.select(torch.tensor([1, 1, 2, 3]), cross=False)  # beams reorder within their source
+    assert cache.cross_kv[0].k.flatten().tolist() == [1, 2] and cache.cross_group == 2
+
+
 def test_fully_masked_rows_are_finite():
     m, x = _mha(), torch.randn(B, T, D)
     real = torch.zeros(B, T, dtype=torch.bool)

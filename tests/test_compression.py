@@ -12,7 +12,7 @@ from trainformer.config import ModelConfig
 from trainformer.errors import ConfigError
 from trainformer.generation import beam_translate, generate, greedy_translate
 from trainformer.models import build_model, count_parameters
-from trainformer.models.quantized import Int8Embedding, Int8WeightOnlyLinear, quantize_model
+from trainformer.models.quantized import ONEDNN_HEAD_MIN_OUTPUTS, Int8Embedding, Int8WeightOnlyLinear, head_engine, quantize_model
 from trainformer.models.shapes import (
     apply_layer_sizes,
     attention_modules,
@@ -357,6 +357,18 @@ def test_int8_embedding_looks_up_and_projects_with_its_dequantised_rows(dynamic)
     with torch.no_grad():  # new int8 numbers (a load): the packed head follows them
         q.weight_int8.copy_(-q.weight_int8)
     torch.testing.assert_close(q.attend(h), -ref, atol=tol, rtol=0)
+
+
+def test_int8_head_kernel_is_picked_by_output_size_and_gives_the_same_logits(monkeypatch):
+    default = torch.backends.quantized.engine
+    assert head_engine(1, 8000) == default  # one row: the default engine's GEMV
+    monkeypatch.setattr("trainformer.models.quantized._onednn_is_faster", lambda: True)
+    assert head_engine(ONEDNN_HEAD_MIN_OUTPUTS // 8000 + 1, 8000) == "onednn"
+    torch.manual_seed(0)
+    q = Int8Embedding.from_embedding(TokenEmbedding(8000, 32), dynamic=True)
+    h = torch.randn(40, 32)
+    torch.testing.assert_close(q._dynamic_head("onednn")(h), q._dynamic_head(default)(h), atol=1e-4, rtol=1e-4)
+    assert torch.backends.quantized.engine == default  # packing for oneDNN leaves the selection alone
 
 
 @pytest.mark.parametrize("method", ["dynamic", "weight_only", "bf16"])

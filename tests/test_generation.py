@@ -16,6 +16,7 @@ from trainformer.generation import (
     length_penalty_factor,
     sample_next,
 )
+from trainformer.generation.beam import top_candidates
 from trainformer.models import build_model
 
 V, BOS, EOS, PAD = 24, 1, 2, 0
@@ -127,6 +128,19 @@ def test_encoder_and_cross_kv_run_once_per_source_in_beam_search():
     m.decoder_layers[0].cross_attn.kv.register_forward_hook(lambda mod, inp, out: calls["cross"].append(inp[0].shape[0]))
     beam_translate(m, src, mask, BOS, EOS, beam=4, max_len=8)
     assert calls == {"encoder": [3], "cross": [3]}  # one call, one row per source
+
+
+@pytest.mark.parametrize("vocab", [8000, 4000, 96, 100, 7])
+def test_top_candidates_are_the_top_k_of_all_extensions(vocab):
+    """The block search finds what a top-k over every (beam, word) sum finds, including
+    vocabularies that are no multiple of the block and beams far apart in score."""
+    gen = torch.Generator().manual_seed(vocab)
+    logp = torch.log_softmax(torch.randn(3, 4, vocab, generator=gen) * 3, dim=-1)
+    scores = torch.tensor([[0.0, -0.5, -1.0, -9.0], [-2.0, -2.1, -2.2, -2.3], [0.0, -40.0, -41.0, -42.0]])
+    n = min(8, 4 * vocab)
+    values, index = top_candidates(logp, scores, n)
+    ref_values, ref_index = (scores[:, :, None] + logp).view(3, -1).topk(n, dim=1)
+    assert torch.equal(values, ref_values) and torch.equal(index, ref_index)
 
 
 def test_length_limits_follow_a_times_source_length_plus_b():
