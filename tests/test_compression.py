@@ -12,7 +12,13 @@ from trainformer.config import ModelConfig
 from trainformer.errors import ConfigError
 from trainformer.generation import beam_translate, generate, greedy_translate
 from trainformer.models import build_model, count_parameters
-from trainformer.models.quantized import ONEDNN_HEAD_MIN_OUTPUTS, Int8Embedding, Int8WeightOnlyLinear, head_engine, quantize_model
+from trainformer.models.quantized import (
+    ONEDNN_HEAD_MIN_OUTPUTS,
+    Int8Embedding,
+    Int8WeightOnlyLinear,
+    head_engine,
+    quantize_model,
+)
 from trainformer.models.shapes import (
     apply_layer_sizes,
     attention_modules,

@@ -96,6 +96,30 @@ def test_loss_sums_in_fp32_and_ignores_padding():
     assert torch.allclose(cross_entropy_sum(logits, labels, 0.1)[0], manual, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_blockwise_training_loss_equals_autograd_cross_entropy(dtype, eps, monkeypatch):
+    """The CPU training loss (gradient written in the forward, row block by row block) gives
+    the loss and logit gradients of autograd's F.cross_entropy; blocks of 3 rows over 11 rows
+    leave a partial last block, and ignored rows get no gradient."""
+    monkeypatch.setattr("trainformer.training.loss.ROWS_PER_BLOCK", 3)
+    torch.manual_seed(0)
+    base = (torch.randn(11, 50) * 3).to(dtype)
+    labels = torch.randint(0, 50, (11,))
+    labels[[2, 7]] = -100
+    ours, ref = base.clone().requires_grad_(), base.clone().requires_grad_()
+    total, n = cross_entropy_sum(ours, labels, eps)
+    expected = F.cross_entropy(ref.float(), labels, reduction="sum", label_smoothing=eps, ignore_index=-100)
+    (total / n).backward()
+    (expected / n).backward()
+    torch.testing.assert_close(total, expected, atol=1e-4, rtol=1e-5)
+    assert ours.grad.dtype == dtype and not ours.grad[[2, 7]].any()
+    tol = 1e-6 if dtype == torch.float32 else 2e-3  # bf16: one more rounding of a gradient below 1 / n
+    torch.testing.assert_close(ours.grad.float(), ref.grad.float(), atol=tol, rtol=0)
+    with torch.no_grad():  # evaluation takes the plain path: same number
+        torch.testing.assert_close(cross_entropy_sum(base, labels, eps)[0], expected.detach(), atol=1e-4, rtol=1e-5)
+
+
 def test_weight_decay_only_on_matrices():
     model = ToyModel(10, 8, 2, 16, 0.0)
     decay, no_decay = param_groups(model, 0.1)

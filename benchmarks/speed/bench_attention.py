@@ -26,14 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from trainformer.bench.recipe_steps import alternating_blocks, recipe_trainer
 from trainformer.bench.timing import interleaved, timed
-from trainformer.config import load_recipe
 from trainformer.errors import run_script
 from trainformer.nn.attention import MultiHeadAttention
 from trainformer.paths import REPO_ROOT
-from trainformer.rundir import RunDir, machine_line, package_versions
-from trainformer.tasks import build_task
-from trainformer.training.trainer import Trainer
+from trainformer.rundir import machine_line, package_versions
 
 KERNELS = ("bf16 flash", "bf16 math", "fp32 upcast")
 
@@ -76,50 +74,23 @@ def bench_kernels(rounds: int) -> list[dict]:
     return rows
 
 
-def recipe_trainer(recipe: str, out: Path) -> Trainer:
-    """A set-up trainer of `recipe` (its data, model, optimizer and precision), ready to step."""
-    cfg = load_recipe(recipe, ["train.progress=false"])
-    trainer = Trainer(cfg, build_task(cfg), RunDir(out / recipe))
-    trainer.setup()
-    return trainer
-
-
 def set_upcast(model: torch.nn.Module, upcast: bool) -> None:
     for m in model.modules():
         if isinstance(m, MultiHeadAttention):
             m.cpu_bf16_in_fp32 = upcast
 
 
-def timed_block(trainer: Trainer, batches, upcast: bool, steps: int) -> tuple[float, int]:
-    """Seconds and tokens of `steps` training steps with the upcast on or off."""
-    set_upcast(trainer.module, upcast)
-    accum = trainer.cfg.train.grad_accum
-    micro = [[next(batches) for _ in range(accum)] for _ in range(steps)]
-    start = time.perf_counter()
-    for m in micro:
-        trainer.train_step(m)
-    return time.perf_counter() - start, sum(trainer.task.batch_tokens(b) for m in micro for b in m)
-
-
 def bench_steps(recipes: list[str], rounds: int, out: Path, steps: int = 25) -> list[dict]:
     """The trainer's own `train_step` on the recipe's batch stream, upcast on and off in
-    alternating blocks of `steps` steps (one model, so both see the same kind of batches)."""
+    alternating blocks of `steps` steps (`bench.recipe_steps.alternating_blocks`)."""
     rows = []
     for recipe in recipes:
         trainer = recipe_trainer(recipe, out)
-        batches = iter(trainer.batches)
-
-        timed_block(trainer, batches, True, steps), timed_block(trainer, batches, False, steps)  # warm-up
-        runs: dict[str, list[tuple[float, int]]] = {"upcast to fp32": [], "SDPA as is": []}
-        for _ in range(rounds):
-            for name in runs:
-                runs[name].append(timed_block(trainer, batches, name == "upcast to fp32", steps))
-        row = {"recipe": recipe, "precision": trainer.precision.name, "steps_per_block": steps,
-               "steps_per_s": {k: round(statistics.median(steps / s for s, _ in v), 2) for k, v in runs.items()},
-               "tokens_per_s": {k: round(statistics.median(t / s for s, t in v)) for k, v in runs.items()}}
-        row["speedup"] = round(row["steps_per_s"]["upcast to fp32"] / row["steps_per_s"]["SDPA as is"], 2)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        model = trainer.module
+        variants = {"upcast to fp32": lambda m=model: set_upcast(m, True),
+                    "SDPA as is": lambda m=model: set_upcast(m, False)}
+        rows.append({"recipe": recipe, **alternating_blocks(trainer, variants, rounds, steps)})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -70,7 +70,7 @@ def int8_rows(shapes: dict[str, tuple[int, int]], rounds: int) -> list[dict]:
         layers = {e: int8_linear(d_in, d_out, e) for e in engines}
         for n in ROWS:
             x = torch.randn(n, d_in)
-            us = medians_us({e: (lambda m=m: m(x)) for e, m in layers.items()}, rounds)
+            us = medians_us({e: (lambda m=m, x=x: m(x)) for e, m in layers.items()}, rounds)
             rows.append({"kind": "int8", "layer": name, "rows": n, "us": us,
                          "picked": head_engine(n, d_out) if name.startswith("head") else engines[0]})
             print(rows[-1], flush=True)
@@ -84,7 +84,8 @@ def fp32_rows(d_model: int, vocabs: list[int], rounds: int) -> list[dict]:
         wt = w.t().contiguous()
         for n in ROWS:
             x = torch.randn(n, d_model)
-            us = medians_us({"F.linear": lambda: F.linear(x, w), "transposed": lambda: x @ wt}, rounds)
+            us = medians_us({"F.linear": lambda x=x, w=w: F.linear(x, w), "transposed": lambda x=x, wt=wt: x @ wt},
+                            rounds)
             rows.append({"kind": "fp32", "layer": f"head {d_model}->{vocab}", "rows": n, "us": us,
                          "picked": "transposed" if n <= FAST_HEAD_ROWS else "F.linear"})
             print(rows[-1], flush=True)

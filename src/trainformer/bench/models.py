@@ -1,6 +1,8 @@
 """Training step of our three families against their Hugging Face peers at equal shapes.
 
-One step = forward + cross-entropy + backward + AdamW(fused) step, dropout 0:
+One step = forward + cross-entropy + backward + AdamW(fused) step, dropout 0.
+The loss is each side's own: ours is the trainer's (`training.loss.cross_entropy_sum`,
+block-wise on the CPU), HF's is ``F.cross_entropy`` as its models compute it from labels.
 
     decoder          Decoder                        vs GPT2LMHeadModel (attn_implementation="sdpa")
     encoder          Encoder (MLM head)             vs BertForMaskedLM
@@ -24,6 +26,7 @@ from trainformer.bench.memory import PeakMemory, run_isolated
 from trainformer.bench.timing import interleaved, summarize, sync
 from trainformer.config import ModelConfig
 from trainformer.models import build_model, count_parameters
+from trainformer.training.loss import cross_entropy_sum
 from trainformer.training.throughput import mfu
 
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
@@ -118,7 +121,11 @@ def make_step(family: str, is_ours: bool, model, x, y, device, precision: str = 
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16"):
             logits = forward_fn(family, is_ours, model, x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            if is_ours:
+                total, n = cross_entropy_sum(logits, y)
+                loss = total / n
+            else:
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

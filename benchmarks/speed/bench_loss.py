@@ -1,0 +1,117 @@
+"""The training loss on the CPU: autograd's F.cross_entropy against the block-wise loss, alone and in a recipe's step.
+
+Part 1 (the loss alone): forward + backward of the summed, label-smoothed
+cross-entropy on random logits of a recipe batch's shape (rows x vocabulary,
+bf16 and fp32), ``F.cross_entropy(logits.float(), ...)`` as autograd runs it
+against `trainformer.training.loss.SoftmaxCrossEntropy` (the gradient written
+in the forward pass, 128 rows at a time). Part 2 (steps): the trainer's own step
+on each recipe's batch stream, the block-wise loss on and off in alternating
+blocks. Variants interleaved in one process after a warm-up; medians.
+
+    python benchmarks/speed/bench_loss.py [--recipes translate-en-fr translate-en-fr-60min]
+        [--rounds 5] [--out benchmarks/results/loss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trainformer.bench.recipe_steps import alternating_blocks, recipe_trainer
+from trainformer.bench.timing import interleaved, timed
+from trainformer.errors import run_script
+from trainformer.paths import REPO_ROOT
+from trainformer.rundir import machine_line, package_versions
+from trainformer.training import loss as loss_module
+
+SHAPES = ((2048, 4000), (2048, 8000), (8192, 8000))  # (target tokens of a batch, vocabulary)
+
+
+def loss_call(kind: str, rows: int, vocab: int, dtype: torch.dtype):
+    """One forward + backward of the summed loss on fresh-gradient logits."""
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[::9] = -100  # some padding
+
+    def run() -> None:
+        logits = base.detach().requires_grad_()
+        if kind == "F.cross_entropy":
+            total = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=0.1, ignore_index=-100)
+        else:
+            total = loss_module.SoftmaxCrossEntropy.apply(logits, labels, 0.1)
+        total.backward()
+
+    return run
+
+
+def bench_loss(rounds: int) -> list[dict]:
+    cpu = torch.device("cpu")
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for n, vocab in SHAPES:
+            calls = {k: loss_call(k, n, vocab, dtype) for k in ("block-wise", "F.cross_entropy")}
+            runs = {k: (lambda fn=fn: timed(fn, cpu)) for k, fn in calls.items()}
+            ms = {k: round(statistics.median(v) * 1e3, 2) for k, v in interleaved(runs, rounds, warmup=2).items()}
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "rows": n, "vocab": vocab, "ms": ms,
+                         "speedup": round(ms["F.cross_entropy"] / ms["block-wise"], 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def set_blockwise(on: bool) -> None:
+    loss_module.BLOCKWISE_ON_CPU = on
+
+
+def bench_steps(recipes: list[str], rounds: int, out: Path) -> list[dict]:
+    rows = []
+    for recipe in recipes:
+        trainer = recipe_trainer(recipe, out)
+        variants = {"block-wise": lambda: set_blockwise(True), "F.cross_entropy": lambda: set_blockwise(False)}
+        rows.append({"recipe": recipe, **alternating_blocks(trainer, variants, rounds)})
+        print(json.dumps(rows[-1]), flush=True)
+    set_blockwise(True)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = ["# The training loss on the CPU", "", f"Machine: {result['machine']}; torch {result['versions']['torch']}, "
+             f"{result['threads']} threads; {result['date']}.", "",
+             f"## Forward + backward of the loss (ms per call, label smoothing 0.1; median of {result['rounds']})", "",
+             "| logits | rows | vocabulary | F.cross_entropy | block-wise | speed-up |", "|---|---|---|---|---|---|"]
+    for r in result["loss"]:
+        lines.append(f"| {r['dtype']} | {r['rows']} | {r['vocab']} | {r['ms']['F.cross_entropy']:.2f} | "
+                     f"{r['ms']['block-wise']:.2f} | {r['speedup']:.2f}x |")
+    lines += ["", "## The trainer's step on each recipe's batches (alternating blocks, medians)", "",
+              "| recipe | precision | loss | steps/s | tokens/s |", "|---|---|---|---|---|"]
+    for r in result["steps"]:
+        for k in r["steps_per_s"]:
+            lines.append(f"| {r['recipe']} | {r['precision']} | {k} | {r['steps_per_s'][k]} | "
+                         f"{r['tokens_per_s'][k]:,} |")
+        lines.append(f"| | | **speed-up** | **{r['speedup']:.2f}x** | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", nargs="*", default=["translate-en-fr", "translate-en-fr-60min"])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "loss")
+    args = ap.parse_args()
+    result = {"machine": machine_line(), "versions": package_versions(), "threads": torch.get_num_threads(),
+              "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "loss": bench_loss(args.rounds),
+              "steps": bench_steps(args.recipes, args.rounds, REPO_ROOT / "bench_out" / "bench_loss")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_loss.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (args.out / "bench_loss.md").write_text(markdown(result), encoding="utf-8")
+    print(f"wrote {args.out / 'bench_loss.md'}")
+
+
+if __name__ == "__main__":
+    run_script(main, "bench_loss")

@@ -1,0 +1,54 @@
+"""A recipe's own training step, timed in alternating blocks: the A/B frame of the speed scripts
+that switch one implementation detail on and off (benchmarks/speed/bench_attention.py, bench_loss.py)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from trainformer.config import load_recipe
+from trainformer.rundir import RunDir
+from trainformer.tasks import build_task
+from trainformer.training.trainer import Trainer
+
+
+def recipe_trainer(recipe: str, out: Path) -> Trainer:
+    """A set-up trainer of `recipe` (its data, model, optimizer and precision), ready to step."""
+    cfg = load_recipe(recipe, ["train.progress=false"])
+    trainer = Trainer(cfg, build_task(cfg), RunDir(out / recipe))
+    trainer.setup()
+    return trainer
+
+
+def _block(trainer: Trainer, batches, steps: int) -> tuple[float, int]:
+    """Seconds and tokens of `steps` training steps on the next batches of the stream."""
+    accum = trainer.cfg.train.grad_accum
+    micro = [[next(batches) for _ in range(accum)] for _ in range(steps)]
+    start = time.perf_counter()
+    for m in micro:
+        trainer.train_step(m)
+    return time.perf_counter() - start, sum(trainer.task.batch_tokens(b) for m in micro for b in m)
+
+
+def alternating_blocks(trainer: Trainer, variants: dict[str, Callable[[], None]], rounds: int,
+                       steps: int = 25) -> dict:
+    """Steps/s and tokens/s of each variant (a callable that switches it on), in alternating blocks
+    of `steps` steps on one model and one batch stream (so all see the same kind of batches);
+    one warm-up block each, medians over `rounds`. The first variant is the candidate, the last
+    the baseline: ``speedup`` = first / last in steps/s."""
+    batches = iter(trainer.batches)
+    for switch in variants.values():  # warm-up
+        switch()
+        _block(trainer, batches, steps)
+    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, switch in variants.items():
+            switch()
+            runs[name].append(_block(trainer, batches, steps))
+    steps_per_s = {k: round(statistics.median(steps / s for s, _ in v), 2) for k, v in runs.items()}
+    first, last = list(variants)[0], list(variants)[-1]
+    return {"precision": trainer.precision.name, "steps_per_block": steps, "steps_per_s": steps_per_s,
+            "tokens_per_s": {k: round(statistics.median(t / s for s, t in v)) for k, v in runs.items()},
+            "speedup": round(steps_per_s[first] / steps_per_s[last], 2)}
