@@ -6,7 +6,7 @@ bf16 and fp32), ``F.cross_entropy(logits.float(), ...)`` as autograd runs it
 against `trainformer.training.loss.SoftmaxCrossEntropy` (the gradient written
 in the forward pass, 128 rows at a time). Part 2 (steps): the trainer's own step
 on each recipe's batch stream, the block-wise loss on and off in alternating
-blocks. Variants interleaved in one process after a warm-up; medians.
+blocks, each block in a fresh process (``--one-process``: all in one). Medians.
 
     python benchmarks/speed/bench_loss.py [--recipes translate-en-fr translate-en-fr-60min]
         [--rounds 5] [--out benchmarks/results/loss]
@@ -18,12 +18,13 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from trainformer.bench.recipe_steps import alternating_blocks, recipe_trainer
+from trainformer.bench.recipe_steps import alternating_blocks, alternating_processes, recipe_trainer
 from trainformer.bench.timing import interleaved, timed
 from trainformer.errors import run_script
 from trainformer.paths import REPO_ROOT
@@ -69,12 +70,18 @@ def set_blockwise(on: bool) -> None:
     loss_module.BLOCKWISE_ON_CPU = on
 
 
-def bench_steps(recipes: list[str], rounds: int, out: Path) -> list[dict]:
+def bench_steps(recipes: list[str], rounds: int, out: Path, fresh_processes: bool) -> list[dict]:
+    """Each recipe's step with the block-wise loss on and off: alternating blocks in one process,
+    or (``fresh_processes``) each block in a fresh process, so no variant runs on memory the
+    other one allocated."""
+    variants = {"block-wise": partial(set_blockwise, True), "F.cross_entropy": partial(set_blockwise, False)}
     rows = []
     for recipe in recipes:
-        trainer = recipe_trainer(recipe, out)
-        variants = {"block-wise": lambda: set_blockwise(True), "F.cross_entropy": lambda: set_blockwise(False)}
-        rows.append({"recipe": recipe, **alternating_blocks(trainer, variants, rounds)})
+        if fresh_processes:
+            row = alternating_processes(recipe, out, variants, rounds)
+        else:
+            row = alternating_blocks(recipe_trainer(recipe, out), variants, rounds)
+        rows.append({"recipe": recipe, "processes": "fresh per block" if fresh_processes else "one", **row})
         print(json.dumps(rows[-1]), flush=True)
     set_blockwise(True)
     return rows
@@ -89,12 +96,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['dtype']} | {r['rows']} | {r['vocab']} | {r['ms']['F.cross_entropy']:.2f} | "
                      f"{r['ms']['block-wise']:.2f} | {r['speedup']:.2f}x |")
     lines += ["", "## The trainer's step on each recipe's batches (alternating blocks, medians)", "",
-              "| recipe | precision | loss | steps/s | tokens/s |", "|---|---|---|---|---|"]
+              "| recipe | precision | processes | loss | steps/s | tokens/s |", "|---|---|---|---|---|---|"]
     for r in result["steps"]:
         for k in r["steps_per_s"]:
-            lines.append(f"| {r['recipe']} | {r['precision']} | {k} | {r['steps_per_s'][k]} | "
+            lines.append(f"| {r['recipe']} | {r['precision']} | {r['processes']} | {k} | {r['steps_per_s'][k]} | "
                          f"{r['tokens_per_s'][k]:,} |")
-        lines.append(f"| | | **speed-up** | **{r['speedup']:.2f}x** | |")
+        lines.append(f"| | | | **speed-up** | **{r['speedup']:.2f}x** | |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,11 +109,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", nargs="*", default=["translate-en-fr", "translate-en-fr-60min"])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--one-process", action="store_true",
+                    help="alternate the steps' variants in one process instead of a fresh process per block")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "loss")
     args = ap.parse_args()
     result = {"machine": machine_line(), "versions": package_versions(), "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "loss": bench_loss(args.rounds),
-              "steps": bench_steps(args.recipes, args.rounds, REPO_ROOT / "bench_out" / "bench_loss")}
+              "steps": bench_steps(args.recipes, args.rounds, REPO_ROOT / "bench_out" / "bench_loss",
+                                   fresh_processes=not args.one_process)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_loss.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (args.out / "bench_loss.md").write_text(markdown(result), encoding="utf-8")

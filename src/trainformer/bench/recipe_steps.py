@@ -52,3 +52,38 @@ def alternating_blocks(trainer: Trainer, variants: dict[str, Callable[[], None]]
     return {"precision": trainer.precision.name, "steps_per_block": steps, "steps_per_s": steps_per_s,
             "tokens_per_s": {k: round(statistics.median(t / s for s, t in v)) for k, v in runs.items()},
             "speedup": round(steps_per_s[first] / steps_per_s[last], 2)}
+
+
+def _process_run(recipe: str, out: Path, switch: Callable[[], None], warmup: int, steps: int,
+                 queue) -> None:
+    """In a fresh process: set up the recipe's trainer, switch the variant on, warm up, time."""
+    switch()
+    trainer = recipe_trainer(recipe, out)
+    batches = iter(trainer.batches)
+    _block(trainer, batches, warmup)
+    queue.put((*_block(trainer, batches, steps), trainer.precision.name))
+
+
+def alternating_processes(recipe: str, out: Path, variants: dict[str, Callable[[], None]], rounds: int,
+                          steps: int = 50, warmup: int = 10) -> dict:
+    """As `alternating_blocks`, but every block runs in a fresh process (variant A, B, A, B, ...),
+    each with its own warm-up: no variant inherits the allocator, caches or memory layout another
+    left behind. `variants` map names to picklable callables (top-level functions or partials)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in variants}
+    precision = "?"
+    for _ in range(rounds):
+        for name, switch in variants.items():
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_process_run, args=(recipe, out, switch, warmup, steps, queue))
+            proc.start()
+            seconds, tokens, precision = queue.get()
+            runs[name].append((seconds, tokens))
+            proc.join()
+    steps_per_s = {k: round(statistics.median(steps / s for s, _ in v), 2) for k, v in runs.items()}
+    first, last = list(variants)[0], list(variants)[-1]
+    return {"precision": precision, "steps_per_block": steps, "steps_per_s": steps_per_s,
+            "tokens_per_s": {k: round(statistics.median(t / s for s, t in v)) for k, v in runs.items()},
+            "speedup": round(steps_per_s[first] / steps_per_s[last], 2)}
