@@ -163,16 +163,16 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8, dynamic={self.dynamic}"
 
 
-ONEDNN_HEAD_MIN_OUTPUTS = 1 << 18  # rows x vocabulary from which the oneDNN head is the faster
+ONEDNN_HEAD_MIN_OUTPUTS = 200_000  # rows x vocabulary from which the oneDNN head is the faster
 
 
 def head_engine(rows: int, vocab: int) -> str:
     """The int8 kernel (torch.ao engine) for a tied output head of `rows` rows on this CPU.
 
     On AVX-512 CPUs oneDNN's int8 GEMM beats the default engine's (fbgemm) on large
-    outputs — 1.26x at 128 rows x 8,000 words, a batch-32 beam-4 step — and loses
-    on small ones (0.75x at one row); the Linear layers of a decoding step stay on
-    the default (`benchmarks/speed/bench_head_kernels.py`).
+    outputs — about 1.4x at 128 rows x 8,000 words, a batch-32 beam-4 step — and loses
+    on small ones (about 0.75x at one row); the Linear layers of a decoding step stay
+    on the default (`benchmarks/speed/bench_head_kernels.py`).
     """
     if rows * vocab < ONEDNN_HEAD_MIN_OUTPUTS or not _onednn_is_faster():
         return torch.backends.quantized.engine
