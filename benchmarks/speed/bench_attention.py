@@ -15,10 +15,8 @@ medians are reported.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,12 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from trainformer.bench.recipe_steps import alternating_blocks, recipe_trainer
+from trainformer.bench.recipe_steps import (
+    ab_parser,
+    ab_result,
+    alternating_blocks,
+    recipe_trainer,
+    steps_markdown,
+    write_ab_result,
+)
 from trainformer.bench.timing import interleaved, timed
 from trainformer.errors import run_script
 from trainformer.nn.attention import MultiHeadAttention
 from trainformer.paths import REPO_ROOT
-from trainformer.rundir import machine_line, package_versions
 
 KERNELS = ("bf16 flash", "bf16 math", "fp32 upcast")
 
@@ -104,31 +108,17 @@ def markdown(result: dict) -> str:
         best = min(r["ms"], key=r["ms"].get)
         lines.append(f"| {'fwd+bwd' if r['backward'] else 'fwd'} | {r['head_dim']} | {r['T']} | "
                      + " | ".join(f"{r['ms'][k]:.2f}" for k in KERNELS) + f" | {best} |")
-    lines += ["", "## The trainer's step on each recipe's batches (alternating blocks, medians)", "",
-              "| recipe | precision | attention | steps/s | tokens/s |", "|---|---|---|---|---|"]
-    for r in result["steps"]:
-        for k in r["steps_per_s"]:
-            lines.append(f"| {r['recipe']} | {r['precision']} | {k} | {r['steps_per_s'][k]} | "
-                         f"{r['tokens_per_s'][k]:,} |")
-        lines.append(f"| | | **speed-up** | **{r['speedup']:.2f}x** | |")
+    lines += ["", *steps_markdown(result["steps"], "attention")]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipes", nargs="*", default=["translate-en-fr", "translate-en-fr-60min"])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap = ab_parser(__doc__.splitlines()[0], REPO_ROOT / "benchmarks" / "results" / "attention")
     ap.add_argument("--skip-kernels", action="store_true")
-    ap.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "attention")
     args = ap.parse_args()
-    result = {"machine": machine_line(), "versions": package_versions(), "threads": torch.get_num_threads(),
-              "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
-              "kernels": [] if args.skip_kernels else bench_kernels(args.rounds),
-              "steps": bench_steps(args.recipes, args.rounds, REPO_ROOT / "bench_out" / "bench_attention")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_attention.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (args.out / "bench_attention.md").write_text(markdown(result), encoding="utf-8")
-    print(f"wrote {args.out / 'bench_attention.md'}")
+    result = ab_result(args.rounds, kernels=[] if args.skip_kernels else bench_kernels(args.rounds),
+                       steps=bench_steps(args.recipes, args.rounds, REPO_ROOT / "bench_out" / "bench_attention"))
+    write_ab_result(args.out, "bench_attention", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -14,21 +14,26 @@ blocks, each block in a fresh process (``--one-process``: all in one). Medians.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from trainformer.bench.recipe_steps import alternating_blocks, alternating_processes, recipe_trainer
+from trainformer.bench.recipe_steps import (
+    ab_parser,
+    ab_result,
+    alternating_blocks,
+    alternating_processes,
+    recipe_trainer,
+    steps_markdown,
+    write_ab_result,
+)
 from trainformer.bench.timing import interleaved, timed
 from trainformer.errors import run_script
 from trainformer.paths import REPO_ROOT
-from trainformer.rundir import machine_line, package_versions
 from trainformer.training import loss as loss_module
 
 SHAPES = ((2048, 4000), (2048, 8000), (8192, 8000))  # (target tokens of a batch, vocabulary)
@@ -95,32 +100,19 @@ def markdown(result: dict) -> str:
     for r in result["loss"]:
         lines.append(f"| {r['dtype']} | {r['rows']} | {r['vocab']} | {r['ms']['F.cross_entropy']:.2f} | "
                      f"{r['ms']['block-wise']:.2f} | {r['speedup']:.2f}x |")
-    lines += ["", "## The trainer's step on each recipe's batches (alternating blocks, medians)", "",
-              "| recipe | precision | processes | loss | steps/s | tokens/s |", "|---|---|---|---|---|---|"]
-    for r in result["steps"]:
-        for k in r["steps_per_s"]:
-            lines.append(f"| {r['recipe']} | {r['precision']} | {r['processes']} | {k} | {r['steps_per_s'][k]} | "
-                         f"{r['tokens_per_s'][k]:,} |")
-        lines.append(f"| | | | **speed-up** | **{r['speedup']:.2f}x** | |")
+    lines += ["", *steps_markdown(result["steps"], "loss")]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipes", nargs="*", default=["translate-en-fr", "translate-en-fr-60min"])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap = ab_parser(__doc__.splitlines()[0], REPO_ROOT / "benchmarks" / "results" / "loss")
     ap.add_argument("--one-process", action="store_true",
                     help="alternate the steps' variants in one process instead of a fresh process per block")
-    ap.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "loss")
     args = ap.parse_args()
-    result = {"machine": machine_line(), "versions": package_versions(), "threads": torch.get_num_threads(),
-              "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "loss": bench_loss(args.rounds),
-              "steps": bench_steps(args.recipes, args.rounds, REPO_ROOT / "bench_out" / "bench_loss",
-                                   fresh_processes=not args.one_process)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_loss.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (args.out / "bench_loss.md").write_text(markdown(result), encoding="utf-8")
-    print(f"wrote {args.out / 'bench_loss.md'}")
+    result = ab_result(args.rounds, loss=bench_loss(args.rounds),
+                       steps=bench_steps(args.recipes, args.rounds, REPO_ROOT / "bench_out" / "bench_loss",
+                                         fresh_processes=not args.one_process))
+    write_ab_result(args.out, "bench_loss", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -3,13 +3,17 @@ that switch one implementation detail on and off (benchmarks/speed/bench_attenti
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from trainformer.config import load_recipe
-from trainformer.rundir import RunDir
+from trainformer.rundir import RunDir, machine_line, package_versions
 from trainformer.tasks import build_task
 from trainformer.training.trainer import Trainer
 
@@ -87,3 +91,40 @@ def alternating_processes(recipe: str, out: Path, variants: dict[str, Callable[[
     return {"precision": precision, "steps_per_block": steps, "steps_per_s": steps_per_s,
             "tokens_per_s": {k: round(statistics.median(t / s for s, t in v)) for k, v in runs.items()},
             "speedup": round(steps_per_s[first] / steps_per_s[last], 2)}
+
+
+def steps_markdown(rows: list[dict], variant: str) -> list[str]:
+    """Markdown lines of the step table of `alternating_blocks` / `alternating_processes` rows
+    (each with its "recipe"); `variant` names the column of the switched detail."""
+    lines = ["## The trainer's step on each recipe's batches (alternating blocks, medians)", "",
+             f"| recipe | precision | processes | {variant} | steps/s | tokens/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        processes = r.get("processes", "one")
+        for k in r["steps_per_s"]:
+            lines.append(f"| {r['recipe']} | {r['precision']} | {processes} | {k} | {r['steps_per_s'][k]} | "
+                         f"{r['tokens_per_s'][k]:,} |")
+        lines.append(f"| | | | **speed-up** | **{r['speedup']:.2f}x** | |")
+    return lines
+
+
+def ab_parser(description: str, out: Path) -> argparse.ArgumentParser:
+    """The options every A/B step script takes: --recipes, --rounds, --out."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--recipes", nargs="*", default=["translate-en-fr", "translate-en-fr-60min"])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=out)
+    return ap
+
+
+def ab_result(rounds: int, **parts) -> dict:
+    """A result record: the machine, versions, threads, date and rounds, then `parts`."""
+    return {"machine": machine_line(), "versions": package_versions(), "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d"), "rounds": rounds, **parts}
+
+
+def write_ab_result(out: Path, stem: str, result: dict, markdown: str) -> None:
+    """OUT/STEM.json and OUT/STEM.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out / f"{stem}.md").write_text(markdown, encoding="utf-8")
+    print(f"wrote {out / f'{stem}.md'}")
