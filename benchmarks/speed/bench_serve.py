@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from trainformer.bench.testset import translation_test_set
 from trainformer.errors import UserError, run_script
 from trainformer.rundir import git_commit, hardware, package_versions
 
@@ -55,19 +56,12 @@ NAME = "bench"
 
 def test_sources(model_dir: str) -> list[str]:
     """The distinct source sentences of the model's test split, as its training run split them."""
-    from trainformer.data.registry import read_translation_pairs
-    from trainformer.data.splits import group_references, make_splits
     from trainformer.modeldir import read_model_config
-    from trainformer.tasks.translation import split_key
 
     cfg = read_model_config(model_dir)
     if cfg.task != "translation":
         raise UserError(f"{model_dir}: a {cfg.task!r} model; this benchmark serves a translation model")
-    d = cfg.data
-    pairs = read_translation_pairs(d)[0].examples
-    splits = make_splits([(p.src, p.tgt) for p in pairs], [split_key(p.src) for p in pairs],
-                         d.valid_size, d.test_size, d.split_seed, "source sentence, lowercased, punctuation removed")
-    return [src for src, _ in group_references([p.src for p in pairs], [p.tgt for p in pairs], splits.test)]
+    return translation_test_set(Path(model_dir))[0]
 
 
 # ----------------------------------------------------------------------------

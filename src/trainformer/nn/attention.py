@@ -95,20 +95,21 @@ class MultiHeadAttention(nn.Module):
             is_causal: let SDPA apply the causal mask itself (no cache, no attn_mask).
             rope: (cos, sin) from `RotaryEmbedding`, applied to q and k (self-attention only).
             cache: self-attention: new k/v are appended and all cached ones used;
-                cross-attention: memory k/v are computed on first use and reused after.
+                cross-attention: memory k/v are computed on first use and reused after;
+                with ``cache.group`` = g > 1 each row of them serves g consecutive rows of x
+                (a source's beams), whose queries are attended as one block.
         """
         if self.cross:
             q, k, v = self._cross_qkv(x, memory, cache)
         else:
             q, k, v = self._self_qkv(x, rope, cache)
         group = cache.group if cache is not None else 1
-        b, _, t, _ = q.shape
+        b, h, t, dh = q.shape
         if group > 1:  # the queries of `group` rows that share one row of k/v, as one block
-            q = q.view(b // group, group, self.n_heads, t, self.head_dim).transpose(1, 2)
-            q = q.reshape(b // group, self.n_heads, group * t, self.head_dim)  # (B / g, H, g T, Dh)
+            q = q.view(b // group, group, h, t, dh).transpose(1, 2).reshape(b // group, h, group * t, dh)
         y = sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads,
                  cpu_bf16_in_fp32=self.cpu_bf16_in_fp32)  # (B / g, H, g T, Dh)
-        y = y.view(b // group, self.n_heads, group, t, self.head_dim).permute(0, 2, 3, 1, 4)  # (B / g, g, T, H, Dh)
+        y = y.view(b // group, h, group, t, dh).permute(0, 2, 3, 1, 4)  # (B / g, g, T, H, Dh)
         return self.out(y.reshape(b, t, -1))  # (B, T, H*Dh) -> (B, T, D)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
