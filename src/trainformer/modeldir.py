@@ -153,7 +153,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
         raise UserError(f"{p}: an ensemble of several models; only `evaluate` and `extract` of ner and "
                         "relation models read ensembles (give one of its member-* folders here)")
     cfg = read_model_config(p)
-    compression = _read_json(p / "compression.json") if (p / "compression.json").is_file() else {}
+    compression = read_json_object(p / "compression.json") if (p / "compression.json").is_file() else {}
     sizes_from = "config.json"
     if compression.get("pruned") and not cfg.model.layer_sizes:  # pruned before config.json had them
         cfg.model.layer_sizes, sizes_from = dict(compression["pruned"]), "compression.json"
@@ -172,7 +172,8 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     return LoadedModel(cfg=cfg, model=model, path=p, labels=labels, compression=compression)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object; a one-line `UserError` naming the file otherwise."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:

@@ -23,7 +23,13 @@ from torch import nn
 
 from trainformer.config import Config
 from trainformer.errors import UserError
-from trainformer.modeldir import LoadedModel, load_model_dir, resolve_model_dir, save_model_dir
+from trainformer.modeldir import (
+    LoadedModel,
+    load_model_dir,
+    read_json_object,
+    resolve_model_dir,
+    save_model_dir,
+)
 
 COMPRESSION_FILE = "compression.json"
 FORMAT = 1
@@ -33,15 +39,7 @@ _OWN_FILES = ("model.safetensors", "config.json", COMPRESSION_FILE)
 def read_compression(model_dir: str | Path) -> dict[str, Any]:
     """The parsed compression.json of a model dir ({} for an uncompressed model)."""
     path = resolve_model_dir(model_dir) / COMPRESSION_FILE
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else {}
 
 
 def load_float_model(model_dir: str | Path) -> LoadedModel:
