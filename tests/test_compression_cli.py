@@ -116,13 +116,18 @@ def test_structured_dir_round_trips_and_is_smaller(model_dir, tmp_path, no_unpic
     assert (out / "tokenizer.json").is_file() and only_safe_files(out)
 
 
+def _pruned_config(src_dir, out) -> dict:
+    """Prune `src_dir` by half into `out`; its config.json, parsed, for a test to edit."""
+    assert main(["prune", str(src_dir), "--out", str(out), "--method", "structured", "--sparsity", "0.5",
+                 "--calibrate", "0"]) == 0
+    return json.loads((out / "config.json").read_text())
+
+
 def test_pruned_dir_of_the_previous_format_still_loads(model_dir, tmp_path):
     """Before model.layer_sizes, a pruned dir kept its shapes in compression.json only."""
     src_dir, _ = model_dir
     out = tmp_path / "pruned"
-    assert main(["prune", str(src_dir), "--out", str(out), "--method", "structured", "--sparsity", "0.5",
-                 "--calibrate", "0"]) == 0
-    config = json.loads((out / "config.json").read_text())
+    config = _pruned_config(src_dir, out)
     del config["model"]["layer_sizes"]
     (out / "config.json").write_text(json.dumps(config))
     loaded, now = load_model_dir(out), load_model_dir(tmp_path / "pruned")
@@ -296,9 +301,7 @@ def test_bad_layer_sizes_in_config_json_name_the_file(model_dir, tmp_path):
 
     src_dir, _ = model_dir
     out = tmp_path / "pruned"
-    assert main(["prune", str(src_dir), "--out", str(out), "--method", "structured", "--sparsity", "0.5",
-                 "--calibrate", "0"]) == 0
-    config = json.loads((out / "config.json").read_text())
+    config = _pruned_config(src_dir, out)
     config["model"]["layer_sizes"] = {"layers.7.ffn.d_ff": 4}
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"config\.json: model\.layer_sizes\['layers\.7\.ffn\.d_ff'\]: the model has no"):
