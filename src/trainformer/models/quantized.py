@@ -32,6 +32,7 @@ the int8 values in — no code is unpickled.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -179,7 +180,9 @@ def head_engine(rows: int, vocab: int) -> str:
     return "onednn"
 
 
+@functools.cache
 def _onednn_is_faster() -> bool:
+    """Asked once per process: `head_engine` runs at every decoding step."""
     return (torch.backends.cpu.get_cpu_capability().startswith("AVX512")
             and "onednn" in torch.backends.quantized.supported_engines)
 
