@@ -60,12 +60,16 @@ def alternating_blocks(trainer: Trainer, variants: dict[str, Callable[[], None]]
 
 def _process_run(recipe: str, out: Path, switch: Callable[[], None], warmup: int, steps: int,
                  queue) -> None:
-    """In a fresh process: set up the recipe's trainer, switch the variant on, warm up, time."""
-    switch()
-    trainer = recipe_trainer(recipe, out)
-    batches = iter(trainer.batches)
-    _block(trainer, batches, warmup)
-    queue.put((*_block(trainer, batches, steps), trainer.precision.name))
+    """In a fresh process: set up the recipe's trainer, switch the variant on, warm up, time.
+    An error goes back through the queue, so the parent raises it instead of waiting forever."""
+    try:
+        switch()
+        trainer = recipe_trainer(recipe, out)
+        batches = iter(trainer.batches)
+        _block(trainer, batches, warmup)
+        queue.put((*_block(trainer, batches, steps), trainer.precision.name))
+    except Exception as e:  # noqa: BLE001 - handed to the parent as it is
+        queue.put(e)
 
 
 def alternating_processes(recipe: str, out: Path, variants: dict[str, Callable[[], None]], rounds: int,
@@ -83,9 +87,12 @@ def alternating_processes(recipe: str, out: Path, variants: dict[str, Callable[[
             queue = ctx.Queue()
             proc = ctx.Process(target=_process_run, args=(recipe, out, switch, warmup, steps, queue))
             proc.start()
-            seconds, tokens, precision = queue.get()
-            runs[name].append((seconds, tokens))
+            got = queue.get()
             proc.join()
+            if isinstance(got, BaseException):
+                raise got
+            seconds, tokens, precision = got
+            runs[name].append((seconds, tokens))
     steps_per_s = {k: round(statistics.median(steps / s for s, _ in v), 2) for k, v in runs.items()}
     first, last = list(variants)[0], list(variants)[-1]
     return {"precision": precision, "steps_per_block": steps, "steps_per_s": steps_per_s,
