@@ -367,3 +367,51 @@ def test_cpu_bf16_attention_runs_in_fp32_under_autocast():
     torch.testing.assert_close(native.float(), ref, atol=3e-2, rtol=3e-2)
     y.float().sum().backward()
     assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_one_query_attention_equals_reference(n_kv):
+    """The decoding step's batched-GEMM attention (one query per row) = plain attention, GQA included."""
+    from trainformer.nn.attention import one_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 4, 1, 8, generator=g)
+    k, v = torch.randn(5, n_kv, 11, 8, generator=g), torch.randn(5, n_kv, 11, 8, generator=g)
+    torch.testing.assert_close(one_query_attention(q, k, v), reference_attention(q, k, v), atol=1e-6, rtol=1e-5)
+
+
+def test_cached_decoding_of_many_rows_takes_the_one_query_path_and_equals_full(monkeypatch):
+    """Rows x heads and cached keys above the thresholds: the cached T=1 step goes through
+    `one_query_attention` (and not SDPA) and still equals the full causal pass."""
+    import trainformer.nn.attention as attention
+
+    calls = []
+    real = attention.one_query_attention
+    monkeypatch.setattr(attention, "one_query_attention", lambda *a: calls.append(a[1].shape) or real(*a))
+    m = _mha()
+    b = attention.ONE_QUERY_MIN_HEADS // H
+    steps = attention.ONE_QUERY_MIN_KEYS + 2
+    x = torch.randn(b, steps, D)
+    full = m(x, is_causal=True)
+    kv = LayerKV()
+    parts = [m(x[:, t:t + 1], cache=kv) for t in range(steps)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
+    assert [s[2] for s in calls] == list(range(attention.ONE_QUERY_MIN_KEYS, steps + 1))
+
+
+def test_cache_cross_attention_mask_is_none_without_padding_and_follows_select():
+    cache = KVCache(1)
+    cache.cross_mask = torch.ones(3, 5, dtype=torch.bool)
+    assert cache.cross_attention_mask() is None  # nothing padded: SDPA gets no mask at all
+    cache.cross_kv[0].k = cache.cross_kv[0].v = torch.zeros(3, 1, 5, 2)
+    real = _padding([5, 2, 4], 5)
+    cache.cross_mask = real
+    assert torch.equal(cache.cross_attention_mask(), key_padding_mask(real))
+    assert cache.cross_attention_mask() is cache.cross_attention_mask()  # worked out once
+    cache.select(torch.tensor([1, 1, 2]))
+    assert torch.equal(cache.cross_attention_mask(), key_padding_mask(real[[1, 1, 2]]))
+    cache.select(torch.tensor([0, 0, 2]))  # rows 0, 1 were both source 1: the two padded rows remain
+    cache.select(torch.tensor([2]))  # one source is left, 4 of its 5 tokens real
+    assert cache.cross_attention_mask() is not None  # [4 real of 5]: still padded
+    cache.cross_mask = torch.ones(1, 5, dtype=torch.bool)
+    assert cache.cross_attention_mask() is None

@@ -10,6 +10,9 @@ choices `trainformer` makes there:
   picks oneDNN for the head from ``ONEDNN_HEAD_MIN_OUTPUTS`` rows x words on AVX-512 CPUs.
 - fp32: the head as ``F.linear(h, W)`` or through the cached contiguous transpose
   ``h @ W.T`` (`nn.cpu_head.TransposedHead`, used up to ``FAST_HEAD_ROWS`` rows).
+- fp32 self-attention of a step (one query per row against the cached keys): SDPA or
+  two batched GEMMs (`nn.attention.one_query_attention`, taken from
+  ``ONE_QUERY_MIN_HEADS`` rows x heads and ``ONE_QUERY_MIN_KEYS`` cached keys).
 
 Random weights of the model's shapes, one thread (as decoding benchmarks run),
 variants interleaved after a warm-up; medians in microseconds.
@@ -35,6 +38,12 @@ from trainformer.bench.report import write_table_report
 from trainformer.bench.timing import interleaved, timed
 from trainformer.errors import run_script
 from trainformer.models.quantized import ONEDNN_HEAD_MIN_OUTPUTS, head_engine
+from trainformer.nn.attention import (
+    ONE_QUERY_MIN_HEADS,
+    ONE_QUERY_MIN_KEYS,
+    one_query_attention,
+    one_query_pays,
+)
 from trainformer.nn.cpu_head import FAST_HEAD_ROWS
 from trainformer.paths import REPO_ROOT
 from trainformer.rundir import machine_line, package_versions
@@ -92,6 +101,21 @@ def fp32_rows(d_model: int, vocabs: list[int], rounds: int) -> list[dict]:
     return rows
 
 
+def attention_rows(d_model: int, n_heads: int, keys: list[int], rounds: int) -> list[dict]:
+    dh = d_model // n_heads
+    rows = []
+    for n_keys in keys:
+        for n in ROWS:
+            q = torch.randn(n, n_heads, 1, dh)
+            k, v = torch.randn(n, n_heads, n_keys, dh), torch.randn(n, n_heads, n_keys, dh)
+            us = medians_us({"SDPA": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+                             "2 bmm": lambda q=q, k=k, v=v: one_query_attention(q, k, v)}, rounds)
+            rows.append({"kind": "fp32", "layer": f"self-attention {n_heads}x{dh}, {n_keys} keys", "rows": n,
+                         "us": us, "picked": "2 bmm" if one_query_pays(n * n_heads, n_keys) else "SDPA"})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def table(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
@@ -106,6 +130,8 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=192)
     ap.add_argument("--d-ff", type=int, default=768)
     ap.add_argument("--vocab", type=int, nargs="+", default=[8000, 4000])
+    ap.add_argument("--heads", type=int, default=4, help="attention heads (of --d-model)")
+    ap.add_argument("--keys", type=int, nargs="+", default=[4, 16, 32, 64], help="cached keys (attention rows)")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "head-kernels")
     args = ap.parse_args()
@@ -114,17 +140,20 @@ def main() -> None:
     shapes = {f"head {d}->{v}": (d, v) for v in args.vocab}
     shapes |= {f"qkv {d}->{3 * d}": (d, 3 * d), f"ffn up {d}->{args.d_ff}": (d, args.d_ff),
                f"ffn down {args.d_ff}->{d}": (args.d_ff, d)}
-    rows = int8_rows(shapes, args.rounds) + fp32_rows(d, args.vocab, args.rounds)
+    rows = (int8_rows(shapes, args.rounds) + fp32_rows(d, args.vocab, args.rounds)
+            + attention_rows(d, args.heads, args.keys, args.rounds))
     results = {"machine": machine_line(), "versions": package_versions(), "threads": 1,
                "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
-               "onednn_head_min_outputs": ONEDNN_HEAD_MIN_OUTPUTS, "fast_head_rows": FAST_HEAD_ROWS, "rows": rows}
+               "onednn_head_min_outputs": ONEDNN_HEAD_MIN_OUTPUTS, "fast_head_rows": FAST_HEAD_ROWS,
+               "one_query_min_heads": ONE_QUERY_MIN_HEADS, "one_query_min_keys": ONE_QUERY_MIN_KEYS, "rows": rows}
     intro = [f"{results['date']}, {results['machine']}; torch {results['versions']['torch']}, 1 thread; "
              f"median of {args.rounds} interleaved calls, microseconds per call (random weights).",
              f"Command: `python benchmarks/speed/bench_head_kernels.py --d-model {d} --vocab "
-             f"{' '.join(map(str, args.vocab))}`",
+             f"{' '.join(map(str, args.vocab))} --heads {args.heads} --keys {' '.join(map(str, args.keys))}`",
              "", "ratio = first / second (above 1: the second is faster). picked = what trainformer uses "
              f"there (int8 head: oneDNN from {ONEDNN_HEAD_MIN_OUTPUTS:,} rows x words on AVX-512 CPUs; "
-             f"fp32 head: the transpose up to {FAST_HEAD_ROWS} rows)."]
+             f"fp32 head: the transpose up to {FAST_HEAD_ROWS} rows; self-attention: two batched GEMMs from "
+             f"{ONE_QUERY_MIN_HEADS} rows x heads and {ONE_QUERY_MIN_KEYS} keys)."]
     text = write_table_report(args.out, "bench_head_kernels", results, "Matmul kernels of a CPU decoding step",
                               intro, ["dtype", "layer", "rows", "first (us)", "second (us)", "ratio", "picked"],
                               table(rows))

@@ -17,6 +17,7 @@ from trainformer.nn import (
     TokenEmbedding,
 )
 from trainformer.nn.attention import Rope
+from trainformer.nn.layers import dropout
 from trainformer.nn.norm import make_norm
 
 
@@ -83,7 +84,7 @@ def embed_inputs(
         x = x + extra
     if norm is not None:
         x = norm(x)
-    return drop(x), (rope(positions) if rope is not None else None)
+    return dropout(drop, x), (rope(positions) if rope is not None else None)
 
 
 def extend_key_mask(

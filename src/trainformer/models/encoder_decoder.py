@@ -133,7 +133,7 @@ class EncoderDecoder(nn.Module):
         attn_mask, is_causal = self_attention_mask(t, past, tgt.device, key_mask)
         embed = self.tok_embed if self.tgt_tok_embed is None else self.tgt_tok_embed
         x, rope = embed_inputs(tgt, positions, embed, self.tgt_pos_embed, self.rope, self.drop)
-        memory_mask = key_padding_mask(src_mask)
+        memory_mask = cache.cross_attention_mask() if cache is not None else key_padding_mask(src_mask)
         for i, layer in enumerate(self.decoder_layers):
             x = layer(
                 x, attn_mask=attn_mask, is_causal=is_causal, rope=rope,

@@ -11,6 +11,9 @@ applied to the residual branch instead (see `EncoderLayer`).
 On the CPU, bf16 attention is computed in fp32 (`sdpa`): PyTorch's CPU
 flash-attention kernel is slower in bf16 than in fp32 at every length we
 train at (its backward 1.5-4x at T <= 256; `benchmarks/speed/bench_attention.py`).
+A decoding step's self-attention (one new query per row against the cache)
+runs as two batched GEMMs where that kernel's per-head overhead dominates
+(`one_query_attention`).
 
 `reference_attention` is the plain softmax(QK^T / sqrt(Dh)) V the tests
 compare against.
@@ -39,12 +42,45 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.
     would cast them back to bf16, is paused for the call. Elsewhere SDPA runs as given.
     """
     if not cpu_bf16_in_fp32 or q.device.type != "cpu" or q.dtype != torch.bfloat16:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                              enable_gqa=enable_gqa)
+        return _attend(q, k, v, attn_mask, is_causal, enable_gqa)
     with torch.autocast("cpu", enabled=False):
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
-                                           is_causal=is_causal, enable_gqa=enable_gqa)
+        y = _attend(q.float(), k.float(), v.float(), attn_mask, is_causal, enable_gqa)
     return y.to(torch.bfloat16)
+
+
+# A decoding step's self-attention: one query per row against the cached keys. PyTorch's
+# CPU SDPA kernel pays a fixed cost per (row, head); two batched GEMMs pay less once there
+# are many rows (batch x beam) and enough cached keys, and more below that
+# (benchmarks/speed/bench_head_kernels.py, rows "self-attention").
+ONE_QUERY_MIN_HEADS = 128  # rows x heads
+ONE_QUERY_MIN_KEYS = 16
+
+
+def one_query_pays(rows_x_heads: int, keys: int) -> bool:
+    """Whether `one_query_attention` beats SDPA on the CPU at this size (see the thresholds above)."""
+    return rows_x_heads >= ONE_QUERY_MIN_HEADS and keys >= ONE_QUERY_MIN_KEYS
+
+
+def _attend(q, k, v, attn_mask, is_causal, enable_gqa) -> torch.Tensor:
+    if (q.device.type == "cpu" and q.shape[2] == 1 and attn_mask is None and not is_causal
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and one_query_pays(q.shape[0] * q.shape[1], k.shape[2])):
+        return one_query_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          enable_gqa=enable_gqa)
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v for one query per row, as two batched GEMMs.
+
+    q (B, H, 1, Dh), k, v (B, KV, S, Dh) with H a multiple of KV -> (B, H, 1, Dh), no mask.
+    The query heads that share a key/value head (GQA) form one (H / KV, Dh) block.
+    """
+    b, h, _, dh = q.shape
+    kv = k.shape[1]
+    q = q.reshape(b, kv, h // kv, dh)  # (B, KV, g, Dh)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(dh ** -0.5)  # (B, KV, g, S)
+    return torch.matmul(torch.softmax(scores, dim=-1), v).view(b, h, 1, dh)
 
 
 class MultiHeadAttention(nn.Module):

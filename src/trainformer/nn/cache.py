@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from trainformer.nn.masks import key_padding_mask
+
 
 class LayerKV:
     """Keys and values of one attention layer, (B, KV, S, Dh) each, or empty.
@@ -63,8 +65,27 @@ class KVCache:
         self.self_kv = [LayerKV() for _ in range(n_layers)]
         self.cross_kv = [LayerKV() for _ in range(n_layers)]
         self.key_mask: torch.Tensor | None = None
-        self.cross_mask: torch.Tensor | None = None
+        self._cross_mask: torch.Tensor | None = None
+        self._cross_attn_mask: tuple[torch.Tensor | None] | None = None  # memo of `cross_attention_mask`
         self.length = 0
+
+    @property
+    def cross_mask(self) -> torch.Tensor | None:
+        return self._cross_mask
+
+    @cross_mask.setter
+    def cross_mask(self, mask: torch.Tensor | None) -> None:
+        self._cross_mask, self._cross_attn_mask = mask, None
+
+    def cross_attention_mask(self) -> torch.Tensor | None:
+        """`key_padding_mask` of `cross_mask`, (B, 1, 1, S), or None when no source is padded;
+        worked out once, not at every decoding step (and again after `cross_mask` changes).
+        A traced graph (ONNX export, torch.compile) keeps the mask: no data-dependent branch."""
+        if self._cross_attn_mask is None:
+            mask = self._cross_mask
+            padded = mask is not None and (torch.compiler.is_compiling() or not bool(mask.all()))
+            self._cross_attn_mask = (key_padding_mask(mask) if padded else None,)
+        return self._cross_attn_mask[0]
 
     @property
     def has_cross(self) -> bool:

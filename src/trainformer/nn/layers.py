@@ -29,8 +29,14 @@ class _Block(nn.Module):
 
     def residual(self, x: torch.Tensor, norm: nn.Module, f: Callable[[torch.Tensor], torch.Tensor]):
         if self.norm_first:
-            return x + self.drop(f(norm(x)))
-        return norm(x + self.drop(f(x)))
+            return x + dropout(self.drop, f(norm(x)))
+        return norm(x + dropout(self.drop, f(x)))
+
+
+def dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """`drop(x)`, skipped where it is the identity (eval mode or p = 0): a decoding step
+    would otherwise pay a module call per sub-layer for nothing."""
+    return drop(x) if drop.training and drop.p > 0 else x
 
 
 class EncoderLayer(_Block):
