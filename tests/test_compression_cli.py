@@ -104,9 +104,9 @@ def test_structured_dir_round_trips_and_is_smaller(model_dir, tmp_path, no_unpic
     structured_prune(expected, 0.5)
     loaded = load_model_dir(out)
     compression = json.loads((out / "compression.json").read_text())
-    assert compression["pruned"] == model_shapes(loaded.model) == model_shapes(expected)
     config = json.loads((out / "config.json").read_text())
-    assert config["model"]["layer_sizes"] == compression["pruned"]  # config.json alone builds it
+    assert config["model"]["layer_sizes"] == model_shapes(loaded.model) == model_shapes(expected)
+    assert "pruned" not in compression  # config.json is the one record of the shapes
     assert model_shapes(build_model(loaded.cfg.model)) == model_shapes(expected)
     assert compression["history"][-1]["method"] == "structured"
     vocab = loaded.cfg.model.vocab_size
@@ -128,10 +128,13 @@ def test_pruned_dir_of_the_previous_format_still_loads(model_dir, tmp_path):
     src_dir, _ = model_dir
     out = tmp_path / "pruned"
     config = _pruned_config(src_dir, out)
-    del config["model"]["layer_sizes"]
+    now = load_model_dir(out)
+    compression = json.loads((out / "compression.json").read_text())
+    compression["pruned"] = config["model"].pop("layer_sizes")  # the previous layout
     (out / "config.json").write_text(json.dumps(config))
-    loaded, now = load_model_dir(out), load_model_dir(tmp_path / "pruned")
-    assert model_shapes(loaded.model) == json.loads((out / "compression.json").read_text())["pruned"]
+    (out / "compression.json").write_text(json.dumps(compression))
+    loaded = load_model_dir(out)
+    assert model_shapes(loaded.model) == compression["pruned"] == model_shapes(now.model)
     vocab = loaded.cfg.model.vocab_size
     assert torch.equal(outputs(loaded.model, vocab), outputs(now.model, vocab))
 
@@ -196,9 +199,10 @@ def test_pruned_then_quantized_keeps_the_pruned_shapes(model_dir, tmp_path):
     assert main(["prune", str(src_dir), "--out", str(pruned), "--sparsity", "0.5", "--heads-only"]) == 0
     assert main(["quantize", str(pruned), "--out", str(quant), "--method", "dynamic"]) == 0
     fp32, int8 = load_model_dir(pruned), load_model_dir(quant)
-    assert int8.compression["pruned"] == fp32.compression["pruned"]
+    assert int8.cfg.model.layer_sizes == fp32.cfg.model.layer_sizes
+    assert model_shapes(int8.model) == model_shapes(fp32.model)
     assert [h["op"] for h in int8.compression["history"]] == ["prune", "quantize"]
-    assert all(ffn == 64 for k, ffn in fp32.compression["pruned"].items() if k.endswith("d_ff"))
+    assert all(ffn == 64 for k, ffn in fp32.cfg.model.layer_sizes.items() if k.endswith("d_ff"))
     vocab = fp32.cfg.model.vocab_size
     ref, out = outputs(fp32.model, vocab), outputs(int8.model, vocab)
     assert (out - ref).norm() / ref.norm() < 0.05

@@ -109,8 +109,8 @@ def prune_model_dir(
     else:
         run = calibration_run(model, cfg, source, calibrate, recipe, overrides) if calibrate else None
         stats = structured_prune(model, sparsity, heads=heads, ffn=ffn, calibrate=run)
-        cfg.model.layer_sizes = model_shapes(model)  # config.json builds the pruned shapes
-        fields = {"pruned": cfg.model.layer_sizes}  # (and compression.json records them)
+        cfg.model.layer_sizes = model_shapes(model)  # config.json alone records and builds the pruned shapes
+        fields = {}
     step = {"op": "prune", "method": method, **stats}
     save_compressed(out, model, cfg, source, with_step(loaded.compression, step, **fields))
     if finetune_steps:

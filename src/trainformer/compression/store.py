@@ -3,10 +3,12 @@
 ``compression.json`` (format 1):
 
     {"format": 1,
-     "pruned": {"layers.0.self_attn.heads": 3, ...},     # structured pruning only
      "quantized": true, "quantization": "dynamic",       # quantization only
      "history": [{"op": "prune", "method": "structured", "sparsity": 0.5, ...},
                  {"op": "quantize", "method": "dynamic", ...}]}
+
+A structurally pruned model's per-layer sizes are config.json's ``model.layer_sizes``;
+dirs written before that field existed kept them here as ``"pruned"`` (still read).
 
 Only safetensors and JSON are written, so loading never unpickles anything.
 """
