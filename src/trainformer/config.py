@@ -143,7 +143,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     deterministic: bool = False
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    device: str = "auto"  # auto, cpu, cuda, cuda:N; a CPU run keeps freed memory for reuse (Linux, glibc)
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave the default
     log_every: int = 20
     eval_every: int = 500  # steps; 0 = only at the end
