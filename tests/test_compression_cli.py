@@ -15,6 +15,7 @@ from trainformer.compression.magnitude import prunable_weights
 from trainformer.compression.store import load_float_model
 from trainformer.config import TokenizerConfig, from_dict
 from trainformer.data.tokenizer import train_tokenizer
+from trainformer.errors import UserError
 from trainformer.modeldir import load_model_dir, save_model_dir
 from trainformer.models import build_model, count_parameters
 from trainformer.models.quantized import quantize_model
@@ -191,6 +192,18 @@ def test_quantized_dirs_of_older_versions_still_load(model_dir, tmp_path):
     loaded = load_model_dir(out)
     assert torch.equal(loaded.model.tok_embed.weight, float_embed)
     assert outputs(loaded.model, loaded.cfg.model.vocab_size).isfinite().all()
+
+
+def test_pruned_sizes_of_the_previous_format_that_are_no_object_give_a_one_line_error(model_dir, tmp_path):
+    src_dir, _ = model_dir
+    out = tmp_path / "pruned"
+    config = _pruned_config(src_dir, out)
+    del config["model"]["layer_sizes"]
+    (out / "config.json").write_text(json.dumps(config))
+    compression = json.loads((out / "compression.json").read_text())
+    (out / "compression.json").write_text(json.dumps({**compression, "pruned": [3, 4]}))
+    with pytest.raises(UserError, match=r"compression.json: \"pruned\" must be an object"):
+        load_model_dir(out)
 
 
 def test_pruned_then_quantized_keeps_the_pruned_shapes(model_dir, tmp_path):

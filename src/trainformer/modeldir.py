@@ -156,6 +156,9 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
     compression = read_json_object(p / "compression.json") if (p / "compression.json").is_file() else {}
     sizes_from = "config.json"
     if compression.get("pruned") and not cfg.model.layer_sizes:  # pruned before config.json had them
+        if not isinstance(compression["pruned"], dict):
+            raise UserError(f"{p / 'compression.json'}: \"pruned\" must be an object of per-layer sizes, "
+                            f"got {compression['pruned']!r}")
         cfg.model.layer_sizes, sizes_from = dict(compression["pruned"]), "compression.json"
     weights = p / "model.safetensors"
     if not weights.is_file():
