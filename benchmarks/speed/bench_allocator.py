@@ -5,7 +5,8 @@ step's largest tensors (the logits and their gradient) are faulted in and zeroed
 again at every step. `trainformer.training.device.keep_freed_memory`, which a CPU
 run's setup calls, turns that off. Each block of steps runs in a fresh process
 (the setting is process-wide and cannot be undone), variants alternating; the
-page faults per step are read from the process's own counters. Medians.
+minor page faults of the timed steps are read from that process's own counters.
+Medians.
 
     python benchmarks/speed/bench_allocator.py [--recipes translate-en-fr-60min translate-en-fr]
         [--rounds 4] [--out benchmarks/results/allocator]
@@ -14,7 +15,6 @@ page faults per step are read from the process's own counters. Medians.
 from __future__ import annotations
 
 import json
-import resource
 from functools import partial
 
 from trainformer.bench import recipe_steps as rs
@@ -27,33 +27,6 @@ def set_reuse(on: bool) -> None:
     device.REUSE_FREED_MEMORY = on
 
 
-def faults_per_step(recipe: str, on: bool, steps: int = 10) -> int:
-    """Minor page faults per training step of `recipe` after a warm-up, in this process."""
-    set_reuse(on)
-    trainer = rs.recipe_trainer(recipe, REPO_ROOT / "bench_out" / "bench_allocator")
-    batches = iter(trainer.batches)
-    rs._block(trainer, batches, 5)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    rs._block(trainer, batches, steps)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // steps
-
-
-def _faults_in_child(recipe: str, on: bool, queue) -> None:
-    queue.put(faults_per_step(recipe, on))
-
-
-def child_faults(recipe: str, on: bool) -> int:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_faults_in_child, args=(recipe, on, queue))
-    proc.start()
-    got = queue.get()
-    proc.join()
-    return got
-
-
 def main() -> None:
     ap = rs.ab_parser(__doc__.splitlines()[0], REPO_ROOT / "benchmarks" / "results" / "allocator")
     ap.set_defaults(recipes=["translate-en-fr-60min", "translate-en-fr"], rounds=4)
@@ -62,19 +35,17 @@ def main() -> None:
     variants = {"freed memory kept": partial(set_reuse, True), "glibc default": partial(set_reuse, False)}
     rows = []
     for recipe in args.recipes:
-        row = {"recipe": recipe, "processes": "fresh per block",
-               **rs.alternating_processes(recipe, out, variants, args.rounds)}
-        row["faults_per_step"] = {name: child_faults(recipe, name == "freed memory kept") for name in variants}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append({"recipe": recipe, "processes": "fresh per block",
+                     **rs.alternating_processes(recipe, out, variants, args.rounds)})
+        print(json.dumps(rows[-1]), flush=True)
     result = rs.ab_result(args.rounds, steps=rows)
     lines = ["# Freed memory kept for reuse (CPU training)", "",
              f"Machine: {result['machine']}; torch {result['versions']['torch']}, {result['threads']} threads; "
              f"{result['date']}.", "", *rs.steps_markdown(rows, "allocator"), "",
-             "Minor page faults per step (10 steps after a warm-up, one more process per variant):", "",
+             "Minor page faults per step (median over the timed blocks):", "",
              "| recipe | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    lines += [f"| {r['recipe']} | " + " | ".join(f"{r['faults_per_step'][v]:,}" for v in variants) + " |"
-              for r in rows]
+    faults = {r["recipe"]: ["n/a" if f is None else f"{f:,}" for f in r["faults_per_step"].values()] for r in rows}
+    lines += [f"| {recipe} | " + " | ".join(cells) + " |" for recipe, cells in faults.items()]
     rs.write_ab_result(args.out, "bench_allocator", result, "\n".join(lines) + "\n")
 
 

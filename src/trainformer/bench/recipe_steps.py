@@ -51,36 +51,57 @@ def alternating_blocks(trainer: Trainer, variants: dict[str, Callable[[], None]]
         for name, switch in variants.items():
             switch()
             runs[name].append(_block(trainer, batches, steps))
+    return _summary(runs, steps, trainer.precision.name)
+
+
+def _summary(runs: dict[str, list[tuple[float, int]]], steps: int, precision: str) -> dict:
+    """Median steps/s and tokens/s of each variant's (seconds, tokens) blocks; the speed-up of
+    the first variant (the candidate) over the last (the baseline)."""
     steps_per_s = {k: round(statistics.median(steps / s for s, _ in v), 2) for k, v in runs.items()}
-    first, last = list(variants)[0], list(variants)[-1]
-    return {"precision": trainer.precision.name, "steps_per_block": steps, "steps_per_s": steps_per_s,
+    first, last = list(runs)[0], list(runs)[-1]
+    return {"precision": precision, "steps_per_block": steps, "steps_per_s": steps_per_s,
             "tokens_per_s": {k: round(statistics.median(t / s for s, t in v)) for k, v in runs.items()},
             "speedup": round(steps_per_s[first] / steps_per_s[last], 2)}
 
 
 def _process_run(recipe: str, out: Path, switch: Callable[[], None], warmup: int, steps: int,
                  queue) -> None:
-    """In a fresh process: set up the recipe's trainer, switch the variant on, warm up, time.
+    """In a fresh process: set up the recipe's trainer, switch the variant on, warm up, time
+    (and count the minor page faults of the timed steps where the OS reports them).
     An error goes back through the queue, so the parent raises it instead of waiting forever."""
     try:
         switch()
         trainer = recipe_trainer(recipe, out)
         batches = iter(trainer.batches)
         _block(trainer, batches, warmup)
-        queue.put((*_block(trainer, batches, steps), trainer.precision.name))
+        faults = _minor_faults()
+        seconds, tokens = _block(trainer, batches, steps)
+        faults = None if faults is None else _minor_faults() - faults
+        queue.put((seconds, tokens, trainer.precision.name, faults))
     except Exception as e:  # noqa: BLE001 - handed to the parent as it is
         queue.put(e)
+
+
+def _minor_faults() -> int | None:
+    """This process's minor page faults so far (None where `resource` does not exist)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def alternating_processes(recipe: str, out: Path, variants: dict[str, Callable[[], None]], rounds: int,
                           steps: int = 50, warmup: int = 10) -> dict:
     """As `alternating_blocks`, but every block runs in a fresh process (variant A, B, A, B, ...),
     each with its own warm-up: no variant inherits the allocator, caches or memory layout another
-    left behind. `variants` map names to picklable callables (top-level functions or partials)."""
+    left behind. `variants` map names to picklable callables (top-level functions or partials).
+    Also the median minor page faults per step of each variant (None where not reported)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     runs: dict[str, list[tuple[float, int]]] = {name: [] for name in variants}
+    faults: dict[str, list[int]] = {name: [] for name in variants}
     precision = "?"
     for _ in range(rounds):
         for name, switch in variants.items():
@@ -91,13 +112,12 @@ def alternating_processes(recipe: str, out: Path, variants: dict[str, Callable[[
             proc.join()
             if isinstance(got, BaseException):
                 raise got
-            seconds, tokens, precision = got
+            seconds, tokens, precision, block_faults = got
             runs[name].append((seconds, tokens))
-    steps_per_s = {k: round(statistics.median(steps / s for s, _ in v), 2) for k, v in runs.items()}
-    first, last = list(variants)[0], list(variants)[-1]
-    return {"precision": precision, "steps_per_block": steps, "steps_per_s": steps_per_s,
-            "tokens_per_s": {k: round(statistics.median(t / s for s, t in v)) for k, v in runs.items()},
-            "speedup": round(steps_per_s[first] / steps_per_s[last], 2)}
+            if block_faults is not None:
+                faults[name].append(block_faults // steps)
+    return {**_summary(runs, steps, precision),
+            "faults_per_step": {k: (round(statistics.median(v)) if v else None) for k, v in faults.items()}}
 
 
 def steps_markdown(rows: list[dict], variant: str) -> list[str]:
