@@ -239,6 +239,24 @@ def test_cli_quick_peak_writes_sane_json(tmp_path, capsys):
     assert "Matmul peak" in capsys.readouterr().out
 
 
+def test_allocator_option_is_recorded_and_applies_to_the_whole_process(tmp_path, monkeypatch):
+    """--allocator keep-freed applies `keep_freed_memory` (ours and the peers share the process)
+    and says so in the report; any MALLOC_* setting of the environment is recorded either way."""
+    import trainformer.bench.suite as suite
+
+    applied = []
+    monkeypatch.setattr(suite, "keep_freed_memory", lambda: applied.append(True) or True)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--only", "peak", "--allocator", "keep-freed", "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert applied == [True] and data["options"]["allocator"] == "keep-freed"
+    assert "environment sets MALLOC_ARENA_MAX=2" in data["notes"]
+    assert any(n.startswith("allocator: freed memory kept") for n in data["notes"])
+    assert suite._allocator_notes("default", torch.device("cpu")) == ["environment sets MALLOC_ARENA_MAX=2"]
+    assert len(applied) == 1  # the default leaves the allocator alone
+
+
 def test_cli_rejects_unknown_section(tmp_path, capsys):
     assert main(["bench", "--only", "peek", "--out", str(tmp_path)]) == 2
     assert "--only" in capsys.readouterr().err

@@ -370,33 +370,72 @@ def test_cpu_bf16_attention_runs_in_fp32_under_autocast():
 
 
 @pytest.mark.parametrize("n_kv", [4, 2, 1])
-def test_one_query_attention_equals_reference(n_kv):
-    """The decoding step's batched-GEMM attention (one query per row) = plain attention, GQA included."""
-    from trainformer.nn.attention import one_query_attention
+@pytest.mark.parametrize("queries", [1, 4])
+@pytest.mark.parametrize("padded", [False, True])
+def test_few_query_attention_equals_reference(n_kv, queries, padded):
+    """The decoding step's batched-GEMM attention (a few queries per row, optional key
+    padding mask) = plain attention, GQA included."""
+    from trainformer.nn.attention import few_query_attention
 
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(5, 4, 1, 8, generator=g)
+    q = torch.randn(5, 4, queries, 8, generator=g)
     k, v = torch.randn(5, n_kv, 11, 8, generator=g), torch.randn(5, n_kv, 11, 8, generator=g)
-    torch.testing.assert_close(one_query_attention(q, k, v), reference_attention(q, k, v), atol=1e-6, rtol=1e-5)
+    mask = key_padding_mask(_padding([11, 3, 7, 11, 1], 11)) if padded else None
+    torch.testing.assert_close(few_query_attention(q, k, v, mask), reference_attention(q, k, v, mask),
+                               atol=1e-6, rtol=1e-5)
 
 
-def test_cached_decoding_of_many_rows_takes_the_one_query_path_and_equals_full(monkeypatch):
-    """Rows x heads and cached keys above the thresholds: the cached T=1 step goes through
-    `one_query_attention` (and not SDPA) and still equals the full causal pass."""
+def _count_few_query_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """Shapes (q, k) of every `few_query_attention` call from now on."""
     import trainformer.nn.attention as attention
 
     calls = []
-    real = attention.one_query_attention
-    monkeypatch.setattr(attention, "one_query_attention", lambda *a: calls.append(a[1].shape) or real(*a))
+    real = attention.few_query_attention
+    monkeypatch.setattr(attention, "few_query_attention",
+                        lambda q, k, *a: calls.append((tuple(q.shape), tuple(k.shape))) or real(q, k, *a))
+    return calls
+
+
+def test_cached_decoding_of_many_rows_takes_the_few_query_path_and_equals_full(monkeypatch):
+    """Rows x heads and cached keys above the thresholds: the cached T=1 step goes through
+    `few_query_attention` (and not SDPA) and still equals the full causal pass."""
+    import trainformer.nn.attention as attention
+
+    calls = _count_few_query_calls(monkeypatch)
     m = _mha()
-    b = attention.ONE_QUERY_MIN_HEADS // H
-    steps = attention.ONE_QUERY_MIN_KEYS + 2
+    b = attention.FEW_QUERY_MIN_BLOCKS // H
+    steps = attention.FEW_QUERY_MIN_KEYS + 2
     x = torch.randn(b, steps, D)
     full = m(x, is_causal=True)
     kv = LayerKV()
     parts = [m(x[:, t:t + 1], cache=kv) for t in range(steps)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
-    assert [s[2] for s in calls] == list(range(attention.ONE_QUERY_MIN_KEYS, steps + 1))
+    assert [k[2] for _, k in calls] == list(range(attention.FEW_QUERY_MIN_KEYS, steps + 1))
+
+
+def test_shared_cross_attention_of_many_sources_takes_the_few_query_path_with_padding(monkeypatch):
+    """A source's beams over its padded memory (shared cross K/V, one block of `beam` queries):
+    above the thresholds the step takes `few_query_attention` with the key mask and equals
+    each beam attending alone through SDPA."""
+    import trainformer.nn.attention as attention
+
+    calls = _count_few_query_calls(monkeypatch)
+    m, beam = _mha(cross=True), 4
+    sources, s = attention.FEW_QUERY_MIN_BLOCKS // H, attention.FEW_QUERY_MIN_KEYS + 3
+    memory = torch.randn(sources, s, D)
+    lengths = [s - i % 5 for i in range(sources)]
+    mask = key_padding_mask(_padding(lengths, s))  # (B, 1, 1, S)
+    x = torch.randn(sources * beam, 1, D)
+    with monkeypatch.context() as off:
+        off.setattr(attention, "FEW_QUERY_MIN_BLOCKS", 10**9)  # SDPA only
+        alone = m(x, memory.repeat_interleave(beam, 0), attn_mask=mask.repeat_interleave(beam, 0))
+    assert not calls
+    kv = LayerKV()
+    m(x[::beam], memory, attn_mask=mask, cache=kv)  # the first step fills the cache, one row per source
+    kv.group = beam
+    shared = m(x, attn_mask=mask, cache=kv)
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-4)
+    assert calls[-1] == ((sources, H, beam, D // H), (sources, H, s, D // H))
 
 
 def test_cache_cross_attention_mask_is_none_without_padding_and_follows_select():

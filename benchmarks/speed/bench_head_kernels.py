@@ -10,14 +10,17 @@ choices `trainformer` makes there:
   picks oneDNN for the head from ``ONEDNN_HEAD_MIN_OUTPUTS`` rows x words on AVX-512 CPUs.
 - fp32: the head as ``F.linear(h, W)`` or through the cached contiguous transpose
   ``h @ W.T`` (`nn.cpu_head.TransposedHead`, used up to ``FAST_HEAD_ROWS`` rows).
-- fp32 self-attention of a step (one query per row against the cached keys): SDPA or
-  two batched GEMMs (`nn.attention.one_query_attention`, taken from
-  ``ONE_QUERY_MIN_HEADS`` rows x heads and ``ONE_QUERY_MIN_KEYS`` cached keys).
+- fp32 attention of a step: self-attention (one query per row against the cached keys)
+  and cross-attention (a source's beams, `--beam` queries per row, against its memory,
+  with and without a key padding mask): SDPA or two batched GEMMs
+  (`nn.attention.few_query_attention`, taken from ``FEW_QUERY_MIN_BLOCKS`` rows x heads
+  and ``FEW_QUERY_MIN_KEYS`` keys, up to ``FEW_QUERY_MAX`` queries).
 
 Random weights of the model's shapes, one thread (as decoding benchmarks run),
 variants interleaved after a warm-up; medians in microseconds.
 
     python benchmarks/speed/bench_head_kernels.py [--d-model 192] [--vocab 8000 4000] [--d-ff 768]
+        [--heads 4] [--keys 4 16 32 64] [--beam 4] [--parts int8 fp32 attention]
         [--rounds 40] [--out benchmarks/results/head-kernels]
 """
 
@@ -39,10 +42,11 @@ from trainformer.bench.timing import interleaved, timed
 from trainformer.errors import run_script
 from trainformer.models.quantized import ONEDNN_HEAD_MIN_OUTPUTS, head_engine
 from trainformer.nn.attention import (
-    ONE_QUERY_MIN_HEADS,
-    ONE_QUERY_MIN_KEYS,
-    one_query_attention,
-    one_query_pays,
+    FEW_QUERY_MAX,
+    FEW_QUERY_MIN_BLOCKS,
+    FEW_QUERY_MIN_KEYS,
+    few_query_attention,
+    few_query_pays,
 )
 from trainformer.nn.cpu_head import FAST_HEAD_ROWS
 from trainformer.paths import REPO_ROOT
@@ -101,18 +105,28 @@ def fp32_rows(d_model: int, vocabs: list[int], rounds: int) -> list[dict]:
     return rows
 
 
-def attention_rows(d_model: int, n_heads: int, keys: list[int], rounds: int) -> list[dict]:
+def attention_rows(d_model: int, n_heads: int, keys: list[int], beam: int, rounds: int) -> list[dict]:
+    """Self-attention (1 query per row) and cross-attention (`beam` queries per row, unmasked
+    and with the last quarter of every other row's keys padded) at each row count."""
     dh = d_model // n_heads
+    kinds = [("self-attention", 1, False), ("cross-attention", beam, False), ("cross-attention, padded", beam, True)]
     rows = []
-    for n_keys in keys:
-        for n in ROWS:
-            q = torch.randn(n, n_heads, 1, dh)
-            k, v = torch.randn(n, n_heads, n_keys, dh), torch.randn(n, n_heads, n_keys, dh)
-            us = medians_us({"SDPA": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
-                             "2 bmm": lambda q=q, k=k, v=v: one_query_attention(q, k, v)}, rounds)
-            rows.append({"kind": "fp32", "layer": f"self-attention {n_heads}x{dh}, {n_keys} keys", "rows": n,
-                         "us": us, "picked": "2 bmm" if one_query_pays(n * n_heads, n_keys) else "SDPA"})
-            print(rows[-1], flush=True)
+    for name, queries, padded in kinds:
+        for n_keys in keys:
+            for n in ROWS:
+                q = torch.randn(n, n_heads, queries, dh)
+                k, v = torch.randn(n, n_heads, n_keys, dh), torch.randn(n, n_heads, n_keys, dh)
+                mask = None
+                if padded:
+                    mask = torch.ones(n, 1, 1, n_keys, dtype=torch.bool)
+                    mask[::2, ..., n_keys - max(1, n_keys // 4):] = False
+                sdpa = lambda q=q, k=k, v=v, m=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # noqa: E731
+                gemms = lambda q=q, k=k, v=v, m=mask: few_query_attention(q, k, v, m)  # noqa: E731
+                us = medians_us({"SDPA": sdpa, "2 bmm": gemms}, rounds)
+                rows.append({"kind": "fp32", "layer": f"{name} {n_heads}x{dh}, {queries} queries, {n_keys} keys",
+                             "rows": n, "us": us,
+                             "picked": "2 bmm" if few_query_pays(n * n_heads, queries, n_keys) else "SDPA"})
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -131,7 +145,9 @@ def main() -> None:
     ap.add_argument("--d-ff", type=int, default=768)
     ap.add_argument("--vocab", type=int, nargs="+", default=[8000, 4000])
     ap.add_argument("--heads", type=int, default=4, help="attention heads (of --d-model)")
-    ap.add_argument("--keys", type=int, nargs="+", default=[4, 16, 32, 64], help="cached keys (attention rows)")
+    ap.add_argument("--keys", type=int, nargs="+", default=[4, 16, 32, 64], help="keys (attention rows)")
+    ap.add_argument("--beam", type=int, default=4, help="queries per row of the cross-attention rows")
+    ap.add_argument("--parts", nargs="+", choices=["int8", "fp32", "attention"], default=["int8", "fp32", "attention"])
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "head-kernels")
     args = ap.parse_args()
@@ -140,20 +156,25 @@ def main() -> None:
     shapes = {f"head {d}->{v}": (d, v) for v in args.vocab}
     shapes |= {f"qkv {d}->{3 * d}": (d, 3 * d), f"ffn up {d}->{args.d_ff}": (d, args.d_ff),
                f"ffn down {args.d_ff}->{d}": (args.d_ff, d)}
-    rows = (int8_rows(shapes, args.rounds) + fp32_rows(d, args.vocab, args.rounds)
-            + attention_rows(d, args.heads, args.keys, args.rounds))
+    rows = ((int8_rows(shapes, args.rounds) if "int8" in args.parts else [])
+            + (fp32_rows(d, args.vocab, args.rounds) if "fp32" in args.parts else [])
+            + (attention_rows(d, args.heads, args.keys, args.beam, args.rounds) if "attention" in args.parts else []))
     results = {"machine": machine_line(), "versions": package_versions(), "threads": 1,
                "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
                "onednn_head_min_outputs": ONEDNN_HEAD_MIN_OUTPUTS, "fast_head_rows": FAST_HEAD_ROWS,
-               "one_query_min_heads": ONE_QUERY_MIN_HEADS, "one_query_min_keys": ONE_QUERY_MIN_KEYS, "rows": rows}
+               "few_query_max": FEW_QUERY_MAX, "few_query_min_blocks": FEW_QUERY_MIN_BLOCKS,
+               "few_query_min_keys": FEW_QUERY_MIN_KEYS, "rows": rows}
     intro = [f"{results['date']}, {results['machine']}; torch {results['versions']['torch']}, 1 thread; "
              f"median of {args.rounds} interleaved calls, microseconds per call (random weights).",
              f"Command: `python benchmarks/speed/bench_head_kernels.py --d-model {d} --vocab "
-             f"{' '.join(map(str, args.vocab))} --heads {args.heads} --keys {' '.join(map(str, args.keys))}`",
+             f"{' '.join(map(str, args.vocab))} --heads {args.heads} --keys {' '.join(map(str, args.keys))} "
+             f"--beam {args.beam} --parts {' '.join(args.parts)}`",
              "", "ratio = first / second (above 1: the second is faster). picked = what trainformer uses "
              f"there (int8 head: oneDNN from {ONEDNN_HEAD_MIN_OUTPUTS:,} rows x words on AVX-512 CPUs; "
-             f"fp32 head: the transpose up to {FAST_HEAD_ROWS} rows; self-attention: two batched GEMMs from "
-             f"{ONE_QUERY_MIN_HEADS} rows x heads and {ONE_QUERY_MIN_KEYS} keys)."]
+             f"fp32 head: the transpose up to {FAST_HEAD_ROWS} rows; attention: two batched GEMMs from "
+             f"{FEW_QUERY_MIN_BLOCKS} rows x heads and {FEW_QUERY_MIN_KEYS} keys, up to {FEW_QUERY_MAX} queries). "
+             "Cross-attention rows: a row is one source, its queries the beams (a step of rows x beam "
+             "hypotheses); padded: every other source's last quarter of keys masked."]
     text = write_table_report(args.out, "bench_head_kernels", results, "Matmul kernels of a CPU decoding step",
                               intro, ["dtype", "layer", "rows", "first (us)", "second (us)", "ratio", "picked"],
                               table(rows))

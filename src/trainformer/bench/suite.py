@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,7 @@ from trainformer.bench.peak import measure_peaks, mfu_peak
 from trainformer.bench.report import environment
 from trainformer.errors import UserError
 from trainformer.textio import warn
+from trainformer.training.device import keep_freed_memory
 from trainformer.training.precision import resolve_precision
 
 SECTIONS = ("peak", "train", "realdata", "decode", "scaling", "ddp")
@@ -35,6 +37,7 @@ class Options:
     compile: bool = False
     train_models: tuple[str, ...] | None = None  # None: the three families (+ gpt2-small on CUDA)
     train_batch: int | None = None  # sequences per training step for every model (None: each shape's)
+    allocator: str = "default"  # "keep-freed": `keep_freed_memory` for the whole process (CPU)
     notes: list[str] = field(default_factory=list)
 
 
@@ -134,6 +137,17 @@ def _guarded(name: str, fn: Callable[[], object]) -> object:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def _allocator_notes(allocator: str, dev: torch.device) -> list[str]:
+    """Apply ``--allocator keep-freed`` (CPU) and say what the process's allocator is, for both sides."""
+    notes = [f"environment sets {k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
+    if allocator != "keep-freed" or dev.type != "cpu":
+        return notes
+    if keep_freed_memory():
+        return notes + ["allocator: freed memory kept for reuse (glibc mmap off, no trim; what trainformer's "
+                        "CPU training and inference set), for ours and the peers alike (one process)"]
+    return notes + ["allocator: --allocator keep-freed has no effect here (Linux / glibc only)"]
+
+
 def run_suite(o: Options, on_update: Callable[[dict], None] | None = None) -> dict:
     """Run the selected sections and return {"env", "notes", section: result...} (JSON-ready).
 
@@ -151,6 +165,8 @@ def run_suite(o: Options, on_update: Callable[[dict], None] | None = None) -> di
         o.notes.append("CPU has no native bf16 (AVX2 only): precision 'auto' resolved to fp32")
     if o.compile:
         o.notes.append("torch.compile applied to the training-step models (section train) only")
+    o.notes.extend(_allocator_notes(o.allocator, dev))
+    results["options"]["allocator"] = o.allocator
     peaks: dict = {}
     if "peak" in o.only or "train" in o.only:
         peaks = _guarded("peak", lambda: measure_peaks(dev, o.quick))

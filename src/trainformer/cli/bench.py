@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
                    "plus gpt2-small on CUDA)")
     p.add_argument("--train-batch", type=int, default=0,
                    help="sequences per training step for every --train-models model (0: each shape's own)")
+    p.add_argument("--allocator", choices=("default", "keep-freed"), default="default",
+                   help="CPU memory allocator of the whole process, ours and the peers alike: glibc's "
+                   "default, or freed memory kept for reuse as trainformer's own CPU runs set it")
     p.set_defaults(func=run)
 
 
@@ -41,7 +44,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     opts = Options(quick=args.quick, only=parse_only(args.only), device=args.device,
                    precision=args.precision, compile=args.compile,
-                   train_models=parse_train_models(args.train_models), train_batch=args.train_batch or None)
+                   train_models=parse_train_models(args.train_models), train_batch=args.train_batch or None,
+                   allocator=args.allocator)
     results = run_suite(opts, on_update=lambda r: write_report(r, args.out))
     paths = write_report(results, args.out)
     print(markdown(results))

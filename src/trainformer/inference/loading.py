@@ -16,12 +16,20 @@ from trainformer.inference.sampling import SamplingSettings, TorchGenerator
 from trainformer.inference.tagger import Tagger
 from trainformer.inference.translator import Translator
 from trainformer.modeldir import LoadedModel, load_model_dir
-from trainformer.training.device import resolve_device
+from trainformer.training.device import keep_freed_memory, resolve_device
 
 
 def load_for_task(model_dir: str | Path, task: str | tuple[str, ...], device: str = "auto") -> tuple[LoadedModel, TextTokenizer]:
-    """Model and tokenizer of `model_dir`, checking that it was trained for `task`."""
-    loaded = load_model_dir(model_dir, resolve_device(device, key="--device"))
+    """Model and tokenizer of `model_dir`, checking that it was trained for `task`.
+
+    On the CPU freed memory is kept for reuse (`keep_freed_memory`, process-wide), as
+    for training: a decoding step's logits (rows x vocabulary) would otherwise come
+    from fresh pages at every step once they outgrow glibc's mmap threshold.
+    """
+    resolved = resolve_device(device, key="--device")
+    if resolved.type == "cpu":
+        keep_freed_memory()
+    loaded = load_model_dir(model_dir, resolved)
     tasks = (task,) if isinstance(task, str) else task
     if loaded.cfg.task not in tasks:
         raise UserError(f"{loaded.path}: a {loaded.cfg.task!r} model, expected {' or '.join(map(repr, tasks))}")

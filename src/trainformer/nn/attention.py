@@ -11,9 +11,9 @@ applied to the residual branch instead (see `EncoderLayer`).
 On the CPU, bf16 attention is computed in fp32 (`sdpa`): PyTorch's CPU
 flash-attention kernel is slower in bf16 than in fp32 at every length we
 train at (its backward 1.5-4x at T <= 256; `benchmarks/speed/bench_attention.py`).
-A decoding step's self-attention (one new query per row against the cache)
-runs as two batched GEMMs where that kernel's per-head overhead dominates
-(`one_query_attention`).
+A decoding step's attention (one new query per row against the cache, or a
+source's beams against its memory) runs as two batched GEMMs where that
+kernel's per-head overhead dominates (`few_query_attention`).
 
 `reference_attention` is the plain softmax(QK^T / sqrt(Dh)) V the tests
 compare against.
@@ -48,39 +48,53 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.
     return y.to(torch.bfloat16)
 
 
-# A decoding step's self-attention: one query per row against the cached keys. PyTorch's
-# CPU SDPA kernel pays a fixed cost per (row, head); two batched GEMMs pay less once there
-# are many rows (batch x beam) and enough cached keys, and more below that
-# (benchmarks/speed/bench_head_kernels.py, rows "self-attention").
-ONE_QUERY_MIN_HEADS = 128  # rows x heads
-ONE_QUERY_MIN_KEYS = 16
+# A decoding step's attention: one query per row against the cached keys (self-attention),
+# or a source's beams as one block of a few queries against its encoder memory (cross-
+# attention). PyTorch's CPU SDPA kernel pays a fixed cost per (batch row, head); two
+# batched GEMMs pay less once there are many such blocks and enough keys, and more below
+# that (benchmarks/speed/bench_head_kernels.py, rows "attention").
+FEW_QUERY_MAX = 8  # queries per (row, head) block
+FEW_QUERY_MIN_BLOCKS = 128  # rows x heads
+FEW_QUERY_MIN_KEYS = 16
 
 
-def one_query_pays(rows_x_heads: int, keys: int) -> bool:
-    """Whether `one_query_attention` beats SDPA on the CPU at this size (see the thresholds above)."""
-    return rows_x_heads >= ONE_QUERY_MIN_HEADS and keys >= ONE_QUERY_MIN_KEYS
+def few_query_pays(blocks: int, queries: int, keys: int) -> bool:
+    """Whether `few_query_attention` beats SDPA on the CPU for `blocks` (row, head) pairs of
+    `queries` queries against `keys` keys (see the thresholds above)."""
+    return queries <= FEW_QUERY_MAX and blocks >= FEW_QUERY_MIN_BLOCKS and keys >= FEW_QUERY_MIN_KEYS
 
 
 def _attend(q, k, v, attn_mask, is_causal, enable_gqa) -> torch.Tensor:
-    if (q.device.type == "cpu" and q.shape[2] == 1 and attn_mask is None and not is_causal
+    if (q.device.type == "cpu" and not is_causal and _is_key_mask(attn_mask, q)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and one_query_pays(q.shape[0] * q.shape[1], k.shape[2])):
-        return one_query_attention(q, k, v)
+            and few_query_pays(q.shape[0] * q.shape[1], q.shape[2], k.shape[2])):
+        return few_query_attention(q, k, v, attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                           enable_gqa=enable_gqa)
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh)) v for one query per row, as two batched GEMMs.
+def _is_key_mask(mask: torch.Tensor | None, q: torch.Tensor) -> bool:
+    """None, or a bool key padding mask (B, 1, 1, S) of q's batch (what `few_query_attention` takes)."""
+    return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == q.shape[0]
+                            and mask.shape[1] == mask.shape[2] == 1)
 
-    q (B, H, 1, Dh), k, v (B, KV, S, Dh) with H a multiple of KV -> (B, H, 1, Dh), no mask.
-    The query heads that share a key/value head (GQA) form one (H / KV, Dh) block.
+
+def few_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v for a few queries per row, as two batched GEMMs.
+
+    q (B, H, T, Dh), k, v (B, KV, S, Dh) with H a multiple of KV -> (B, H, T, Dh);
+    key_mask: bool (B, 1, 1, S), True = may attend, or None. No causal mask: every
+    query sees every key. The query heads that share a key/value head (GQA) and
+    their queries form one (H / KV * T, Dh) block.
     """
-    b, h, _, dh = q.shape
+    b, h, t, dh = q.shape
     kv = k.shape[1]
-    q = q.reshape(b, kv, h // kv, dh)  # (B, KV, g, Dh)
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(dh ** -0.5)  # (B, KV, g, S)
-    return torch.matmul(torch.softmax(scores, dim=-1), v).view(b, h, 1, dh)
+    q = q.reshape(b, kv, h // kv * t, dh)  # (B, KV, g T, Dh)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(dh ** -0.5)  # (B, KV, g T, S)
+    if key_mask is not None:
+        scores.masked_fill_(~key_mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v).view(b, h, t, dh)
 
 
 class MultiHeadAttention(nn.Module):
