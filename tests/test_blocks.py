@@ -381,8 +381,13 @@ def test_few_query_attention_equals_reference(n_kv, queries, padded):
     q = torch.randn(5, 4, queries, 8, generator=g)
     k, v = torch.randn(5, n_kv, 11, 8, generator=g), torch.randn(5, n_kv, 11, 8, generator=g)
     mask = key_padding_mask(_padding([11, 3, 7, 11, 1], 11)) if padded else None
-    torch.testing.assert_close(few_query_attention(q, k, v, mask), reference_attention(q, k, v, mask),
-                               atol=1e-6, rtol=1e-5)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    y, ref = few_query_attention(q, k, v, mask), reference_attention(q, k, v, mask)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
+    w = torch.randn_like(y)  # training may take this path too (short targets): the gradients agree
+    grads = torch.autograd.grad((y * w).sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def _count_few_query_calls(monkeypatch) -> list[tuple[int, ...]]:
