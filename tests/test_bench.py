@@ -313,3 +313,20 @@ def test_benchmark_scripts_import_only_what_exists(script):
                 missing = [n for n in names if not hasattr(imported, n)
                            and not (package and importlib.util.find_spec(f"{module}.{n}"))]
                 assert not missing, f"{script.name}: {module} has no {missing}"
+
+
+def test_in_fresh_processes_runs_every_block_in_its_own_process_and_raises_its_errors():
+    """The A/B frame of bench_allocator: every (round, variant) block in a new process,
+    results kept per variant in order; a job's error reaches the caller."""
+    import os
+    import time
+    from functools import partial
+
+    from trainformer.bench.recipe_steps import in_fresh_processes
+
+    variants = {"a": partial(time.sleep, 0), "b": partial(time.sleep, 0)}
+    pids = in_fresh_processes(os.getpid, variants, rounds=1)
+    assert list(pids) == ["a", "b"] and all(len(v) == 1 for v in pids.values())
+    assert len({p for v in pids.values() for p in v} | {os.getpid()}) == 3
+    with pytest.raises(ValueError):
+        in_fresh_processes(partial(int, "not a number"), {"a": partial(time.sleep, 0)}, rounds=1)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from trainformer.bench.report import write_table_report
-from trainformer.bench.testset import spread_by_length, translation_test_set
+from trainformer.bench.testset import length_chunks, spread_by_length, translation_test_set
 from trainformer.errors import run_script
 from trainformer.generation.greedy import length_limits
 from trainformer.modeldir import resolve_model_dir
@@ -159,11 +159,6 @@ def ct2(ct2_dir: Path, reference) -> Callable[[int], Engine]:
 # ----------------------------------------------------------------------------
 
 
-def chunks(sentences: list[str], size: int) -> list[list[str]]:
-    ordered = sorted(sentences, key=len)  # similar lengths together, as a server's batcher would
-    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
-
-
 def run_pass(engine: Engine, parts: list[list[str]], beam: int) -> tuple[float, list[str]]:
     start = time.perf_counter()
     out = [t for part in parts for t in engine(part, beam)]
@@ -177,7 +172,7 @@ def measure(engines: dict[str, Callable[[int], Engine]], sentences: dict[int, li
     built = {name: make(threads) for name, make in engines.items()}
     results: dict[str, dict[str, Any]] = {name: {} for name in built}
     for batch in BATCHES:
-        parts = chunks(sentences[batch], batch)
+        parts = length_chunks(sentences[batch], batch)
         for beam in BEAMS:
             key = f"b{batch}-beam{beam}"
             live = {}

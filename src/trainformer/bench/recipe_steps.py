@@ -8,7 +8,9 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,25 +66,18 @@ def _summary(runs: dict[str, list[tuple[float, int]]], steps: int, precision: st
             "speedup": round(steps_per_s[first] / steps_per_s[last], 2)}
 
 
-def _process_run(recipe: str, out: Path, switch: Callable[[], None], warmup: int, steps: int,
-                 queue) -> None:
-    """In a fresh process: set up the recipe's trainer, switch the variant on, warm up, time
-    (and count the minor page faults of the timed steps where the OS reports them).
-    An error goes back through the queue, so the parent raises it instead of waiting forever."""
-    try:
-        switch()
-        trainer = recipe_trainer(recipe, out)
-        batches = iter(trainer.batches)
-        _block(trainer, batches, warmup)
-        faults = _minor_faults()
-        seconds, tokens = _block(trainer, batches, steps)
-        faults = None if faults is None else _minor_faults() - faults
-        queue.put((seconds, tokens, trainer.precision.name, faults))
-    except Exception as e:  # noqa: BLE001 - handed to the parent as it is
-        queue.put(e)
+def _train_job(recipe: str, out: Path, warmup: int, steps: int) -> tuple[float, int, str, int | None]:
+    """Set up the recipe's trainer, warm up, time `steps` steps: (seconds, tokens, precision,
+    minor page faults of the timed steps or None where the OS does not report them)."""
+    trainer = recipe_trainer(recipe, out)
+    batches = iter(trainer.batches)
+    _block(trainer, batches, warmup)
+    faults = minor_faults()
+    seconds, tokens = _block(trainer, batches, steps)
+    return seconds, tokens, trainer.precision.name, None if faults is None else minor_faults() - faults
 
 
-def _minor_faults() -> int | None:
+def minor_faults() -> int | None:
     """This process's minor page faults so far (None where `resource` does not exist)."""
     try:
         import resource
@@ -91,31 +86,47 @@ def _minor_faults() -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def alternating_processes(recipe: str, out: Path, variants: dict[str, Callable[[], None]], rounds: int,
-                          steps: int = 50, warmup: int = 10) -> dict:
-    """As `alternating_blocks`, but every block runs in a fresh process (variant A, B, A, B, ...),
-    each with its own warm-up: no variant inherits the allocator, caches or memory layout another
-    left behind. `variants` map names to picklable callables (top-level functions or partials).
-    Also the median minor page faults per step of each variant (None where not reported)."""
+def _fresh_process(job: Callable[[], Any], switch: Callable[[], None], queue) -> None:
+    """Switch the variant on, then run the job; its result, or its error (so the parent raises
+    it instead of waiting forever), goes back through the queue."""
+    try:
+        switch()
+        queue.put(job())
+    except Exception as e:  # noqa: BLE001 - handed to the parent as it is
+        queue.put(e)
+
+
+def in_fresh_processes(job: Callable[[], Any], variants: dict[str, Callable[[], None]], rounds: int) -> dict[str, list]:
+    """`job()`'s results per variant, each run in a fresh process after the variant's switch,
+    variants alternating (A, B, A, B, ...) for `rounds` rounds: no variant inherits the
+    allocator, caches or memory layout another left behind. `job` and the switches must be
+    picklable (top-level functions or partials of them)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in variants}
-    faults: dict[str, list[int]] = {name: [] for name in variants}
-    precision = "?"
+    results: dict[str, list] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, switch in variants.items():
             queue = ctx.Queue()
-            proc = ctx.Process(target=_process_run, args=(recipe, out, switch, warmup, steps, queue))
+            proc = ctx.Process(target=_fresh_process, args=(job, switch, queue))
             proc.start()
             got = queue.get()
             proc.join()
             if isinstance(got, BaseException):
                 raise got
-            seconds, tokens, precision, block_faults = got
-            runs[name].append((seconds, tokens))
-            if block_faults is not None:
-                faults[name].append(block_faults // steps)
+            results[name].append(got)
+    return results
+
+
+def alternating_processes(recipe: str, out: Path, variants: dict[str, Callable[[], None]], rounds: int,
+                          steps: int = 50, warmup: int = 10) -> dict:
+    """As `alternating_blocks`, but every block runs in a fresh process (`in_fresh_processes`),
+    each with its own warm-up. Also the median minor page faults per step of each variant
+    (None where not reported)."""
+    results = in_fresh_processes(partial(_train_job, recipe, out, warmup, steps), variants, rounds)
+    runs = {name: [(seconds, tokens) for seconds, tokens, _, _ in r] for name, r in results.items()}
+    faults = {name: [f // steps for *_, f in r if f is not None] for name, r in results.items()}
+    precision = next(iter(results.values()))[0][2]
     return {**_summary(runs, steps, precision),
             "faults_per_step": {k: (round(statistics.median(v)) if v else None) for k, v in faults.items()}}
 

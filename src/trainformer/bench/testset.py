@@ -37,3 +37,9 @@ def spread_by_length(items: list[str], n: int) -> list[str]:
     if n >= len(ordered):
         return ordered
     return [ordered[round(i * (len(ordered) - 1) / max(n - 1, 1))] for i in range(n)]
+
+
+def length_chunks(sentences: list[str], size: int) -> list[list[str]]:
+    """Chunks of `size` sentences of similar length (sorted short to long), as a server's batcher makes."""
+    ordered = sorted(sentences, key=len)
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
