@@ -408,14 +408,14 @@ def test_cached_decoding_of_many_rows_takes_the_few_query_path_and_equals_full(m
 
     calls = _count_few_query_calls(monkeypatch)
     m = _mha()
-    b = attention.FEW_QUERY_MIN_BLOCKS // H
-    steps = attention.FEW_QUERY_MIN_KEYS + 2
+    b = attention.ONE_QUERY_MIN_BLOCKS // H
+    steps = attention.FEW_QUERY_MIN_SCORES + 2
     x = torch.randn(b, steps, D)
     full = m(x, is_causal=True)
     kv = LayerKV()
     parts = [m(x[:, t:t + 1], cache=kv) for t in range(steps)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
-    assert [k[2] for _, k in calls] == list(range(attention.FEW_QUERY_MIN_KEYS, steps + 1))
+    assert [k[2] for _, k in calls] == list(range(attention.FEW_QUERY_MIN_SCORES, steps + 1))
 
 
 def test_shared_cross_attention_of_many_sources_takes_the_few_query_path_with_padding(monkeypatch):
@@ -426,13 +426,13 @@ def test_shared_cross_attention_of_many_sources_takes_the_few_query_path_with_pa
 
     calls = _count_few_query_calls(monkeypatch)
     m, beam = _mha(cross=True), 4
-    sources, s = attention.FEW_QUERY_MIN_BLOCKS // H, attention.FEW_QUERY_MIN_KEYS + 3
+    sources, s = attention.FEW_QUERY_MIN_BLOCKS // H, 7  # 4 queries x 7 keys: above the scores threshold
     memory = torch.randn(sources, s, D)
     lengths = [s - i % 5 for i in range(sources)]
     mask = key_padding_mask(_padding(lengths, s))  # (B, 1, 1, S)
     x = torch.randn(sources * beam, 1, D)
     with monkeypatch.context() as off:
-        off.setattr(attention, "FEW_QUERY_MIN_BLOCKS", 10**9)  # SDPA only
+        off.setattr(attention, "ONE_QUERY_MIN_BLOCKS", 10**9)  # SDPA only
         alone = m(x, memory.repeat_interleave(beam, 0), attn_mask=mask.repeat_interleave(beam, 0))
     assert not calls
     kv = LayerKV()

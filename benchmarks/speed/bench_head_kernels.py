@@ -13,8 +13,9 @@ choices `trainformer` makes there:
 - fp32 attention of a step: self-attention (one query per row against the cached keys)
   and cross-attention (a source's beams, `--beam` queries per row, against its memory,
   with and without a key padding mask): SDPA or two batched GEMMs
-  (`nn.attention.few_query_attention`, taken from ``FEW_QUERY_MIN_BLOCKS`` rows x heads
-  and ``FEW_QUERY_MIN_KEYS`` keys, up to ``FEW_QUERY_MAX`` queries).
+  (`nn.attention.few_query_attention`, taken from ``ONE_QUERY_MIN_BLOCKS`` rows x heads
+  with one query, ``FEW_QUERY_MIN_BLOCKS`` with up to ``FEW_QUERY_MAX``, and
+  ``FEW_QUERY_MIN_SCORES`` queries x keys).
 
 Random weights of the model's shapes, one thread (as decoding benchmarks run),
 variants interleaved after a warm-up; medians in microseconds.
@@ -44,7 +45,8 @@ from trainformer.models.quantized import ONEDNN_HEAD_MIN_OUTPUTS, head_engine
 from trainformer.nn.attention import (
     FEW_QUERY_MAX,
     FEW_QUERY_MIN_BLOCKS,
-    FEW_QUERY_MIN_KEYS,
+    FEW_QUERY_MIN_SCORES,
+    ONE_QUERY_MIN_BLOCKS,
     few_query_attention,
     few_query_pays,
 )
@@ -162,8 +164,9 @@ def main() -> None:
     results = {"machine": machine_line(), "versions": package_versions(), "threads": 1,
                "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
                "onednn_head_min_outputs": ONEDNN_HEAD_MIN_OUTPUTS, "fast_head_rows": FAST_HEAD_ROWS,
-               "few_query_max": FEW_QUERY_MAX, "few_query_min_blocks": FEW_QUERY_MIN_BLOCKS,
-               "few_query_min_keys": FEW_QUERY_MIN_KEYS, "rows": rows}
+               "few_query_max": FEW_QUERY_MAX, "one_query_min_blocks": ONE_QUERY_MIN_BLOCKS,
+               "few_query_min_blocks": FEW_QUERY_MIN_BLOCKS, "few_query_min_scores": FEW_QUERY_MIN_SCORES,
+               "rows": rows}
     intro = [f"{results['date']}, {results['machine']}; torch {results['versions']['torch']}, 1 thread; "
              f"median of {args.rounds} interleaved calls, microseconds per call (random weights).",
              f"Command: `python benchmarks/speed/bench_head_kernels.py --d-model {d} --vocab "
@@ -172,7 +175,8 @@ def main() -> None:
              "", "ratio = first / second (above 1: the second is faster). picked = what trainformer uses "
              f"there (int8 head: oneDNN from {ONEDNN_HEAD_MIN_OUTPUTS:,} rows x words on AVX-512 CPUs; "
              f"fp32 head: the transpose up to {FAST_HEAD_ROWS} rows; attention: two batched GEMMs from "
-             f"{FEW_QUERY_MIN_BLOCKS} rows x heads and {FEW_QUERY_MIN_KEYS} keys, up to {FEW_QUERY_MAX} queries). "
+             f"{ONE_QUERY_MIN_BLOCKS} rows x heads with one query, {FEW_QUERY_MIN_BLOCKS} with up to "
+             f"{FEW_QUERY_MAX}, and {FEW_QUERY_MIN_SCORES} queries x keys). "
              "Cross-attention rows: a row is one source, its queries the beams (a step of rows x beam "
              "hypotheses); padded: every other source's last quarter of keys masked."]
     text = write_table_report(args.out, "bench_head_kernels", results, "Matmul kernels of a CPU decoding step",

@@ -54,14 +54,16 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.
 # batched GEMMs pay less once there are many such blocks and enough keys, and more below
 # that (benchmarks/speed/bench_head_kernels.py, rows "attention").
 FEW_QUERY_MAX = 8  # queries per (row, head) block
-FEW_QUERY_MIN_BLOCKS = 128  # rows x heads
-FEW_QUERY_MIN_KEYS = 16
+ONE_QUERY_MIN_BLOCKS = 128  # rows x heads, one query each (a self-attention step)
+FEW_QUERY_MIN_BLOCKS = 256  # rows x heads of 2..FEW_QUERY_MAX queries (a source's beams)
+FEW_QUERY_MIN_SCORES = 16  # queries x keys per block: below it PyTorch's small-matrix bmm loop is slow
 
 
 def few_query_pays(blocks: int, queries: int, keys: int) -> bool:
     """Whether `few_query_attention` beats SDPA on the CPU for `blocks` (row, head) pairs of
     `queries` queries against `keys` keys (see the thresholds above)."""
-    return queries <= FEW_QUERY_MAX and blocks >= FEW_QUERY_MIN_BLOCKS and keys >= FEW_QUERY_MIN_KEYS
+    min_blocks = ONE_QUERY_MIN_BLOCKS if queries == 1 else FEW_QUERY_MIN_BLOCKS
+    return queries <= FEW_QUERY_MAX and blocks >= min_blocks and queries * keys >= FEW_QUERY_MIN_SCORES
 
 
 def _attend(q, k, v, attn_mask, is_causal, enable_gqa) -> torch.Tensor:
