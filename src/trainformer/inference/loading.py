@@ -23,8 +23,10 @@ def load_for_task(model_dir: str | Path, task: str | tuple[str, ...], device: st
     """Model and tokenizer of `model_dir`, checking that it was trained for `task`.
 
     On the CPU freed memory is kept for reuse (`keep_freed_memory`, process-wide), as
-    for training: a decoding step's logits (rows x vocabulary) would otherwise come
-    from fresh pages at every step once they outgrow glibc's mmap threshold.
+    for training, so a long-running process (a server) reuses the blocks of its
+    largest steps instead of faulting them in again; batched beam-4 decoding of the
+    60-minute model was 1.08x in int8 and unchanged in fp32 with it
+    (`benchmarks/speed/bench_allocator.py --decode`).
     """
     resolved = resolve_device(device, key="--device")
     if resolved.type == "cpu":
