@@ -113,13 +113,3 @@ def test_old_chat_dir_replies_as_before(capsys):
                  "--max-new-tokens", "12", *RUNTIME]) == 0
     assert capsys.readouterr().out == want["cli_chat"]
 
-
-def test_loading_for_cpu_inference_keeps_freed_memory(monkeypatch):
-    """Every inference verb loads through `load_for_task`; on the CPU it applies
-    `keep_freed_memory` (as a CPU training run does), before the model is built."""
-    import trainformer.inference.loading as loading
-
-    applied = []
-    monkeypatch.setattr(loading, "keep_freed_memory", lambda: applied.append(True) or True)
-    load_translator(FIXTURES / "translation", "cpu", "fp32")
-    assert applied == [True]

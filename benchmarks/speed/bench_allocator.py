@@ -3,8 +3,8 @@
 glibc maps every block above its mmap threshold afresh and returns it when freed, so a CPU
 step's largest tensors (the logits and their gradient; at decoding, rows x vocabulary) are
 faulted in and zeroed again at every step. `trainformer.training.device.keep_freed_memory`,
-which a CPU training run's setup and every CPU model load for inference call, turns that
-off. Each block runs in a fresh process (the setting is process-wide and cannot be undone),
+which a CPU training run's setup calls, turns that off; the decoding rows ask whether
+inference should do the same. Each block runs in a fresh process (the setting is process-wide and cannot be undone),
 variants alternating; the minor page faults of the timed part are read from that process's
 own counters. Medians.
 
@@ -41,10 +41,11 @@ def set_reuse(on: bool) -> None:
 
 
 def decode_job(model_dir: str, sentences: int) -> tuple[float, int, int | None]:
-    """In a fresh process: load the model (which applies the allocator setting), warm up on
+    """In a fresh process: apply the variant's allocator setting, load the model, warm up on
     one chunk, time beam-4 translation of the chunks: (seconds, sentences, minor page faults)."""
     from trainformer.inference.loading import load_translator
 
+    device.keep_freed_memory()  # a no-op in the "glibc default" variant
     torch.set_num_threads(1)
     translator = load_translator(model_dir, "cpu", "fp32")
     translator.cfg.eval.batch_tokens = 1 << 20  # a chunk is one batch

@@ -16,22 +16,12 @@ from trainformer.inference.sampling import SamplingSettings, TorchGenerator
 from trainformer.inference.tagger import Tagger
 from trainformer.inference.translator import Translator
 from trainformer.modeldir import LoadedModel, load_model_dir
-from trainformer.training.device import keep_freed_memory, resolve_device
+from trainformer.training.device import resolve_device
 
 
 def load_for_task(model_dir: str | Path, task: str | tuple[str, ...], device: str = "auto") -> tuple[LoadedModel, TextTokenizer]:
-    """Model and tokenizer of `model_dir`, checking that it was trained for `task`.
-
-    On the CPU freed memory is kept for reuse (`keep_freed_memory`, process-wide), as
-    for training, so a long-running process (a server) reuses the blocks of its
-    largest steps instead of faulting them in again; batched beam-4 decoding of the
-    60-minute model was 1.08x in int8 and unchanged in fp32 with it
-    (`benchmarks/speed/bench_allocator.py --decode`).
-    """
-    resolved = resolve_device(device, key="--device")
-    if resolved.type == "cpu":
-        keep_freed_memory()
-    loaded = load_model_dir(model_dir, resolved)
+    """Model and tokenizer of `model_dir`, checking that it was trained for `task`."""
+    loaded = load_model_dir(model_dir, resolve_device(device, key="--device"))
     tasks = (task,) if isinstance(task, str) else task
     if loaded.cfg.task not in tasks:
         raise UserError(f"{loaded.path}: a {loaded.cfg.task!r} model, expected {' or '.join(map(repr, tasks))}")
