@@ -66,8 +66,14 @@ def few_query_pays(blocks: int, queries: int, keys: int) -> bool:
     return queries <= FEW_QUERY_MAX and blocks >= min_blocks and queries * keys >= FEW_QUERY_MIN_SCORES
 
 
+def _decoding(*tensors: torch.Tensor) -> bool:
+    """No gradient recorded: a decoding step, not training (whose step the thresholds were not
+    measured on: there SDPA's fused backward stays)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def _attend(q, k, v, attn_mask, is_causal, enable_gqa) -> torch.Tensor:
-    if (q.device.type == "cpu" and not is_causal and _is_key_mask(attn_mask, q)
+    if (q.device.type == "cpu" and not is_causal and _is_key_mask(attn_mask, q) and _decoding(q, k, v)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and few_query_pays(q.shape[0] * q.shape[1], q.shape[2], k.shape[2])):
         return few_query_attention(q, k, v, attn_mask)
