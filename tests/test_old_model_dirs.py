@@ -112,4 +112,3 @@ def test_old_chat_dir_replies_as_before(capsys):
     assert main(["chat", str(FIXTURES / "chat"), "--prompt", want["prompts"][0], "--temperature", "0",
                  "--max-new-tokens", "12", *RUNTIME]) == 0
     assert capsys.readouterr().out == want["cli_chat"]
-
