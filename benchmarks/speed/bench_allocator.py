@@ -28,7 +28,12 @@ from pathlib import Path
 import torch
 
 from trainformer.bench import recipe_steps as rs
-from trainformer.bench.testset import length_chunks, spread_by_length, translation_test_set
+from trainformer.bench.testset import (
+    chunk_translator,
+    length_chunks,
+    spread_by_length,
+    translation_test_set,
+)
 from trainformer.errors import run_script
 from trainformer.paths import REPO_ROOT
 from trainformer.training import device
@@ -43,12 +48,9 @@ def set_reuse(on: bool) -> None:
 def decode_job(model_dir: str, sentences: int) -> tuple[float, int, int | None]:
     """In a fresh process: apply the variant's allocator setting, load the model, warm up on
     one chunk, time beam-4 translation of the chunks: (seconds, sentences, minor page faults)."""
-    from trainformer.inference.loading import load_translator
-
     device.keep_freed_memory()  # a no-op in the "glibc default" variant
     torch.set_num_threads(1)
-    translator = load_translator(model_dir, "cpu", "fp32")
-    translator.cfg.eval.batch_tokens = 1 << 20  # a chunk is one batch
+    translator = chunk_translator(model_dir)
     sources, _ = translation_test_set(Path(model_dir))
     parts = length_chunks(spread_by_length(sources, sentences), BATCH)
     translator.translate(parts[len(parts) // 2], beam=BEAM)

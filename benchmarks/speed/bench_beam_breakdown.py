@@ -35,12 +35,16 @@ from typing import Any
 import torch
 
 from trainformer.bench.report import write_table_report
-from trainformer.bench.testset import length_chunks, spread_by_length, translation_test_set
+from trainformer.bench.testset import (
+    chunk_translator,
+    length_chunks,
+    spread_by_length,
+    translation_test_set,
+)
 from trainformer.cli.common import require_positive
 from trainformer.errors import run_script
 from trainformer.generation import beam
 from trainformer.generation.steppers import EncDecStepper
-from trainformer.inference.loading import load_translator
 from trainformer.modeldir import resolve_model_dir
 from trainformer.rundir import hardware, machine_line, package_versions
 
@@ -150,8 +154,7 @@ def main() -> None:
     n_sentences = sum(map(len, chunks))
     translators = {}
     for d in dirs:
-        tr = load_translator(d, "cpu", "fp32")
-        tr.cfg.eval.batch_tokens = 1 << 20  # a chunk is one batch
+        tr = chunk_translator(d)
         tr.translate(chunks[len(chunks) // 2], beam=BEAM)  # warm-up
         translators[d.name if d.name != "model" else d.parent.name] = tr
     passes: dict[str, list[tuple[float, Timers]]] = {k: [] for k in translators}

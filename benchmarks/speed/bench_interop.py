@@ -37,7 +37,12 @@ from typing import Any
 import torch
 
 from trainformer.bench.report import write_table_report
-from trainformer.bench.testset import length_chunks, spread_by_length, translation_test_set
+from trainformer.bench.testset import (
+    chunk_translator,
+    length_chunks,
+    spread_by_length,
+    translation_test_set,
+)
 from trainformer.errors import run_script
 from trainformer.generation.greedy import length_limits
 from trainformer.modeldir import resolve_model_dir
@@ -90,10 +95,7 @@ def chunk_limit(translator, sentences: list[str]) -> int:
 
 
 def ours(model_dir: Path, precision: str = "fp32") -> Callable[[int], Engine]:
-    from trainformer.inference.loading import load_translator
-
-    translator = load_translator(model_dir, "cpu", precision)
-    translator.cfg.eval.batch_tokens = 1 << 20  # a chunk is one batch, as for the other engines
+    translator = chunk_translator(model_dir, precision)
 
     def make(threads: int) -> Engine:
         return lambda chunk, beam: [h[0] for h in translator.translate(chunk, beam=beam)]

@@ -43,3 +43,13 @@ def length_chunks(sentences: list[str], size: int) -> list[list[str]]:
     """Chunks of `size` sentences of similar length (sorted short to long), as a server's batcher makes."""
     ordered = sorted(sentences, key=len)
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
+def chunk_translator(model_dir: str | Path, precision: str = "fp32"):
+    """A CPU `Translator` of `model_dir` that decodes every chunk it is given as one batch
+    (as the other engines of the decoding benchmarks take a chunk), not split by token budget."""
+    from trainformer.inference.loading import load_translator
+
+    translator = load_translator(model_dir, "cpu", precision)
+    translator.cfg.eval.batch_tokens = 1 << 20
+    return translator
