@@ -34,6 +34,7 @@ from trainformer.bench.testset import (
     spread_by_length,
     translation_test_set,
 )
+from trainformer.cli.common import require_positive
 from trainformer.errors import run_script
 from trainformer.paths import REPO_ROOT
 from trainformer.training import device
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--decode", nargs="*", default=[], help="model dirs to time batched beam-4 decoding of")
     ap.add_argument("--sentences", type=int, default=512, help="test sentences per decoding block")
     args = ap.parse_args()
+    require_positive(ap, args, "sentences", "rounds")
     out = REPO_ROOT / "bench_out" / "bench_allocator"
     variants = {"freed memory kept": partial(set_reuse, True), "glibc default": partial(set_reuse, False)}
     rows, decode_rows = [], []
