@@ -144,7 +144,7 @@ def _allocator_notes(allocator: str, dev: torch.device) -> list[str]:
         return notes
     if keep_freed_memory():
         return notes + ["allocator: freed memory kept for reuse (glibc mmap off, no trim; what trainformer's "
-                        "CPU training and inference set), for ours and the peers alike (one process)"]
+                        "CPU training runs set), for ours and the peers alike (one process)"]
     return notes + ["allocator: --allocator keep-freed has no effect here (Linux / glibc only)"]
 
 

@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
                    help="sequences per training step for every --train-models model (0: each shape's own)")
     p.add_argument("--allocator", choices=("default", "keep-freed"), default="default",
                    help="CPU memory allocator of the whole process, ours and the peers alike: glibc's "
-                   "default, or freed memory kept for reuse as trainformer's own CPU runs set it")
+                   "default, or freed memory kept for reuse as trainformer's CPU training runs set it")
     p.set_defaults(func=run)
 
 
