@@ -283,15 +283,25 @@ def test_token_embedding_scale_and_learned_positions():
 
 
 def test_tied_head_decoding_path_equals_the_linear_and_follows_weight_updates():
+    from trainformer.nn.cpu_head import onednn_prepacked_linear
+
     emb = TokenEmbedding(50, 16)
     h = torch.randn(3, 1, 16)
     with torch.no_grad():
-        fast = emb.attend(h)  # decoding rows on the CPU: the cached (D, V) transpose
-        assert emb.fast_head.applies(h, emb.weight) and emb.fast_head._cache is not None
+        fast = emb.attend(h)  # decoding rows on the CPU: a cached copy of the weight
+        assert emb.fast_head.applies(h, emb.weight)
+        layout = "onednn torch.float32" if onednn_prepacked_linear() else "transposed"
+        assert list(emb.fast_head._copies) == [layout]
         torch.testing.assert_close(fast, F.linear(h, emb.weight))
+        torch.testing.assert_close(emb.attend(h[:1]), F.linear(h[:1], emb.weight))  # one row: the transpose
+        assert "transposed" in emb.fast_head._copies
         emb.weight.mul_(2.0)  # an optimizer step or a load: the copy is rebuilt
         torch.testing.assert_close(emb.attend(h), F.linear(h, emb.weight))
-        many = torch.randn(2, 40, 16)  # teacher-forced evaluation keeps F.linear
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 decoding: bf16 logits, as autocast's linear
+            fast, plain = emb.attend(h), F.linear(h, emb.weight)
+        assert fast.dtype == plain.dtype == torch.bfloat16
+        torch.testing.assert_close(fast, plain, rtol=1e-2, atol=1e-2)
+        many = torch.randn(2, 300, 16)  # teacher-forced evaluation: oneDNN where it is there, else F.linear
         torch.testing.assert_close(emb.attend(many), F.linear(many, emb.weight))
     assert list(emb.state_dict()) == ["weight"]  # the copy is never saved
     with torch.inference_mode():  # weights made in inference mode have no version counter

@@ -162,6 +162,24 @@ def test_generation_restores_training_mode():
     assert m.training and a == greedy_translate(m, src, mask, BOS, EOS, max_len=8)  # no dropout inside
 
 
+def test_eval_mode_leaves_a_model_already_in_eval_mode_alone(monkeypatch):
+    from torch import nn
+
+    from trainformer.generation.steppers import eval_mode
+
+    m = tiny("encoder_decoder")
+    calls = []
+    monkeypatch.setattr(nn.Module, "train", lambda self, mode=True: calls.append(mode) or self)
+    with eval_mode(m):
+        assert not torch.is_grad_enabled()
+    assert calls == []  # already in eval mode: no walk setting every module's flag, twice
+    monkeypatch.undo()
+    m.decoder_layers[0].train()  # one submodule in training mode: switched, then restored as `train(False)`
+    with eval_mode(m):
+        assert not any(sub.training for sub in m.modules())
+    assert not any(sub.training for sub in m.modules())
+
+
 # ---------------------------------------------------------------------------- decoder sampling
 
 

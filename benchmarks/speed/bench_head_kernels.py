@@ -8,8 +8,9 @@ choices `trainformer` makes there:
   packed for the default engine (fbgemm) or for oneDNN, on the tied output head
   (d_model -> vocabulary) and on the decoder's Linear shapes. `models.quantized.head_engine`
   picks oneDNN for the head from ``ONEDNN_HEAD_MIN_OUTPUTS`` rows x words on AVX-512 CPUs.
-- fp32: the head as ``F.linear(h, W)`` or through the cached contiguous transpose
-  ``h @ W.T`` (`nn.cpu_head.TransposedHead`, used up to ``FAST_HEAD_ROWS`` rows).
+- the fp32 / bf16 head (`nn.cpu_head.FastHead`, outside training): ``F.linear(h, W)``,
+  the cached contiguous transpose ``h @ W.T`` (fp32, up to ``TRANSPOSED_HEAD_ROWS`` rows) and
+  oneDNN's linear with the weight prepacked once (AVX-512 CPUs; bf16 under autocast).
 - fp32 attention of a step: self-attention (one query per row against the cached keys)
   and cross-attention (a source's beams, `--beam` queries per row, against its memory,
   with and without a key padding mask): SDPA or two batched GEMMs
@@ -21,7 +22,7 @@ Random weights of the model's shapes, one thread (as decoding benchmarks run),
 variants interleaved after a warm-up; medians in microseconds.
 
     python benchmarks/speed/bench_head_kernels.py [--d-model 192] [--vocab 8000 4000] [--d-ff 768]
-        [--heads 4] [--keys 4 16 32 64] [--beam 4] [--parts int8 fp32 attention]
+        [--heads 4] [--keys 4 16 32 64] [--beam 4] [--parts int8 head attention]
         [--rounds 40] [--out benchmarks/results/head-kernels]
 """
 
@@ -50,7 +51,7 @@ from trainformer.nn.attention import (
     few_query_attention,
     few_query_pays,
 )
-from trainformer.nn.cpu_head import FAST_HEAD_ROWS
+from trainformer.nn.cpu_head import TRANSPOSED_HEAD_ROWS, head_kernel, onednn_prepacked_linear
 from trainformer.paths import REPO_ROOT
 from trainformer.rundir import machine_line, package_versions
 
@@ -92,18 +93,31 @@ def int8_rows(shapes: dict[str, tuple[int, int]], rounds: int) -> list[dict]:
     return rows
 
 
-def fp32_rows(d_model: int, vocabs: list[int], rounds: int) -> list[dict]:
+def head_rows(d_model: int, vocabs: list[int], rounds: int) -> list[dict]:
+    """The tied head in fp32 (F.linear, the cached transpose, oneDNN with a prepacked weight) and
+    under bf16 autocast (autocast's F.linear, oneDNN with a prepacked bf16 weight)."""
     rows = []
     for vocab in vocabs:
-        w = torch.randn(vocab, d_model)
-        wt = w.t().contiguous()
-        for n in ROWS:
-            x = torch.randn(n, d_model)
-            us = medians_us({"F.linear": lambda x=x, w=w: F.linear(x, w), "transposed": lambda x=x, wt=wt: x @ wt},
-                            rounds)
-            rows.append({"kind": "fp32", "layer": f"head {d_model}->{vocab}", "rows": n, "us": us,
-                         "picked": "transposed" if n <= FAST_HEAD_ROWS else "F.linear"})
-            print(rows[-1], flush=True)
+        w = nn.Parameter(torch.randn(vocab, d_model) * 0.05)  # a parameter: autocast caches its bf16 copy
+        wt = w.detach().t().contiguous()
+        packed = {dt: torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dt), None)
+                  for dt in (torch.float32, torch.bfloat16)} if onednn_prepacked_linear() else {}
+        for dtype in (torch.float32, torch.bfloat16):
+            for n in ROWS + (2048,):
+                x = torch.randn(n, d_model)
+                xd = x.to(dtype)  # what the prepacked kernel takes (autocast casts F.linear's input itself)
+                fns = {"F.linear": lambda x=x, w=w: F.linear(x, w)}
+                if dtype == torch.float32:
+                    fns["transposed"] = lambda x=x, wt=wt: x @ wt
+                if packed:
+                    fns["oneDNN prepacked"] = (lambda x=xd, p=packed[dtype]:
+                                               torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""))
+                with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    us = medians_us(fns, rounds)
+                picked = head_kernel(n, dtype)
+                rows.append({"kind": "fp32" if dtype == torch.float32 else "bf16", "layer": f"head {d_model}->{vocab}",
+                             "rows": n, "us": us, "picked": picked})
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -135,9 +149,9 @@ def attention_rows(d_model: int, n_heads: int, keys: list[int], beam: int, round
 def table(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
-        (a, ta), (b, tb) = r["us"].items()
-        out.append([r["kind"], r["layer"], str(r["rows"]), f"{a} {ta:.1f}", f"{b} {tb:.1f}",
-                    f"{ta / tb:.2f}x", r["picked"]])
+        first = next(iter(r["us"].values()))
+        out.append([r["kind"], r["layer"], str(r["rows"]), ", ".join(f"{k} {t:.1f}" for k, t in r["us"].items()),
+                    f"{first / r['us'][r['picked']]:.2f}x", r["picked"]])
     return out
 
 
@@ -149,7 +163,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4, help="attention heads (of --d-model)")
     ap.add_argument("--keys", type=int, nargs="+", default=[4, 16, 32, 64], help="keys (attention rows)")
     ap.add_argument("--beam", type=int, default=4, help="queries per row of the cross-attention rows")
-    ap.add_argument("--parts", nargs="+", choices=["int8", "fp32", "attention"], default=["int8", "fp32", "attention"])
+    ap.add_argument("--parts", nargs="+", choices=["int8", "head", "attention"], default=["int8", "head", "attention"])
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "head-kernels")
     args = ap.parse_args()
@@ -159,11 +173,11 @@ def main() -> None:
     shapes |= {f"qkv {d}->{3 * d}": (d, 3 * d), f"ffn up {d}->{args.d_ff}": (d, args.d_ff),
                f"ffn down {args.d_ff}->{d}": (args.d_ff, d)}
     rows = ((int8_rows(shapes, args.rounds) if "int8" in args.parts else [])
-            + (fp32_rows(d, args.vocab, args.rounds) if "fp32" in args.parts else [])
+            + (head_rows(d, args.vocab, args.rounds) if "head" in args.parts else [])
             + (attention_rows(d, args.heads, args.keys, args.beam, args.rounds) if "attention" in args.parts else []))
     results = {"machine": machine_line(), "versions": package_versions(), "threads": 1,
                "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
-               "onednn_head_min_outputs": ONEDNN_HEAD_MIN_OUTPUTS, "fast_head_rows": FAST_HEAD_ROWS,
+               "onednn_head_min_outputs": ONEDNN_HEAD_MIN_OUTPUTS, "transposed_head_rows": TRANSPOSED_HEAD_ROWS,
                "few_query_max": FEW_QUERY_MAX, "one_query_min_blocks": ONE_QUERY_MIN_BLOCKS,
                "few_query_min_blocks": FEW_QUERY_MIN_BLOCKS, "few_query_min_scores": FEW_QUERY_MIN_SCORES,
                "rows": rows}
@@ -172,15 +186,15 @@ def main() -> None:
              f"Command: `python benchmarks/speed/bench_head_kernels.py --d-model {d} --vocab "
              f"{' '.join(map(str, args.vocab))} --heads {args.heads} --keys {' '.join(map(str, args.keys))} "
              f"--beam {args.beam} --parts {' '.join(args.parts)}`",
-             "", "ratio = first / second (above 1: the second is faster). picked = what trainformer uses "
+             "", "ratio = first / picked (above 1: the pick is faster). picked = what trainformer uses "
              f"there (int8 head: oneDNN from {ONEDNN_HEAD_MIN_OUTPUTS:,} rows x words on AVX-512 CPUs; "
-             f"fp32 head: the transpose up to {FAST_HEAD_ROWS} rows; attention: two batched GEMMs from "
+             f"fp32 and bf16 head: `nn.cpu_head.head_kernel` (the transpose up to {TRANSPOSED_HEAD_ROWS} rows); attention: two batched GEMMs from "
              f"{ONE_QUERY_MIN_BLOCKS} rows x heads with one query, {FEW_QUERY_MIN_BLOCKS} with up to "
              f"{FEW_QUERY_MAX}, and {FEW_QUERY_MIN_SCORES} queries x keys). "
              "Cross-attention rows: a row is one source, its queries the beams (a step of rows x beam "
              "hypotheses); padded: every other source's last quarter of keys masked."]
     text = write_table_report(args.out, "bench_head_kernels", results, "Matmul kernels of a CPU decoding step",
-                              intro, ["dtype", "layer", "rows", "first (us)", "second (us)", "ratio", "picked"],
+                              intro, ["dtype", "layer", "rows", "kernels (us)", "ratio", "picked"],
                               table(rows))
     print(text)
 

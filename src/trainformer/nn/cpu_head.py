@@ -1,52 +1,100 @@
-"""The tied output head of CPU decoding: the same product, through a cached transpose of the weight.
+"""The tied output head of CPU decoding: the same product, through a cached copy of the weight.
 
-`TokenEmbedding.attend` is ``F.linear(h, weight)``. For a few rows against a
-(V, D) matrix, CPU GEMV kernels are slower than for the same product against
-its contiguous (D, V) transpose, and the head is the largest matmul of a
-decoding step (benchmarks/speed/bench_decode_profile.py compares both, row
-"head via F.linear"). `TransposedHead` keeps that transpose, rebuilt whenever
-the weight changes, at the cost of V x D floats of memory.
+`TokenEmbedding.attend` is ``F.linear(h, weight)``, the largest matmul of a
+decoding step. For a few rows against a (V, D) matrix, CPU GEMM kernels are
+slower than for the same product against a copy laid out for them:
+
+- on AVX-512 CPUs, oneDNN's linear with the weight prepacked once in its own
+  blocked layout: about 1.4x F.linear at 128 rows (batch 32 x beam 4) and more
+  at a few rows in fp32, 1.2x at 128 rows and more at a few under bf16 autocast
+  (prepacked bf16 weight);
+- elsewhere, and for one fp32 row, the contiguous (D, V) transpose ``h @ W.T``,
+  up to `TRANSPOSED_HEAD_ROWS` rows (plain F.linear above).
+
+`benchmarks/speed/bench_head_kernels.py` (rows "head") times all three per row
+count. The copy costs V x D numbers of memory and is rebuilt whenever the weight
+changes.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-FAST_HEAD_ROWS = 256  # decoding batches (batch 64 x beam 4); teacher-forced evaluation keeps the GEMM layout
+TRANSPOSED_HEAD_ROWS = 256  # the transpose beats F.linear up to here (batch 64 x beam 4), not on larger GEMMs
 
 
-class TransposedHead:
-    """``h @ weight.T`` through a cached contiguous copy of ``weight.T``, where that is faster.
+@functools.cache
+def onednn_prepacked_linear() -> bool:
+    """Whether this CPU takes the oneDNN-prepacked head: PyTorch built with oneDNN, on an
+    AVX-512 CPU (where it was measured faster; asked once per process)."""
+    return (torch.backends.mkldnn.is_available()
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def head_kernel(rows: int, dtype: torch.dtype) -> str:
+    """The kernel `FastHead` runs for `rows` rows in `dtype` (fp32, or bf16 under autocast)."""
+    if onednn_prepacked_linear() and (rows > 1 or dtype == torch.bfloat16):
+        return "oneDNN prepacked"
+    return "transposed" if dtype == torch.float32 and rows <= TRANSPOSED_HEAD_ROWS else "F.linear"
+
+
+class FastHead:
+    """``F.linear(h, weight)`` for CPU decoding through a cached, kernel-friendly copy of ``weight``.
 
     Not a module: it holds no parameters and nothing of it is saved.
 
     Args:
-        max_rows: the most rows of ``h`` it takes (0: none, always the plain ``F.linear``).
+        max_rows: the most rows of ``h`` it takes (None: any; 0: none, always the plain ``F.linear``).
     """
 
-    def __init__(self, max_rows: int = FAST_HEAD_ROWS):
+    def __init__(self, max_rows: int | None = None):
         self.max_rows = max_rows
-        self._cache: tuple[tuple, torch.Tensor] | None = None  # (the weight's version key, its transpose)
+        self._key: tuple | None = None  # the weight's version key of the copies below
+        self._copies: dict[str, torch.Tensor] = {}  # layout -> copy of the weight
 
     def applies(self, h: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether `h` (..., D) is a decoding batch it takes: on the CPU, no gradients, fp32
-        without autocast, at most `max_rows` rows."""
+        """Whether it takes `h` (..., D): on the CPU, no gradients, a plain fp32 weight (no tensor
+        subclass), fp32 `h` without autocast or under bf16 autocast, at most `max_rows` rows."""
         return (
             h.device.type == "cpu"
             and not torch.is_grad_enabled()
             and h.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
+            and type(weight) in (torch.Tensor, torch.nn.Parameter)
+            and _autocast_dtype() in (None, torch.bfloat16)
             and not weight.is_inference()  # no version counter to tell when the copy is stale
-            and h.numel() <= self.max_rows * h.shape[-1]
+            and not torch.compiler.is_compiling()
+            and (self.max_rows is None or h.numel() <= self.max_rows * h.shape[-1])
         )
 
     def __call__(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """h (..., D), weight (V, D) -> logits (..., V)."""
-        return h @ self._transposed(weight)  # (..., D) @ (D, V)
+        """h (..., D), weight (V, D) -> logits (..., V), in the dtype ``F.linear`` would give."""
+        dtype = _autocast_dtype() or torch.float32
+        kernel = head_kernel(h.numel() // h.shape[-1], dtype)
+        if kernel == "oneDNN prepacked":
+            packed = self._copy(weight, f"onednn {dtype}")
+            return torch.ops.mkldnn._linear_pointwise(h.to(dtype), packed, None, "none", [], "")
+        if kernel == "transposed":
+            return h @ self._copy(weight, "transposed")  # (..., D) @ (D, V)
+        return torch.nn.functional.linear(h, weight)  # under autocast: its own bf16 GEMM
 
-    def _transposed(self, weight: torch.Tensor) -> torch.Tensor:
-        """The (D, V) contiguous transpose of `weight`, rebuilt after the weight changes."""
+    def _copy(self, weight: torch.Tensor, layout: str) -> torch.Tensor:
+        """`weight` in `layout`, made on first use and again after the weight changes."""
         key = (weight._version, weight.data_ptr(), weight.device)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, weight.detach().t().contiguous())
-        return self._cache[1]
+        if self._key != key:
+            self._key, self._copies = key, {}
+        if layout not in self._copies:
+            w = weight.detach()
+            if layout == "transposed":
+                self._copies[layout] = w.t().contiguous()
+            else:
+                dtype = torch.bfloat16 if layout.endswith("bfloat16") else torch.float32
+                self._copies[layout] = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), None)
+        return self._copies[layout]
+
+
+def _autocast_dtype() -> torch.dtype | None:
+    """The CPU autocast dtype in force, or None."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None

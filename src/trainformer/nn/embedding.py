@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainformer.nn.cpu_head import TransposedHead
+from trainformer.nn.cpu_head import FastHead
 
 
 class TokenEmbedding(nn.Embedding):
@@ -23,7 +23,7 @@ class TokenEmbedding(nn.Embedding):
     def __init__(self, vocab_size: int, d_model: int, scale: bool = True):
         super().__init__(vocab_size, d_model)
         self.scale = math.sqrt(d_model) if scale else 1.0
-        self.fast_head = TransposedHead()  # CPU decoding's route to the same logits (nn/cpu_head.py)
+        self.fast_head = FastHead()  # CPU decoding's route to the same logits (nn/cpu_head.py)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> (B, T, D)."""
@@ -33,7 +33,7 @@ class TokenEmbedding(nn.Embedding):
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         """The tied output projection: h (..., D) -> logits (..., V), one per embedding row.
 
-        Decoding batches on the CPU get the same product from `self.fast_head`, which is
+        Outside training, on the CPU, the same product comes from `self.fast_head`, which is
         faster there (`trainformer.nn.cpu_head`; ``fast_head.max_rows = 0`` turns it off).
         """
         if not self.fast_head.applies(h, self.weight):
