@@ -401,9 +401,11 @@ def test_few_query_attention_equals_reference(n_kv, queries, padded):
 
 
 def _count_few_query_calls(monkeypatch) -> list[tuple[int, ...]]:
-    """Shapes (q, k) of every `few_query_attention` call from now on."""
+    """Shapes (q, k) of every `few_query_attention` call from now on, with the C kernel off
+    (the path decoding takes where it cannot be built; tests/test_native.py covers it)."""
     import trainformer.nn.attention as attention
 
+    monkeypatch.setattr(attention.native, "available", lambda: False)
     calls = []
     real = attention.few_query_attention
     monkeypatch.setattr(attention, "few_query_attention",

@@ -12,13 +12,15 @@ beam 4" column does, with a wall-clock timer around each part of a decoding step
   beam's top-k (`generation.beam.top_candidates`), the cache reorder of the beams;
 - the encoder (once per chunk), and what is left: the search's own bookkeeping and tokenising.
 
-Model dirs alternate over `--repeats` passes after a warm-up; the split is the mean
-over the passes, sentences/s the median. The timers add about a microsecond per
+With ``--pytorch-attention`` each model dir runs a second time with the decoding
+attention on PyTorch's kernels instead of the C kernel (`trainformer.nn.native`),
+so the two are compared in the same process. Variants alternate over `--repeats`
+passes after a warm-up; the split is the mean over the passes, sentences/s the median. The timers add about a microsecond per
 timed call (a few dozen calls per step), so sentences/s is a little below
 `bench_interop.py`'s.
 
     python benchmarks/speed/bench_beam_breakdown.py runs/en-fr-60/model runs/en-fr-60-int8
-        [--sentences 256] [--repeats 3] [--data TSV] [--out benchmarks/results/beam-breakdown]
+        [--sentences 256] [--repeats 3] [--data TSV] [--pytorch-attention] [--out benchmarks/results/beam-breakdown]
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from trainformer.errors import run_script
 from trainformer.generation import beam
 from trainformer.generation.steppers import EncDecStepper
 from trainformer.modeldir import resolve_model_dir
+from trainformer.nn import native
 from trainformer.rundir import hardware, machine_line, package_versions
 
 BATCH, BEAM = 32, 4
@@ -128,9 +131,10 @@ def split(timers: Timers, total: float) -> dict[str, float]:
     return parts
 
 
-def timed_pass(translator, parts: list[list[str]]) -> tuple[float, Timers]:
+def timed_pass(translator, parts: list[list[str]], pytorch_attention: bool = False) -> tuple[float, Timers]:
     timers = Timers()
-    with instrumented(translator.model, timers):
+    off = native.disabled() if pytorch_attention else contextlib.nullcontext()
+    with instrumented(translator.model, timers), off:
         start = time.perf_counter()
         for chunk in parts:
             translator.translate(chunk, beam=BEAM)
@@ -144,6 +148,8 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=256, help="test sentences, spread over lengths")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data", type=Path, help="a TSV of source / reference pairs instead of the model's test split")
+    ap.add_argument("--pytorch-attention", action="store_true",
+                    help="also run each model dir with the decoding attention on PyTorch's kernels")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/beam-breakdown"))
     args = ap.parse_args()
     require_positive(ap, args, "sentences", "repeats")
@@ -152,17 +158,20 @@ def main() -> None:
     sources, _ = translation_test_set(dirs[0], args.data)
     chunks = length_chunks(spread_by_length(sources, args.sentences), BATCH)
     n_sentences = sum(map(len, chunks))
-    translators = {}
+    translators = {}  # name -> (translator, on PyTorch's attention kernels)
     for d in dirs:
         tr = chunk_translator(d)
         tr.translate(chunks[len(chunks) // 2], beam=BEAM)  # warm-up
-        translators[d.name if d.name != "model" else d.parent.name] = tr
+        name = d.name if d.name != "model" else d.parent.name
+        translators[name] = (tr, False)
+        if args.pytorch_attention:
+            translators[f"{name}, PyTorch attention"] = (tr, True)
     passes: dict[str, list[tuple[float, Timers]]] = {k: [] for k in translators}
-    for _ in range(args.repeats):  # interleaved: every model dir sees the same machine state
-        for name, tr in translators.items():
-            passes[name].append(timed_pass(tr, chunks))
+    for _ in range(args.repeats):  # interleaved: every variant sees the same machine state
+        for name, (tr, pytorch_attention) in translators.items():
+            passes[name].append(timed_pass(tr, chunks, pytorch_attention))
     results: dict[str, Any] = {"settings": {"threads": 1, "sentences": n_sentences, "batch": BATCH, "beam": BEAM,
-                                            "repeats": args.repeats},
+                                            "repeats": args.repeats, "native_attention": native.available()},
                                "hardware": hardware(), "versions": package_versions(), "variants": {}}
     for name, runs in passes.items():
         steps = statistics.mean(timers.calls["steps"] for _, timers in runs)
@@ -189,7 +198,9 @@ def main() -> None:
                  f"{n} {results['variants'][n]['steps_per_pass']}" for n in names) + ".",
              "Command: `python benchmarks/speed/bench_beam_breakdown.py " + " ".join(map(str, args.model_dirs))
              + f" --sentences {args.sentences} --repeats {args.repeats}" + (f" --data {args.data}" if args.data else "")
-             + "`", "",
+             + (" --pytorch-attention" if args.pytorch_attention else "") + "`",
+             "Decoding attention: " + ("the C kernel (`trainformer.nn.native`)" if native.available()
+                                       else "PyTorch's kernels (the C kernel is not built here)") + ".", "",
              "Milliseconds per decoder step (mean over the passes), share of the step in brackets:"]
     print(write_table_report(args.out, "bench_beam_breakdown", results, "Batched beam-4 decoding: where a step goes",
                              intro, ["part of a step", *names], rows))

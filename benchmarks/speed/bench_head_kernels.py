@@ -13,10 +13,11 @@ choices `trainformer` makes there:
   oneDNN's linear with the weight prepacked once (AVX-512 CPUs; bf16 under autocast).
 - fp32 attention of a step: self-attention (one query per row against the cached keys)
   and cross-attention (a source's beams, `--beam` queries per row, against its memory,
-  with and without a key padding mask): SDPA or two batched GEMMs
-  (`nn.attention.few_query_attention`, taken from ``ONE_QUERY_MIN_BLOCKS`` rows x heads
-  with one query, ``FEW_QUERY_MIN_BLOCKS`` with up to ``FEW_QUERY_MAX``, and
-  ``FEW_QUERY_MIN_SCORES`` queries x keys).
+  with and without a key padding mask), each ending in the (rows, queries, heads x Dh)
+  layout the output projection takes: SDPA, two batched GEMMs (`nn.attention.few_query_attention`,
+  taken from ``ONE_QUERY_MIN_BLOCKS`` rows x heads with one query, ``FEW_QUERY_MIN_BLOCKS``
+  with up to ``FEW_QUERY_MAX``, and ``FEW_QUERY_MIN_SCORES`` queries x keys, where the C
+  kernel is not built), and the C kernel (`nn.native`, decoding's pick where it is built).
 
 Random weights of the model's shapes, one thread (as decoding benchmarks run),
 variants interleaved after a warm-up; medians in microseconds.
@@ -43,6 +44,7 @@ from trainformer.bench.report import write_table_report
 from trainformer.bench.timing import interleaved, timed
 from trainformer.errors import run_script
 from trainformer.models.quantized import ONEDNN_HEAD_MIN_OUTPUTS, head_engine
+from trainformer.nn import native
 from trainformer.nn.attention import (
     FEW_QUERY_MAX,
     FEW_QUERY_MIN_BLOCKS,
@@ -121,6 +123,13 @@ def head_rows(d_model: int, vocabs: list[int], rounds: int) -> list[dict]:
     return rows
 
 
+def to_rows(y: torch.Tensor) -> torch.Tensor:
+    """(N, H, T, Dh) -> (N, T, H * Dh), the copy the attention layer makes for its output projection
+    (the C kernel writes that layout itself)."""
+    n, h, t, dh = y.shape
+    return y.permute(0, 2, 1, 3).reshape(n, t, h * dh)
+
+
 def attention_rows(d_model: int, n_heads: int, keys: list[int], beam: int, rounds: int) -> list[dict]:
     """Self-attention (1 query per row) and cross-attention (`beam` queries per row, unmasked
     and with the last quarter of every other row's keys padded) at each row count."""
@@ -136,12 +145,14 @@ def attention_rows(d_model: int, n_heads: int, keys: list[int], beam: int, round
                 if padded:
                     mask = torch.ones(n, 1, 1, n_keys, dtype=torch.bool)
                     mask[::2, ..., n_keys - max(1, n_keys // 4):] = False
-                sdpa = lambda q=q, k=k, v=v, m=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # noqa: E731
-                gemms = lambda q=q, k=k, v=v, m=mask: few_query_attention(q, k, v, m)  # noqa: E731
-                us = medians_us({"SDPA": sdpa, "2 bmm": gemms}, rounds)
+                fns = {"SDPA": lambda q=q, k=k, v=v, m=mask: to_rows(F.scaled_dot_product_attention(q, k, v, attn_mask=m)),
+                       "2 bmm": lambda q=q, k=k, v=v, m=mask: to_rows(few_query_attention(q, k, v, m))}
+                if native.available():
+                    fns["C kernel"] = lambda q=q, k=k, v=v, m=mask: native.decode_attention(q, k, v, m)
+                us = medians_us(fns, rounds)
+                picked = "2 bmm" if few_query_pays(n * n_heads, queries, n_keys) else "SDPA"
                 rows.append({"kind": "fp32", "layer": f"{name} {n_heads}x{dh}, {queries} queries, {n_keys} keys",
-                             "rows": n, "us": us,
-                             "picked": "2 bmm" if few_query_pays(n * n_heads, queries, n_keys) else "SDPA"})
+                             "rows": n, "us": us, "picked": "C kernel" if native.available() else picked})
                 print(rows[-1], flush=True)
     return rows
 
@@ -188,12 +199,12 @@ def main() -> None:
              f"--beam {args.beam} --parts {' '.join(args.parts)}`",
              "", "ratio = first / picked (above 1: the pick is faster). picked = what trainformer uses "
              f"there (int8 head: oneDNN from {ONEDNN_HEAD_MIN_OUTPUTS:,} rows x words on AVX-512 CPUs; "
-             f"fp32 and bf16 head: `nn.cpu_head.head_kernel` (the transpose up to {TRANSPOSED_HEAD_ROWS} rows); attention: two batched GEMMs from "
-             f"{ONE_QUERY_MIN_BLOCKS} rows x heads with one query, {FEW_QUERY_MIN_BLOCKS} with up to "
-             f"{FEW_QUERY_MAX}, and {FEW_QUERY_MIN_SCORES} queries x keys). "
+             f"fp32 and bf16 head: `nn.cpu_head.head_kernel` (the transpose up to {TRANSPOSED_HEAD_ROWS} rows); attention: the C kernel where it is built, "
+             f"else two batched GEMMs from {ONE_QUERY_MIN_BLOCKS} rows x heads with one query, "
+             f"{FEW_QUERY_MIN_BLOCKS} with up to {FEW_QUERY_MAX}, and {FEW_QUERY_MIN_SCORES} queries x keys). "
              "Cross-attention rows: a row is one source, its queries the beams (a step of rows x beam "
              "hypotheses); padded: every other source's last quarter of keys masked."]
-    text = write_table_report(args.out, "bench_head_kernels", results, "Matmul kernels of a CPU decoding step",
+    text = write_table_report(args.out, "bench_head_kernels", results, "Kernels of a CPU decoding step",
                               intro, ["dtype", "layer", "rows", "kernels (us)", "ratio", "picked"],
                               table(rows))
     print(text)

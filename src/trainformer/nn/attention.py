@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainformer.nn import native
 from trainformer.nn.cache import LayerKV
 from trainformer.nn.embedding import apply_rotary
 
@@ -59,6 +60,13 @@ FEW_QUERY_MIN_BLOCKS = 256  # rows x heads of 2..FEW_QUERY_MAX queries (a source
 FEW_QUERY_MIN_SCORES = 16  # queries x keys per block: below it PyTorch's small-matrix bmm loop is slow
 
 
+# The C kernel runs on one thread; it beats PyTorch's attention on one and on two threads at every
+# decoding shape measured (bench_head_kernels.py). With more threads it is taken only for small
+# steps (queries x head size x keys), where handing work to other threads does not pay anyway.
+NATIVE_MAX_THREADS = 2
+NATIVE_MAX_WORK = 1 << 20
+
+
 def few_query_pays(blocks: int, queries: int, keys: int) -> bool:
     """Whether `few_query_attention` beats SDPA on the CPU for `blocks` (row, head) pairs of
     `queries` queries against `keys` keys (see the thresholds above)."""
@@ -81,10 +89,22 @@ def _attend(q, k, v, attn_mask, is_causal, enable_gqa) -> torch.Tensor:
                                           enable_gqa=enable_gqa)
 
 
-def _is_key_mask(mask: torch.Tensor | None, q: torch.Tensor) -> bool:
-    """None, or a bool key padding mask (B, 1, 1, S) of q's batch (what `few_query_attention` takes)."""
-    return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == q.shape[0]
+def _is_key_mask(mask: torch.Tensor | None, k: torch.Tensor) -> bool:
+    """None, or a bool key padding mask (B, 1, 1, S) of k's batch (what `few_query_attention` takes)."""
+    return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == k.shape[0]
                             and mask.shape[1] == mask.shape[2] == 1)
+
+
+def _native_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                  is_causal: bool, bf16_in_fp32: bool) -> bool:
+    """A decoding step's attention on the CPU: a few queries per row, a key padding mask or none,
+    no gradient recorded, eager: the C kernel of `trainformer.nn.native`, where it is built.
+    bf16 inputs are computed in fp32, as `sdpa` does (unless a benchmark turned that off)."""
+    return (q.device.type == "cpu" and not is_causal and q.shape[2] <= FEW_QUERY_MAX
+            and (q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and bf16_in_fp32))
+            and _is_key_mask(attn_mask, k) and _decoding(q, k, v)
+            and (torch.get_num_threads() <= NATIVE_MAX_THREADS or q.numel() * k.shape[2] <= NATIVE_MAX_WORK)
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and native.available())
 
 
 def few_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -162,6 +182,9 @@ class MultiHeadAttention(nn.Module):
         else:
             q, k, v = self._self_qkv(x, rope, cache)
         group = cache.group if cache is not None else 1
+        if _native_takes(q, k, v, attn_mask, is_causal, self.cpu_bf16_in_fp32):
+            y = native.decode_attention(q.float(), k.float(), v.float(), attn_mask, group)  # (B, T, H*Dh)
+            return self.out(y.to(q.dtype))
         b, h, t, dh = q.shape
         if group > 1:  # the queries of `group` rows that share one row of k/v, as one block
             q = q.view(b // group, group, h, t, dh).transpose(1, 2).reshape(b // group, h, group * t, dh)

@@ -1,0 +1,93 @@
+/* Attention of a CPU decoding step: a few queries per row against its cached keys.
+ *
+ * Built by trainformer/nn/native.py with the system's C compiler on first use.
+ * PyTorch's attention kernels pay a fixed cost per (row, head) block, which
+ * dominates at decoding shapes (one query, a few to a few dozen keys, 48-64
+ * dimensions): here each block is two short loops over its keys.
+ *
+ *   out[n, t, h, :] = softmax_s(scale * q[n, h, t, :] . k[n / group, h / (H / KV), s, :]) @ v[same]
+ *
+ * q: (N, H, T, D) with strides q_n, q_h, q_t and unit stride over D;
+ * k, v: (N / group, KV, S, D) with strides (row, head, key) and unit stride over D;
+ *   `group` rows of q share one row of k/v (a source's beams and its encoder memory);
+ * mask: NULL, or (N / group, S) bytes with row stride mask_n, nonzero = may attend;
+ * out: contiguous (N, T, H, D), the layout the output projection takes.
+ * A query with no key to attend to gets NaN (as plain softmax attention does).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#ifdef TF_VECTOR_EXP /* glibc's vector expf (libmvec), 16 lanes at a time */
+#pragma omp declare simd notinbranch
+extern float expf(float);
+#endif
+
+#define STACK_KEYS 4096
+
+/* One query against its S keys; D is a constant where the caller's switch makes it one. */
+static inline __attribute__((always_inline)) void attend_one(const float *restrict qp, const float *restrict kp, const float *restrict vp,
+                       const uint8_t *restrict mp, float *restrict op, float *restrict p,
+                       int64_t S, int64_t D, int64_t k_s, int64_t v_s, float scale) {
+    float best = -INFINITY;
+    for (int64_t s = 0; s < S; s++) {
+        if (mp && !mp[s]) {
+            p[s] = -INFINITY;
+            continue;
+        }
+        const float *kr = kp + s * k_s;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; d++) acc += qp[d] * kr[d];
+        p[s] = acc * scale;
+        if (p[s] > best) best = p[s];
+    }
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t s = 0; s < S; s++) {
+        p[s] = expf(p[s] - best); /* a masked key: exp(-inf) = 0 */
+        total += p[s];
+    }
+    for (int64_t d = 0; d < D; d++) op[d] = 0.0f;
+    for (int64_t s = 0; s < S; s++) {
+        if (p[s] == 0.0f) continue;
+        const float w = p[s];
+        const float *vr = vp + s * v_s;
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) op[d] += w * vr[d];
+    }
+    const float inv = 1.0f / total;
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++) op[d] *= inv;
+}
+
+int tf_decode_attention(const float *q, const float *k, const float *v, const uint8_t *mask, float *out,
+                        int64_t N, int64_t H, int64_t T, int64_t S, int64_t D, int64_t KV, int64_t group,
+                        int64_t q_n, int64_t q_h, int64_t q_t, int64_t k_n, int64_t k_h, int64_t k_s,
+                        int64_t v_n, int64_t v_h, int64_t v_s, int64_t mask_n, float scale) {
+    float stack[STACK_KEYS];
+    float *p = S <= STACK_KEYS ? stack : malloc((size_t)S * sizeof(float));
+    if (!p) return 1;
+    const int64_t heads_per_kv = H / KV;
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t r = n / group;
+        const uint8_t *mp = mask ? mask + r * mask_n : NULL;
+        for (int64_t t = 0; t < T; t++) {
+            for (int64_t h = 0; h < H; h++) {
+                const int64_t kh = h / heads_per_kv;
+                const float *qp = q + n * q_n + h * q_h + t * q_t, *kp = k + r * k_n + kh * k_h;
+                const float *vp = v + r * v_n + kh * v_h;
+                float *op = out + ((n * T + t) * H + h) * D;
+                switch (D) { /* the usual head sizes, unrolled by the compiler */
+                case 32: attend_one(qp, kp, vp, mp, op, p, S, 32, k_s, v_s, scale); break;
+                case 48: attend_one(qp, kp, vp, mp, op, p, S, 48, k_s, v_s, scale); break;
+                case 64: attend_one(qp, kp, vp, mp, op, p, S, 64, k_s, v_s, scale); break;
+                case 128: attend_one(qp, kp, vp, mp, op, p, S, 128, k_s, v_s, scale); break;
+                default: attend_one(qp, kp, vp, mp, op, p, S, D, k_s, v_s, scale);
+                }
+            }
+        }
+    }
+    if (p != stack) free(p);
+    return 0;
+}

@@ -1,0 +1,147 @@
+"""The C kernel of CPU decoding attention (decode_attention.c), built on first use.
+
+A decoding step attends a few queries per row (one new token, or a source's
+beams) to a few dozen cached keys. PyTorch's CPU attention kernels pay a fixed
+cost per (row, head) block that dominates at these shapes; the C loop in
+decode_attention.c does not, and it writes its output in the (N, T, H x Dh)
+layout the output projection takes, so no transpose copy follows.
+
+The source is compiled once per machine with the system's C compiler (``$CC``,
+else ``cc`` / ``gcc``) for this CPU (``-march=native``) into
+``~/.cache/trainformer/native`` (``$TRAINFORMER_CACHE``), and called through
+`ctypes`. Without a compiler, or with ``TRAINFORMER_NATIVE=0``, decoding keeps
+PyTorch's kernels (same results up to float rounding); `available()` says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from trainformer.paths import cache_dir
+from trainformer.textio import warn
+
+SOURCE = Path(__file__).with_name("decode_attention.c")
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-std=c99", "-shared", "-fPIC"]
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+_enabled = True  # see `disabled`
+
+
+def available() -> bool:
+    """Whether decoding uses the kernel: built and loaded (built now if it is not yet), not `disabled`."""
+    return _enabled and _library() is not None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Decoding attention on PyTorch's kernels inside the block (benchmarks compare both in one process)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                     group: int = 1) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v for the queries of a decoding step, through the C kernel.
+
+    Args:
+        q: (N, H, T, Dh) float32, unit stride over Dh; k, v: (N / group, KV, S, Dh) float32,
+            unit stride over Dh, H a multiple of KV (GQA); each row of k/v serves `group`
+            consecutive rows of q.
+        key_mask: bool (N / group, 1, 1, S), True = may attend, or None. No causal mask.
+    Returns:
+        (N, T, H * Dh) float32, contiguous.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native decoding kernel is not available (see trainformer.nn.native)")
+    n, h, t, dh = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    out = torch.empty(n, t, h * dh, dtype=torch.float32)
+    mask, mask_n = None, 0
+    if key_mask is not None:
+        rows = key_mask.reshape(key_mask.shape[0], s)
+        if rows.stride(1) != 1:
+            rows = rows.contiguous()
+        mask, mask_n = rows.view(torch.uint8), rows.stride(0)
+    status = lib.tf_decode_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else None, out.data_ptr(),
+        n, h, t, s, dh, kv, group, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], mask_n, dh ** -0.5)
+    if status != 0:
+        raise MemoryError(f"native decoding attention: no memory for {s} keys")
+    return out
+
+
+def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the tensors fit the kernel: CPU float32 with unit stride over the head dimension."""
+    return all(x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1 for x in (q, k, v))
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The built kernel, loaded; None (said once) where it cannot be built or is turned off."""
+    if os.environ.get("TRAINFORMER_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        warn("no C compiler found ($CC, cc, gcc): CPU decoding attention stays on PyTorch's kernels")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as e:
+        stderr = getattr(e, "stderr", None) or b""
+        detail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [str(e)]
+        warn(f"could not build the native decoding kernel with {compiler} ({detail[0]}); "
+             "CPU decoding attention stays on PyTorch's kernels")
+        return None
+    lib.tf_decode_attention.restype = ctypes.c_int
+    lib.tf_decode_attention.argtypes = [_PTR] * 5 + [_I64] * 17 + [ctypes.c_float]
+    return lib
+
+
+def _build(compiler: str) -> Path:
+    """Compile SOURCE for this compiler and CPU once; later calls find the cached library.
+
+    First with glibc's vector `expf` (libmvec), then, where that does not link, without it."""
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
+                                     platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+    target = cache_dir("native") / f"decode_attention-{key}.so"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: atomic
+        built = Path(tmp) / target.name
+        command = [compiler, *FLAGS, str(SOURCE), "-o", str(built)]
+        try:
+            subprocess.run([*command, "-DTF_VECTOR_EXP", "-lmvec", "-lm"], check=True, capture_output=True,
+                           timeout=120)
+        except subprocess.CalledProcessError:
+            subprocess.run([*command, "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(built, target)
+    return target
+
+
+def _cpu_flags() -> str:
+    """This CPU's feature flags (the build is for it: -march=native), or '' where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
