@@ -99,6 +99,18 @@ def test_finished_sentences_leave_the_batch_without_changing_the_others():
         assert [sc for _, sc in beams[i]] == pytest.approx([sc for _, sc in alone], abs=1e-5)
 
 
+def test_beam_search_is_the_same_with_and_without_the_c_kernels():
+    from trainformer.nn import native
+
+    m, (src, mask) = tiny("encoder_decoder"), sources()
+    with native.disabled():
+        plain = beam_translate(m, src, mask, BOS, EOS, beam=3, max_len=10, nbest=3)
+    fast = beam_translate(m, src, mask, BOS, EOS, beam=3, max_len=10, nbest=3)
+    assert [[h[0] for h in s] for s in fast] == [[h[0] for h in s] for s in plain]
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close([h[1] for h in a], [h[1] for h in b], atol=1e-5, rtol=1e-5)
+
+
 def test_beam_scores_are_normalised_log_probabilities():
     m, (src, mask) = tiny("encoder_decoder"), sources()
     out = beam_translate(m, src, mask, BOS, EOS, beam=4, nbest=4, length_penalty=1.0, max_len=10)

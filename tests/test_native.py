@@ -125,7 +125,7 @@ def test_a_failing_build_is_one_line_and_the_switch_turns_it_off(fresh_library, 
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
     assert not native.available()
     err = capsys.readouterr().err.strip()
-    assert err.startswith("trainformer: warning: could not build the native decoding kernel with false")
+    assert err.startswith("trainformer: warning: could not build the native decoding kernels with false")
     assert len(err.splitlines()) == 1
     native._library.cache_clear()
     monkeypatch.delenv("CC")
@@ -134,3 +134,28 @@ def test_a_failing_build_is_one_line_and_the_switch_turns_it_off(fresh_library, 
     with pytest.raises(RuntimeError, match="not available"):
         native.decode_attention(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), None)
     assert attention.native is native
+
+
+@needs_kernel
+@pytest.mark.parametrize("v,block", [(8000, 32), (96, 32), (40, 8)])
+def test_logsumexp_and_block_maxima_equal_torch(v, block):
+    logits = (torch.randn(5, v + 3) * 4)[:, :v]  # rows with a stride
+    lse, block_max = native.logsumexp_block_max(logits, block)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=-1), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(block_max, logits.reshape(5, v // block, block).amax(dim=-1), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="multiple of"):
+        native.logsumexp_block_max(logits[:, :v - 1], block)
+
+
+@needs_kernel
+def test_beam_candidates_from_the_kernel_equal_those_of_log_softmax():
+    from trainformer.generation.beam import next_candidates, top_candidates
+
+    torch.manual_seed(0)
+    logits, scores = torch.randn(6, 4, 800) * 3, -torch.rand(6, 4) * 5
+    values, idx = next_candidates(logits, scores, 8)
+    want_values, want_idx = top_candidates(torch.log_softmax(logits, dim=-1), scores, 8)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(values, want_values, atol=1e-5, rtol=1e-6)
+    with native.disabled():  # the same call on PyTorch's kernels
+        assert torch.equal(next_candidates(logits, scores, 8)[1], want_idx)

@@ -8,19 +8,20 @@ beam 4" column does, with a wall-clock timer around each part of a decoding step
 - the decoder's self-attention and cross-attention, each split into its Linear
   layers (projections) and the rest (the attention itself, the cache append,
   reshapes), the feed-forward, the rest of the layers (norms, residual adds);
-- the output head (d_model -> vocabulary), `log_softmax` over the vocabulary, the
-  beam's top-k (`generation.beam.top_candidates`), the cache reorder of the beams;
+- the output head (d_model -> vocabulary), `log_softmax` over the vocabulary (or, with
+  the C kernels, each row's log-sum-exp and block maxima), the rest of the beam's
+  top-k (`generation.beam.next_candidates`), the cache reorder of the beams;
 - the encoder (once per chunk), and what is left: the search's own bookkeeping and tokenising.
 
-With ``--pytorch-attention`` each model dir runs a second time with the decoding
-attention on PyTorch's kernels instead of the C kernel (`trainformer.nn.native`),
-so the two are compared in the same process. Variants alternate over `--repeats`
+With ``--pytorch-kernels`` each model dir runs a second time on PyTorch's kernels
+alone, without the C kernels of `trainformer.nn.native` (attention, log-sum-exp and
+block maxima of the logits), so the two are compared in the same process. Variants alternate over `--repeats`
 passes after a warm-up; the split is the mean over the passes, sentences/s the median. The timers add about a microsecond per
 timed call (a few dozen calls per step), so sentences/s is a little below
 `bench_interop.py`'s.
 
     python benchmarks/speed/bench_beam_breakdown.py runs/en-fr-60/model runs/en-fr-60-int8
-        [--sentences 256] [--repeats 3] [--data TSV] [--pytorch-attention] [--out benchmarks/results/beam-breakdown]
+        [--sentences 256] [--repeats 3] [--data TSV] [--pytorch-kernels] [--out benchmarks/results/beam-breakdown]
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from trainformer.rundir import hardware, machine_line, package_versions
 
 BATCH, BEAM = 32, 4
 PARTS = ("self-attention projections", "self-attention (rest)", "cross-attention projections",
-         "cross-attention (rest)", "feed-forward", "norms and residuals", "output head", "log_softmax",
+         "cross-attention (rest)", "feed-forward", "norms and residuals", "output head", "log_softmax (or log-sum-exp)",
          "beam top-k", "cache reorder", "encoder", "the rest (search, tokenising)")
 
 
@@ -96,8 +97,9 @@ def instrumented(model: torch.nn.Module, timers: Timers) -> Iterator[None]:
     head = model.lm_head if getattr(model, "lm_head", None) is not None else model.tok_embed
     patch(head, "forward" if head is getattr(model, "lm_head", None) else "attend", "output head")
     patch(model, "encode", "encoder")
-    patch(beam, "top_candidates", "beam top-k")
-    patch(torch, "log_softmax", "log_softmax")  # beam search's only caller during these passes
+    patch(beam, "next_candidates", "candidates")
+    patch(torch, "log_softmax", "normalise")  # beam search's only caller during these passes
+    patch(native, "logsumexp_block_max", "normalise")  # what replaces it where the C kernels are built
     for name in ("select", "expand"):
         patch(EncDecStepper, name, "cache reorder")
     patch(EncDecStepper, "logits", "steps")
@@ -122,8 +124,8 @@ def split(timers: Timers, total: float) -> dict[str, float]:
         "feed-forward": t["feed-forward"],
         "norms and residuals": t["layers"] - t["self"] - t["cross"] - t["feed-forward"],
         "output head": t["output head"],
-        "log_softmax": t["log_softmax"],
-        "beam top-k": t["beam top-k"],
+        "log_softmax (or log-sum-exp)": t["normalise"],
+        "beam top-k": t["candidates"] - t["normalise"],
         "cache reorder": t["cache reorder"],
         "encoder": t["encoder"],
     }
@@ -131,9 +133,9 @@ def split(timers: Timers, total: float) -> dict[str, float]:
     return parts
 
 
-def timed_pass(translator, parts: list[list[str]], pytorch_attention: bool = False) -> tuple[float, Timers]:
+def timed_pass(translator, parts: list[list[str]], pytorch_kernels: bool = False) -> tuple[float, Timers]:
     timers = Timers()
-    off = native.disabled() if pytorch_attention else contextlib.nullcontext()
+    off = native.disabled() if pytorch_kernels else contextlib.nullcontext()
     with instrumented(translator.model, timers), off:
         start = time.perf_counter()
         for chunk in parts:
@@ -148,8 +150,8 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=256, help="test sentences, spread over lengths")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data", type=Path, help="a TSV of source / reference pairs instead of the model's test split")
-    ap.add_argument("--pytorch-attention", action="store_true",
-                    help="also run each model dir with the decoding attention on PyTorch's kernels")
+    ap.add_argument("--pytorch-kernels", action="store_true",
+                    help="also run each model dir on PyTorch's kernels alone (the C kernels off)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/beam-breakdown"))
     args = ap.parse_args()
     require_positive(ap, args, "sentences", "repeats")
@@ -158,20 +160,20 @@ def main() -> None:
     sources, _ = translation_test_set(dirs[0], args.data)
     chunks = length_chunks(spread_by_length(sources, args.sentences), BATCH)
     n_sentences = sum(map(len, chunks))
-    translators = {}  # name -> (translator, on PyTorch's attention kernels)
+    translators = {}  # name -> (translator, on PyTorch's kernels alone)
     for d in dirs:
         tr = chunk_translator(d)
         tr.translate(chunks[len(chunks) // 2], beam=BEAM)  # warm-up
         name = d.name if d.name != "model" else d.parent.name
         translators[name] = (tr, False)
-        if args.pytorch_attention:
-            translators[f"{name}, PyTorch attention"] = (tr, True)
+        if args.pytorch_kernels:
+            translators[f"{name}, PyTorch kernels"] = (tr, True)
     passes: dict[str, list[tuple[float, Timers]]] = {k: [] for k in translators}
     for _ in range(args.repeats):  # interleaved: every variant sees the same machine state
-        for name, (tr, pytorch_attention) in translators.items():
-            passes[name].append(timed_pass(tr, chunks, pytorch_attention))
+        for name, (tr, pytorch_kernels) in translators.items():
+            passes[name].append(timed_pass(tr, chunks, pytorch_kernels))
     results: dict[str, Any] = {"settings": {"threads": 1, "sentences": n_sentences, "batch": BATCH, "beam": BEAM,
-                                            "repeats": args.repeats, "native_attention": native.available()},
+                                            "repeats": args.repeats, "c_kernels": native.available()},
                                "hardware": hardware(), "versions": package_versions(), "variants": {}}
     for name, runs in passes.items():
         steps = statistics.mean(timers.calls["steps"] for _, timers in runs)
@@ -198,9 +200,10 @@ def main() -> None:
                  f"{n} {results['variants'][n]['steps_per_pass']}" for n in names) + ".",
              "Command: `python benchmarks/speed/bench_beam_breakdown.py " + " ".join(map(str, args.model_dirs))
              + f" --sentences {args.sentences} --repeats {args.repeats}" + (f" --data {args.data}" if args.data else "")
-             + (" --pytorch-attention" if args.pytorch_attention else "") + "`",
-             "Decoding attention: " + ("the C kernel (`trainformer.nn.native`)" if native.available()
-                                       else "PyTorch's kernels (the C kernel is not built here)") + ".", "",
+             + (" --pytorch-kernels" if args.pytorch_kernels else "") + "`",
+             "Decoding: " + ("with the C kernels of `trainformer.nn.native` (attention; log-sum-exp and block "
+                             "maxima in place of log_softmax)" if native.available()
+                             else "on PyTorch's kernels (the C kernels are not built here)") + ".", "",
              "Milliseconds per decoder step (mean over the passes), share of the step in brackets:"]
     print(write_table_report(args.out, "bench_beam_breakdown", results, "Batched beam-4 decoding: where a step goes",
                              intro, ["part of a step", *names], rows))

@@ -22,6 +22,7 @@ from torch import nn
 
 from trainformer.generation.greedy import length_limits
 from trainformer.generation.steppers import EncDecStepper, eval_mode
+from trainformer.nn import native
 
 Hypothesis = tuple[list[int], float]
 _BLOCK = 32  # vocabulary block of `top_candidates`
@@ -111,9 +112,9 @@ def _search(model, src, src_mask, bos_id, eos_id, beam, sources, use_cache, drop
     tokens = torch.full((b, 1), bos_id, dtype=torch.long, device=device)  # (B * k, t), k = 1 at first
     scores = torch.zeros(b, 1, device=device)  # (B, k) summed log-probs of the alive beams
     for n in range(1, max(s.limit for s in sources) + 1):  # n = tokens generated after this step
-        logp = torch.log_softmax(stepper.logits(tokens), dim=-1)  # (B * k, V)
-        k, vocab = scores.shape[1], logp.shape[-1]
-        cand_scores, cand_idx = top_candidates(logp.view(b, k, vocab), scores, min(2 * beam, k * vocab))
+        logits = stepper.logits(tokens)  # (B * k, V)
+        k, vocab = scores.shape[1], logits.shape[-1]
+        cand_scores, cand_idx = next_candidates(logits.view(b, k, vocab), scores, min(2 * beam, k * vocab))
         origin, token = cand_idx // vocab, cand_idx % vocab  # beam of origin, new token
         rows = origin + torch.arange(b, device=device)[:, None] * k  # (B, 2 beam) rows of `tokens`
         _finish(sources, tokens, rows, token, cand_scores, eos_id, beam, n)
@@ -160,12 +161,38 @@ def top_candidates(logp: torch.Tensor, scores: torch.Tensor, n: int) -> tuple[to
     block = math.gcd(v, _BLOCK)
     if block < 8 or n * block >= k * v:
         return (scores[:, :, None] + logp).view(b, k * v).topk(n, dim=1)
-    best = logp.view(b, k, v // block, block).amax(dim=-1) + scores[:, :, None]  # (B, k, V / block)
+    return _best_in_blocks(logp, scores, logp.view(b, k, v // block, block).amax(dim=-1), block, n)
+
+
+def next_candidates(logits: torch.Tensor, scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`top_candidates` of ``log_softmax(logits)``: logits (B, k, V), scores (B, k).
+
+    On the CPU, where the C kernels are built (`trainformer.nn.native`), without the
+    log-softmax over the whole (B k, V) matrix: one pass over each row gives its
+    log-sum-exp and block maxima, and only the candidates are normalised
+    (``logits - lse``, equal to the log-softmax up to float rounding).
+    """
+    b, k, v = logits.shape
+    block = math.gcd(v, _BLOCK)
+    if (block < 8 or n * block >= k * v or logits.device.type != "cpu" or logits.dtype != torch.float32
+            or not native.available()):
+        return top_candidates(torch.log_softmax(logits, dim=-1), scores, n)
+    lse, block_max = native.logsumexp_block_max(logits.view(b * k, v), block)  # (B k,), (B k, V / block)
+    offsets = scores - lse.view(b, k)  # (B, k): each beam's score minus its row's log-normaliser
+    return _best_in_blocks(logits, offsets, block_max.view(b, k, -1), block, n)
+
+
+def _best_in_blocks(values: torch.Tensor, offsets: torch.Tensor, block_max: torch.Tensor, block: int,
+                    n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n best ``offsets[b, j] + values[b, j, w]`` (values (B, k, V), offsets (B, k)), looked
+    for in the n blocks of `block` words with the best ``offsets + block_max`` (B, k, V / block)."""
+    b, k, v = values.shape
+    best = block_max + offsets[:, :, None]  # (B, k, V / block)
     blocks = best.view(b, -1).topk(n, dim=1).indices  # (B, n) block numbers over the k beams
-    cols = (blocks[:, :, None] * block + torch.arange(block, device=logp.device)).view(b, -1)  # (B, n block)
-    cand = scores.gather(1, cols // v) + logp.view(b, k * v).gather(1, cols)  # (B, n block)
-    values, j = cand.topk(n, dim=1)
-    return values, cols.gather(1, j)
+    cols = (blocks[:, :, None] * block + torch.arange(block, device=values.device)).view(b, -1)  # (B, n block)
+    cand = offsets.gather(1, cols // v) + values.reshape(b, k * v).gather(1, cols)  # (B, n block)
+    top, j = cand.topk(n, dim=1)
+    return top, cols.gather(1, j)
 
 
 def _finish(sources, tokens, rows, token, cand_scores, eos_id, beam, n) -> None:

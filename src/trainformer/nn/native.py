@@ -1,10 +1,13 @@
-"""The C kernel of CPU decoding attention (decode_attention.c), built on first use.
+"""The C kernels of a CPU decoding step (decode_kernels.c), built on first use.
 
-A decoding step attends a few queries per row (one new token, or a source's
-beams) to a few dozen cached keys. PyTorch's CPU attention kernels pay a fixed
-cost per (row, head) block that dominates at these shapes; the C loop in
-decode_attention.c does not, and it writes its output in the (N, T, H x Dh)
-layout the output projection takes, so no transpose copy follows.
+- `decode_attention`: a decoding step attends a few queries per row (one new
+  token, or a source's beams) to a few dozen cached keys. PyTorch's CPU
+  attention kernels pay a fixed cost per (row, head) block that dominates at
+  these shapes; the C loop does not, and it writes its output in the
+  (N, T, H x Dh) layout the output projection takes, so no transpose copy follows.
+- `logsumexp_block_max`: what beam search needs of the next-token logits (each
+  row's log-sum-exp and the maxima of its blocks of words) in one pass, instead
+  of a `log_softmax` over the whole (rows, vocabulary) matrix and a max over its blocks.
 
 The source is compiled once per machine with the system's C compiler (``$CC``,
 else ``cc`` / ``gcc``) for this CPU (``-march=native``) into
@@ -32,7 +35,7 @@ import torch
 from trainformer.paths import cache_dir
 from trainformer.textio import warn
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
+SOURCE = Path(__file__).with_name("decode_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-std=c99", "-shared", "-fPIC"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -41,13 +44,13 @@ _enabled = True  # see `disabled`
 
 
 def available() -> bool:
-    """Whether decoding uses the kernel: built and loaded (built now if it is not yet), not `disabled`."""
+    """Whether decoding uses the kernels: built and loaded (built now if they are not yet), not `disabled`."""
     return _enabled and _library() is not None
 
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Decoding attention on PyTorch's kernels inside the block (benchmarks compare both in one process)."""
+    """Decoding on PyTorch's kernels inside the block (benchmarks compare both in one process)."""
     global _enabled
     before, _enabled = _enabled, False
     try:
@@ -70,7 +73,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     """
     lib = _library()
     if lib is None:
-        raise RuntimeError("the native decoding kernel is not available (see trainformer.nn.native)")
+        raise RuntimeError("the native decoding kernels are not available (see trainformer.nn.native)")
     n, h, t, dh = q.shape
     kv, s = k.shape[1], k.shape[2]
     out = torch.empty(n, t, h * dh, dtype=torch.float32)
@@ -88,30 +91,48 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     return out
 
 
+def logsumexp_block_max(logits: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V) float32 -> (log-sum-exp of each row (N,), max of each block of `block`
+    consecutive words (N, V / block)), in one pass over each row; V a multiple of `block`.
+
+    ``logits - lse[:, None]`` is ``log_softmax(logits)`` up to float rounding."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native decoding kernels are not available (see trainformer.nn.native)")
+    n, v = logits.shape
+    if v % block or logits.stride(1) != 1 or logits.dtype != torch.float32 or logits.device.type != "cpu":
+        raise ValueError(f"logsumexp_block_max takes CPU float32 (N, V) rows, V a multiple of {block}")
+    lse, block_max = torch.empty(n), torch.empty(n, v // block)
+    lib.tf_logsumexp_block_max(logits.data_ptr(), lse.data_ptr(), block_max.data_ptr(), n, v, logits.stride(0), block)
+    return lse, block_max
+
+
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the tensors fit the kernel: CPU float32 with unit stride over the head dimension."""
+    """Whether the tensors fit `decode_attention`: CPU float32 with unit stride over the last dimension."""
     return all(x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1 for x in (q, k, v))
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The built kernel, loaded; None (said once) where it cannot be built or is turned off."""
+    """The built kernels, loaded; None (said once) where they cannot be built or are turned off."""
     if os.environ.get("TRAINFORMER_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        warn("no C compiler found ($CC, cc, gcc): CPU decoding attention stays on PyTorch's kernels")
+        warn("no C compiler found ($CC, cc, gcc): CPU decoding stays on PyTorch's kernels")
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as e:
         stderr = getattr(e, "stderr", None) or b""
         detail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [str(e)]
-        warn(f"could not build the native decoding kernel with {compiler} ({detail[0]}); "
-             "CPU decoding attention stays on PyTorch's kernels")
+        warn(f"could not build the native decoding kernels with {compiler} ({detail[0]}); "
+             "CPU decoding stays on PyTorch's kernels")
         return None
     lib.tf_decode_attention.restype = ctypes.c_int
     lib.tf_decode_attention.argtypes = [_PTR] * 5 + [_I64] * 17 + [ctypes.c_float]
+    lib.tf_logsumexp_block_max.restype = None
+    lib.tf_logsumexp_block_max.argtypes = [_PTR] * 3 + [_I64] * 4
     return lib
 
 
@@ -121,7 +142,7 @@ def _build(compiler: str) -> Path:
     First with glibc's vector `expf` (libmvec), then, where that does not link, without it."""
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-    target = cache_dir("native") / f"decode_attention-{key}.so"
+    target = cache_dir("native") / f"decode_kernels-{key}.so"
     if target.exists():
         return target
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: atomic

@@ -1,4 +1,4 @@
-/* Attention of a CPU decoding step: a few queries per row against its cached keys.
+/* Kernels of a CPU decoding step. 1. Attention: a few queries per row against its cached keys.
  *
  * Built by trainformer/nn/native.py with the system's C compiler on first use.
  * PyTorch's attention kernels pay a fixed cost per (row, head) block, which
@@ -90,4 +90,35 @@ int tf_decode_attention(const float *q, const float *k, const float *v, const ui
     }
     if (p != stack) free(p);
     return 0;
+}
+
+/* What a beam-search step needs of the next-token logits, in one pass over each row:
+ *
+ *   lse[n] = log(sum_w exp(logits[n, w]))           (log_softmax = logits - lse)
+ *   block_max[n, j] = max_{w in block j} logits[n, w]  (blocks of `block` consecutive words)
+ *
+ * logits: (N, V) with row stride `row`, unit stride over V; V a multiple of `block`.
+ * block_max: contiguous (N, V / block). The sum of exponentials re-reads the row while it
+ * is still in cache. Replaces a log_softmax over (N, V) and a max over its blocks.
+ */
+void tf_logsumexp_block_max(const float *logits, float *lse, float *block_max, int64_t N, int64_t V, int64_t row,
+                            int64_t block) {
+    const int64_t blocks = V / block;
+    for (int64_t n = 0; n < N; n++) {
+        const float *x = logits + n * row;
+        float *bm = block_max + n * blocks;
+        float best = -INFINITY;
+        for (int64_t j = 0; j < blocks; j++) {
+            const float *xb = x + j * block;
+            float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+            for (int64_t w = 0; w < block; w++) m = xb[w] > m ? xb[w] : m;
+            bm[j] = m;
+            best = m > best ? m : best;
+        }
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t w = 0; w < V; w++) total += expf(x[w] - best);
+        lse[n] = best + logf(total);
+    }
 }
