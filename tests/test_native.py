@@ -159,3 +159,25 @@ def test_beam_candidates_from_the_kernel_equal_those_of_log_softmax():
     torch.testing.assert_close(values, want_values, atol=1e-5, rtol=1e-6)
     with native.disabled():  # the same call on PyTorch's kernels
         assert torch.equal(next_candidates(logits, scores, 8)[1], want_idx)
+
+
+@needs_kernel
+def test_gelu_kernel_equals_torch_and_the_feed_forward_takes_it_outside_autograd(monkeypatch):
+    import torch.nn.functional as F
+
+    from trainformer.nn.feedforward import FeedForward
+
+    x = torch.randn(3, 50) * 5
+    torch.testing.assert_close(native.gelu_(x.clone()), F.gelu(x), atol=2e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.gelu_(x.t())
+    calls = []
+    real = native.gelu_
+    monkeypatch.setattr(native, "gelu_", lambda h: calls.append(h.shape) or real(h))
+    ff = FeedForward(16, 32, "gelu")
+    h = torch.randn(2, 5, 16)
+    trained = ff(h)  # autograd: F.gelu
+    assert calls == []
+    with torch.no_grad():
+        torch.testing.assert_close(ff(h), trained, atol=1e-6, rtol=1e-5)
+    assert calls == [(2, 5, 32)]

@@ -1,4 +1,4 @@
-/* Kernels of a CPU decoding step. 1. Attention: a few queries per row against its cached keys.
+/* Kernels of a CPU decoding step. Attention: a few queries per row against its cached keys.
  *
  * Built by trainformer/nn/native.py with the system's C compiler on first use.
  * PyTorch's attention kernels pay a fixed cost per (row, head) block, which
@@ -18,9 +18,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#ifdef TF_VECTOR_EXP /* glibc's vector expf (libmvec), 16 lanes at a time */
+#ifdef TF_VECTOR_MATH /* glibc's vector expf and erff (libmvec), 16 lanes at a time */
 #pragma omp declare simd notinbranch
 extern float expf(float);
+#pragma omp declare simd notinbranch
+extern float erff(float);
 #endif
 
 #define STACK_KEYS 4096
@@ -121,4 +123,10 @@ void tf_logsumexp_block_max(const float *logits, float *lse, float *block_max, i
         for (int64_t w = 0; w < V; w++) total += expf(x[w] - best);
         lse[n] = best + logf(total);
     }
+}
+
+/* GELU (erf form, as torch.nn.functional.gelu) in place over n contiguous floats. */
+void tf_gelu_(float *x, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
 }

@@ -6,7 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainformer.nn import native
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+
+
+def _native_gelu(h: torch.Tensor) -> bool:
+    """Outside autograd on the CPU in fp32 (decoding, evaluation): the C kernel's GELU, in place
+    on the fresh up-projection (`trainformer.nn.native`, where it is built)."""
+    return (h.device.type == "cpu" and h.dtype == torch.float32 and not (torch.is_grad_enabled() and h.requires_grad)
+            and h.is_contiguous() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and native.available())
 
 
 class FeedForward(nn.Module):
@@ -35,7 +45,7 @@ class FeedForward(nn.Module):
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
         elif self.activation == "gelu":
-            h = F.gelu(h)
+            h = native.gelu_(h) if _native_gelu(h) else F.gelu(h)
         elif self.activation == "gelu_tanh":
             h = F.gelu(h, approximate="tanh")
         else:

@@ -8,6 +8,7 @@
 - `logsumexp_block_max`: what beam search needs of the next-token logits (each
   row's log-sum-exp and the maxima of its blocks of words) in one pass, instead
   of a `log_softmax` over the whole (rows, vocabulary) matrix and a max over its blocks.
+- `gelu_`: the feed-forward's GELU in place, on glibc's vector erf.
 
 The source is compiled once per machine with the system's C compiler (``$CC``,
 else ``cc`` / ``gcc``) for this CPU (``-march=native``) into
@@ -107,6 +108,17 @@ def logsumexp_block_max(logits: torch.Tensor, block: int) -> tuple[torch.Tensor,
     return lse, block_max
 
 
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """GELU (erf form) of a contiguous CPU float32 tensor, in place; returns it."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native decoding kernels are not available (see trainformer.nn.native)")
+    if not (x.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu"):
+        raise ValueError("gelu_ takes a contiguous CPU float32 tensor")
+    lib.tf_gelu_(x.data_ptr(), x.numel())
+    return x
+
+
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the tensors fit `decode_attention`: CPU float32 with unit stride over the last dimension."""
     return all(x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1 for x in (q, k, v))
@@ -133,13 +145,16 @@ def _library() -> ctypes.CDLL | None:
     lib.tf_decode_attention.argtypes = [_PTR] * 5 + [_I64] * 17 + [ctypes.c_float]
     lib.tf_logsumexp_block_max.restype = None
     lib.tf_logsumexp_block_max.argtypes = [_PTR] * 3 + [_I64] * 4
+    lib.tf_gelu_.restype = None
+    lib.tf_gelu_.argtypes = [_PTR, _I64]
     return lib
 
 
 def _build(compiler: str) -> Path:
     """Compile SOURCE for this compiler and CPU once; later calls find the cached library.
 
-    First with glibc's vector `expf` (libmvec), then, where that does not link, without it."""
+    First with glibc's vector `expf` and `erff` (libmvec, glibc 2.35 and later), then, where
+    that does not link, without them."""
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
     target = cache_dir("native") / f"decode_kernels-{key}.so"
@@ -149,8 +164,8 @@ def _build(compiler: str) -> Path:
         built = Path(tmp) / target.name
         command = [compiler, *FLAGS, str(SOURCE), "-o", str(built)]
         try:
-            subprocess.run([*command, "-DTF_VECTOR_EXP", "-lmvec", "-lm"], check=True, capture_output=True,
-                           timeout=120)
+            subprocess.run([*command, "-DTF_VECTOR_MATH", "-Wl,--no-undefined", "-lmvec", "-lm"], check=True,
+                           capture_output=True, timeout=120)
         except subprocess.CalledProcessError:
             subprocess.run([*command, "-lm"], check=True, capture_output=True, timeout=120)
         os.replace(built, target)
