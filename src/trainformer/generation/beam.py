@@ -197,11 +197,16 @@ def _best_in_blocks(values: torch.Tensor, offsets: torch.Tensor, block_max: torc
 
 def _finish(sources, tokens, rows, token, cand_scores, eos_id, beam, n) -> None:
     """Candidates ending in EOS among each source's top `beam` become finished hypotheses."""
-    ended = (token[:, :beam] == eos_id).nonzero().tolist()
-    for src_i, j in ended:
-        s = sources[src_i]
+    ended = (token[:, :beam] == eos_id).nonzero()  # (E, 2): source, candidate
+    if ended.shape[0] == 0:
+        return
+    src_i, j = ended[:, 0], ended[:, 1]
+    # one gather for all of them (indexing hypothesis by hypothesis costs more than the step's search)
+    texts, values = tokens[rows[src_i, j], 1:].tolist(), cand_scores[src_i, j].tolist()
+    for i, text, value in zip(src_i.tolist(), texts, values):
+        s = sources[i]
         if not s.done and n <= s.limit:
-            s.add(tokens[rows[src_i, j], 1:].tolist(), float(cand_scores[src_i, j]), n)
+            s.add(text, value, n)
 
 
 def _finish_at_limit(sources, tokens, scores, n) -> None:

@@ -184,7 +184,7 @@ class MultiHeadAttention(nn.Module):
         group = cache.group if cache is not None else 1
         if _native_takes(q, k, v, attn_mask, is_causal, self.cpu_bf16_in_fp32):
             y = native.decode_attention(q.float(), k.float(), v.float(), attn_mask, group)  # (B, T, H*Dh)
-            return self.out(y.to(q.dtype))
+            return self.out(y if q.dtype == torch.float32 else y.to(q.dtype))
         b, h, t, dh = q.shape
         if group > 1:  # the queries of `group` rows that share one row of k/v, as one block
             q = q.view(b // group, group, h, t, dh).transpose(1, 2).reshape(b // group, h, group * t, dh)
