@@ -123,6 +123,19 @@ def test_evaluate_multi_reference(trained, tmp_path):
     assert len(hyps.read_text().splitlines()) == 2
 
 
+def test_evaluate_on_the_models_own_test_split_matches_its_training_run(trained, tmp_path):
+    _, run, env, _ = trained
+    hyps = tmp_path / "test.hyp.txt"
+    proc = cli(env, "evaluate", str(run), "--split", "test", "--precision", "fp32", "--json", "--hyps", str(hyps))
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    summary = json.loads((run / "summary.json").read_text())
+    assert metrics["sources"] == summary["test"]["sentences"] == len(hyps.read_text().splitlines())
+    assert metrics["bleu"] == pytest.approx(summary["test"]["bleu"], abs=0.01)  # the same split, rebuilt
+    both = cli(env, "evaluate", str(run), "--split", "test", "--data", "x.tsv")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
 def test_multi_reference_scoring_uses_every_reference():
     single = score_translations(["le chat rouge ."], [["rouge chat ."]])
     multi = score_translations(["le chat rouge ."], [["rouge chat .", "le chat rouge ."]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainformer.modeldir import read_model_config, resolve_model_dir
+from trainformer.modeldir import read_model_config
 
 
 def translation_test_set(model_dir: Path, data: Path | None = None) -> tuple[list[str], list[list[str]]]:
@@ -22,13 +22,9 @@ def translation_test_set(model_dir: Path, data: Path | None = None) -> tuple[lis
         pairs = read_parallel_tsv(data, cfg.data.src_lang, cfg.data.tgt_lang).examples
         grouped = group_references([p.src for p in pairs], [p.tgt for p in pairs], range(len(pairs)))
         return [s for s, _ in grouped], [r for _, r in grouped]
-    from trainformer.tasks.translation import TranslationTask
+    from trainformer.tasks.translation import held_out_split
 
-    cfg.data.tokenizer.path = str(resolve_model_dir(model_dir) / "tokenizer.json")
-    task = TranslationTask(cfg)
-    task.setup(None)
-    test = task.eval_sets["test"]
-    return test.sources, test.references
+    return held_out_split(model_dir, "test")
 
 
 def spread_by_length(items: list[str], n: int) -> list[str]:

@@ -51,33 +51,43 @@ def read_eval_file(path: str | Path, bad_lines: str, read: Callable[[Path, str],
     return result
 
 
-def evaluate_translation(cfg: Config, model_dir: str | Path, data: str | Path, device: str = "auto",
+def evaluate_translation(cfg: Config, model_dir: str | Path, data: str | Path | None, device: str = "auto",
                          precision: str = "auto", bad_lines: str = "skip", beam: int | None = None,
-                         hyps: str | Path | None = None) -> dict[str, Any]:
-    """sacreBLEU and chrF of a ``translation`` model on a parallel TSV file (with a header), against
-    every reference of each source; the hypotheses go to `hyps` (default: DATA's stem + ``.hyp.txt``
-    in the current folder), one per source. `beam`: default the model's ``eval.beam``."""
-    path = Path(data)
-    if not path.is_file():
-        raise UserError(f"--data: file not found: {path}")
+                         hyps: str | Path | None = None, split: str | None = None) -> dict[str, Any]:
+    """sacreBLEU and chrF of a ``translation`` model on a parallel TSV file (with a header), or on
+    its own held-out `split` ("valid" / "test", rebuilt as its training run made it), against
+    every reference of each source; the hypotheses go to `hyps` (default: DATA's stem, or the
+    split's name, + ``.hyp.txt`` in the current folder), one per source. `beam`: default the
+    model's ``eval.beam``."""
     translator = load_translator(model_dir, device, precision)
     model_cfg = translator.cfg
-    result = readers.read_parallel_tsv(path, model_cfg.data.src_lang, model_cfg.data.tgt_lang, bad_lines=bad_lines)
-    if not result.examples:
-        raise UserError(f"{path}: no usable sentence pairs")
-    pairs = result.examples
-    grouped = group_references([p.src for p in pairs], [p.tgt for p in pairs], range(len(pairs)))
-    sources, refs = [s for s, _ in grouped], [r for _, r in grouped]
+    if split is not None:
+        from trainformer.tasks.translation import held_out_split
+
+        sources, refs = held_out_split(model_dir, split)
+        stem, bad = split, 0
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise UserError(f"--data: file not found: {path}")
+        result = readers.read_parallel_tsv(path, model_cfg.data.src_lang, model_cfg.data.tgt_lang,
+                                           bad_lines=bad_lines)
+        if not result.examples:
+            raise UserError(f"{path}: no usable sentence pairs")
+        pairs = result.examples
+        grouped = group_references([p.src for p in pairs], [p.tgt for p in pairs], range(len(pairs)))
+        sources, refs = [s for s, _ in grouped], [r for _, r in grouped]
+        stem, bad = path.stem, result.bad.total
     texts = [n[0] for n in translator.translate(sources, beam=beam or model_cfg.eval.beam)]
-    hyp_path = Path(hyps) if hyps else Path.cwd() / f"{path.stem}.hyp.txt"
+    hyp_path = Path(hyps) if hyps else Path.cwd() / f"{stem}.hyp.txt"
     hyp_path.write_text("".join(h + "\n" for h in texts), encoding="utf-8")
     scores = score_translations(texts, refs)
     return {
         "bleu": scores["bleu"],
         "chrf": scores["chrf"],
         "sources": len(sources),
-        "references": len(pairs),
-        "bad_lines": result.bad.total,
+        "references": sum(map(len, refs)),
+        "bad_lines": bad,
         "bleu_signature": scores["bleu_signature"],
         "chrf_signature": scores["chrf_signature"],
         "hypotheses": str(hyp_path),

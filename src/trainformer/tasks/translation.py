@@ -178,3 +178,17 @@ class TranslationTask(Task):
             f"EN:  {s}\nFR*: {h}\nREF: {data.references[i][0]}"
             for s, h, i in zip(sources, hyps, idx)
         ]
+
+
+def held_out_split(model_dir: str | Path, split: str = "test") -> tuple[list[str], list[list[str]]]:
+    """(sources, references per source) of a translation model's own held-out split ("valid" or
+    "test"), rebuilt from its config and the data root as its training run made it (leak-free by
+    construction), with the model's own tokenizer."""
+    from trainformer.modeldir import read_model_config, resolve_model_dir
+
+    cfg = read_model_config(model_dir)
+    cfg.data.tokenizer.path = str(resolve_model_dir(model_dir) / "tokenizer.json")
+    task = TranslationTask(cfg)
+    task.setup(None)
+    data = task.eval_sets[split]
+    return data.sources, data.references
