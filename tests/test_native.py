@@ -181,3 +181,25 @@ def test_gelu_kernel_equals_torch_and_the_feed_forward_takes_it_outside_autograd
     with torch.no_grad():
         torch.testing.assert_close(ff(h), trained, atol=1e-6, rtol=1e-5)
     assert calls == [(2, 5, 32)]
+
+
+@needs_kernel
+def test_kernel_reads_a_bf16_cache_as_it_is():
+    q = torch.randn(4, 1, 3, 48).transpose(1, 2)  # (N, H, T, Dh), strided
+    k, v = torch.randn(4, 3, 6, 48).bfloat16(), torch.randn(4, 3, 6, 48).bfloat16()
+    mask = key_padding_mask(torch.arange(6)[None] < torch.tensor([[6], [4], [5], [2]]))
+    y = native.decode_attention(q.bfloat16(), k, v, mask)
+    want = _expected(q.bfloat16().float(), k.float(), v.float(), mask, 1)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_kernel_rejects_shapes_it_cannot_take_instead_of_crashing():
+    q = torch.randn(2, 1, 1, 8)
+    with pytest.raises(ValueError, match="heads"):
+        native.decode_attention(q, torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8), None)
+    with pytest.raises(ValueError, match="group"):
+        native.decode_attention(torch.randn(3, 2, 1, 8), torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8), None, 2)
+    with pytest.raises(ValueError, match="head size"):
+        native.decode_attention(q, torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), None)

@@ -21,7 +21,8 @@ timed call (a few dozen calls per step), so sentences/s is a little below
 `bench_interop.py`'s.
 
     python benchmarks/speed/bench_beam_breakdown.py runs/en-fr-60/model runs/en-fr-60-int8
-        [--sentences 256] [--repeats 3] [--data TSV] [--pytorch-kernels] [--out benchmarks/results/beam-breakdown]
+        [--sentences 256] [--repeats 3] [--data TSV] [--precision fp32] [--pytorch-kernels]
+        [--out benchmarks/results/beam-breakdown]
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=256, help="test sentences, spread over lengths")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data", type=Path, help="a TSV of source / reference pairs instead of the model's test split")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="decode in fp32, or under bf16 autocast (the default of batched CPU decoding where bf16 is native)")
     ap.add_argument("--pytorch-kernels", action="store_true",
                     help="also run each model dir on PyTorch's kernels alone (the C kernels off)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/beam-breakdown"))
@@ -162,7 +165,7 @@ def main() -> None:
     n_sentences = sum(map(len, chunks))
     translators = {}  # name -> (translator, on PyTorch's kernels alone)
     for d in dirs:
-        tr = chunk_translator(d)
+        tr = chunk_translator(d, args.precision)
         tr.translate(chunks[len(chunks) // 2], beam=BEAM)  # warm-up
         name = d.name if d.name != "model" else d.parent.name
         translators[name] = (tr, False)
@@ -173,7 +176,8 @@ def main() -> None:
         for name, (tr, pytorch_kernels) in translators.items():
             passes[name].append(timed_pass(tr, chunks, pytorch_kernels))
     results: dict[str, Any] = {"settings": {"threads": 1, "sentences": n_sentences, "batch": BATCH, "beam": BEAM,
-                                            "repeats": args.repeats, "c_kernels": native.available()},
+                                            "repeats": args.repeats, "precision": args.precision,
+                                            "c_kernels": native.available()},
                                "hardware": hardware(), "versions": package_versions(), "variants": {}}
     for name, runs in passes.items():
         steps = statistics.mean(timers.calls["steps"] for _, timers in runs)
@@ -192,7 +196,7 @@ def main() -> None:
         rows.append([p, *cells])
     rows.append(["**step**", *(f"**{sum(results['variants'][n]['ms_per_step'].values()):.3f}**" for n in names)])
     intro = [f"{time.strftime('%Y-%m-%d')}, {machine_line(results['hardware'])}; torch "
-             f"{results['versions']['torch']}, 1 thread. {n_sentences} test sentences in chunks of {BATCH} of "
+             f"{results['versions']['torch']}, 1 thread, {args.precision}. {n_sentences} test sentences in chunks of {BATCH} of "
              f"similar length, beam {BEAM}; {args.repeats} pass(es) per model dir, alternating, after a warm-up.",
              "Sentences/s (median, with the timers on): " + ", ".join(
                  f"{n} {results['variants'][n]['sent_per_s']}" for n in names)
@@ -200,6 +204,7 @@ def main() -> None:
                  f"{n} {results['variants'][n]['steps_per_pass']}" for n in names) + ".",
              "Command: `python benchmarks/speed/bench_beam_breakdown.py " + " ".join(map(str, args.model_dirs))
              + f" --sentences {args.sentences} --repeats {args.repeats}" + (f" --data {args.data}" if args.data else "")
+             + (f" --precision {args.precision}" if args.precision != "fp32" else "")
              + (" --pytorch-kernels" if args.pytorch_kernels else "") + "`",
              "Decoding: " + ("with the C kernels of `trainformer.nn.native` (attention; log-sum-exp and block "
                              "maxima in place of log_softmax)" if native.available()

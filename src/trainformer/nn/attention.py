@@ -101,7 +101,7 @@ def _native_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     no gradient recorded, eager: the C kernel of `trainformer.nn.native`, where it is built.
     bf16 inputs are computed in fp32, as `sdpa` does (unless a benchmark turned that off)."""
     return (q.device.type == "cpu" and not is_causal and q.shape[2] <= FEW_QUERY_MAX
-            and (q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and bf16_in_fp32))
+            and native.takes(q, k, v) and (q.dtype == torch.float32 or bf16_in_fp32)
             and _is_key_mask(attn_mask, k) and _decoding(q, k, v)
             and (torch.get_num_threads() <= NATIVE_MAX_THREADS or q.numel() * k.shape[2] <= NATIVE_MAX_WORK)
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and native.available())
@@ -183,7 +183,7 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self._self_qkv(x, rope, cache)
         group = cache.group if cache is not None else 1
         if _native_takes(q, k, v, attn_mask, is_causal, self.cpu_bf16_in_fp32):
-            y = native.decode_attention(q.float(), k.float(), v.float(), attn_mask, group)  # (B, T, H*Dh)
+            y = native.decode_attention(q, k, v, attn_mask, group)  # (B, T, H*Dh) float32
             return self.out(y if q.dtype == torch.float32 else y.to(q.dtype))
         b, h, t, dh = q.shape
         if group > 1:  # the queries of `group` rows that share one row of k/v, as one block

@@ -65,7 +65,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     """softmax(q k^T / sqrt(Dh)) v for the queries of a decoding step, through the C kernel.
 
     Args:
-        q: (N, H, T, Dh) float32, unit stride over Dh; k, v: (N / group, KV, S, Dh) float32,
+        q: (N, H, T, Dh), unit stride over Dh (computed in float32); k, v: (N / group, KV, S, Dh),
+            both float32 or both bf16 (read as they are: a bf16 cache is not copied to float),
             unit stride over Dh, H a multiple of KV (GQA); each row of k/v serves `group`
             consecutive rows of q.
         key_mask: bool (N / group, 1, 1, S), True = may attend, or None. No causal mask.
@@ -75,8 +76,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     lib = _library()
     if lib is None:
         raise RuntimeError("the native decoding kernels are not available (see trainformer.nn.native)")
+    q = q.float()
+    if not (k.dtype == v.dtype == torch.bfloat16):
+        k, v = k.float(), v.float()
+    kernel = lib.tf_decode_attention_bf16 if k.dtype == torch.bfloat16 else lib.tf_decode_attention
     n, h, t, dh = q.shape
     kv, s = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[3] != dh:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                         "k and v must match, with q's head size")
+    if h % kv:
+        raise ValueError(f"decode_attention: {h} query heads are not a multiple of {kv} key/value heads")
+    if group < 1 or k.shape[0] * group != n:
+        raise ValueError(f"decode_attention: {n} query rows are not {k.shape[0]} key rows x group {group}")
     out = torch.empty(n, t, h * dh, dtype=torch.float32)
     mask, mask_n = None, 0
     if key_mask is not None:
@@ -84,7 +96,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
         if rows.stride(1) != 1:
             rows = rows.contiguous()
         mask, mask_n = rows.view(torch.uint8), rows.stride(0)
-    status = lib.tf_decode_attention(
+    status = kernel(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else None, out.data_ptr(),
         n, h, t, s, dh, kv, group, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], mask_n, dh ** -0.5)
     if status != 0:
@@ -120,8 +132,10 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the tensors fit `decode_attention`: CPU float32 with unit stride over the last dimension."""
-    return all(x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1 for x in (q, k, v))
+    """Whether the tensors fit `decode_attention`: on the CPU, float32 or bf16, unit stride over the last
+    dimension."""
+    return all(x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.stride(-1) == 1
+               for x in (q, k, v))
 
 
 @functools.cache
@@ -141,8 +155,9 @@ def _library() -> ctypes.CDLL | None:
         warn(f"could not build the native decoding kernels with {compiler} ({detail[0]}); "
              "CPU decoding stays on PyTorch's kernels")
         return None
-    lib.tf_decode_attention.restype = ctypes.c_int
-    lib.tf_decode_attention.argtypes = [_PTR] * 5 + [_I64] * 17 + [ctypes.c_float]
+    for kernel in (lib.tf_decode_attention, lib.tf_decode_attention_bf16):
+        kernel.restype = ctypes.c_int
+        kernel.argtypes = [_PTR] * 5 + [_I64] * 17 + [ctypes.c_float]
     lib.tf_logsumexp_block_max.restype = None
     lib.tf_logsumexp_block_max.argtypes = [_PTR] * 3 + [_I64] * 4
     lib.tf_gelu_.restype = None
