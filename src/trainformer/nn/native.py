@@ -73,9 +73,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     Returns:
         (N, T, H * Dh) float32, contiguous.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the native decoding kernels are not available (see trainformer.nn.native)")
+    lib = _loaded()
     q = q.float()
     if not (k.dtype == v.dtype == torch.bfloat16):
         k, v = k.float(), v.float()
@@ -109,9 +107,7 @@ def logsumexp_block_max(logits: torch.Tensor, block: int) -> tuple[torch.Tensor,
     consecutive words (N, V / block)), in one pass over each row; V a multiple of `block`.
 
     ``logits - lse[:, None]`` is ``log_softmax(logits)`` up to float rounding."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the native decoding kernels are not available (see trainformer.nn.native)")
+    lib = _loaded()
     n, v = logits.shape
     if v % block or logits.stride(1) != 1 or logits.dtype != torch.float32 or logits.device.type != "cpu":
         raise ValueError(f"logsumexp_block_max takes CPU float32 (N, V) rows, V a multiple of {block}")
@@ -122,9 +118,7 @@ def logsumexp_block_max(logits: torch.Tensor, block: int) -> tuple[torch.Tensor,
 
 def gelu_(x: torch.Tensor) -> torch.Tensor:
     """GELU (erf form) of a contiguous CPU float32 tensor, in place; returns it."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the native decoding kernels are not available (see trainformer.nn.native)")
+    lib = _loaded()
     if not (x.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu"):
         raise ValueError("gelu_ takes a contiguous CPU float32 tensor")
     lib.tf_gelu_(x.data_ptr(), x.numel())
@@ -136,6 +130,13 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     dimension."""
     return all(x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.stride(-1) == 1
                for x in (q, k, v))
+
+
+def _loaded() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native decoding kernels are not available (see trainformer.nn.native)")
+    return lib
 
 
 @functools.cache
