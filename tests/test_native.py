@@ -184,7 +184,7 @@ def test_gelu_kernel_equals_torch_and_the_feed_forward_takes_it_outside_autograd
 
 
 @needs_kernel
-def test_kernel_reads_a_bf16_cache_as_it_is():
+def test_kernel_takes_a_bf16_cache_and_computes_in_float32():
     q = torch.randn(4, 1, 3, 48).transpose(1, 2)  # (N, H, T, Dh), strided
     k, v = torch.randn(4, 3, 6, 48).bfloat16(), torch.randn(4, 3, 6, 48).bfloat16()
     mask = key_padding_mask(torch.arange(6)[None] < torch.tensor([[6], [4], [5], [2]]))

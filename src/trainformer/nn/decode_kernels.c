@@ -7,8 +7,8 @@
  *
  *   out[n, t, h, :] = softmax_s(scale * q[n, h, t, :] . k[n / group, h / (H / KV), s, :]) @ v[same]
  *
- * q: (N, H, T, D) float with strides q_n, q_h, q_t and unit stride over D;
- * k, v: (N / group, KV, S, D), float or bf16, with strides (row, head, key) and unit stride over D;
+ * q: (N, H, T, D) with strides q_n, q_h, q_t and unit stride over D;
+ * k, v: (N / group, KV, S, D) with strides (row, head, key) and unit stride over D;
  *   `group` rows of q share one row of k/v (a source's beams and its encoder memory);
  * mask: NULL, or (N / group, S) bytes with row stride mask_n, nonzero = may attend;
  * out: contiguous (N, T, H, D), the layout the output projection takes.
@@ -27,87 +27,72 @@ extern float erff(float);
 
 #define STACK_KEYS 4096
 
-static inline float bf16_to_float(uint16_t b) {
-    union { uint32_t u; float f; } c = {.u = (uint32_t)b << 16};
-    return c.f;
+/* One query against its S keys; D is a constant where the caller's switch makes it one. */
+static inline __attribute__((always_inline)) void attend_one(const float *restrict qp, const float *restrict kp, const float *restrict vp,
+                       const uint8_t *restrict mp, float *restrict op, float *restrict p,
+                       int64_t S, int64_t D, int64_t k_s, int64_t v_s, float scale) {
+    float best = -INFINITY;
+    for (int64_t s = 0; s < S; s++) {
+        if (mp && !mp[s]) {
+            p[s] = -INFINITY;
+            continue;
+        }
+        const float *kr = kp + s * k_s;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; d++) acc += qp[d] * kr[d];
+        p[s] = acc * scale;
+        if (p[s] > best) best = p[s];
+    }
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t s = 0; s < S; s++) {
+        p[s] = expf(p[s] - best); /* a masked key: exp(-inf) = 0 */
+        total += p[s];
+    }
+    for (int64_t d = 0; d < D; d++) op[d] = 0.0f;
+    for (int64_t s = 0; s < S; s++) {
+        if (p[s] == 0.0f) continue;
+        const float w = p[s];
+        const float *vr = vp + s * v_s;
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) op[d] += w * vr[d];
+    }
+    const float inv = 1.0f / total;
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++) op[d] *= inv;
 }
-#define LOAD_F32(p, i) ((p)[i])
-#define LOAD_BF16(p, i) bf16_to_float((p)[i])
 
-/* One query against its S keys of type TYPE (float, or bf16 as uint16_t, read by LOAD);
- * D is a constant where the caller's switch makes it one. */
-#define DEFINE_ATTEND_ONE(NAME, TYPE, LOAD)                                                              \
-    static inline __attribute__((always_inline)) void NAME(                                             \
-        const float *restrict qp, const TYPE *restrict kp, const TYPE *restrict vp,                     \
-        const uint8_t *restrict mp, float *restrict op, float *restrict p, int64_t S, int64_t D,        \
-        int64_t k_s, int64_t v_s, float scale) {                                                        \
-        float best = -INFINITY;                                                                         \
-        for (int64_t s = 0; s < S; s++) {                                                               \
-            if (mp && !mp[s]) {                                                                         \
-                p[s] = -INFINITY;                                                                       \
-                continue;                                                                               \
-            }                                                                                           \
-            const TYPE *kr = kp + s * k_s;                                                              \
-            float acc = 0.0f;                                                                           \
-            _Pragma("omp simd reduction(+ : acc)") for (int64_t d = 0; d < D; d++) acc += qp[d] * LOAD(kr, d); \
-            p[s] = acc * scale;                                                                         \
-            if (p[s] > best) best = p[s];                                                               \
-        }                                                                                               \
-        float total = 0.0f;                                                                             \
-        _Pragma("omp simd reduction(+ : total)") for (int64_t s = 0; s < S; s++) {                      \
-            p[s] = expf(p[s] - best); /* a masked key: exp(-inf) = 0 */                                 \
-            total += p[s];                                                                              \
-        }                                                                                               \
-        for (int64_t d = 0; d < D; d++) op[d] = 0.0f;                                                   \
-        for (int64_t s = 0; s < S; s++) {                                                               \
-            if (p[s] == 0.0f) continue;                                                                 \
-            const float w = p[s];                                                                       \
-            const TYPE *vr = vp + s * v_s;                                                              \
-            _Pragma("omp simd") for (int64_t d = 0; d < D; d++) op[d] += w * LOAD(vr, d);               \
-        }                                                                                               \
-        const float inv = 1.0f / total;                                                                 \
-        _Pragma("omp simd") for (int64_t d = 0; d < D; d++) op[d] *= inv;                               \
+int tf_decode_attention(const float *q, const float *k, const float *v, const uint8_t *mask, float *out,
+                        int64_t N, int64_t H, int64_t T, int64_t S, int64_t D, int64_t KV, int64_t group,
+                        int64_t q_n, int64_t q_h, int64_t q_t, int64_t k_n, int64_t k_h, int64_t k_s,
+                        int64_t v_n, int64_t v_h, int64_t v_s, int64_t mask_n, float scale) {
+    float stack[STACK_KEYS];
+    float *p = S <= STACK_KEYS ? stack : malloc((size_t)S * sizeof(float));
+    if (!p) return 1;
+    const int64_t heads_per_kv = H / KV;
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t r = n / group;
+        const uint8_t *mp = mask ? mask + r * mask_n : NULL;
+        for (int64_t t = 0; t < T; t++) {
+            for (int64_t h = 0; h < H; h++) {
+                const int64_t kh = h / heads_per_kv;
+                const float *qp = q + n * q_n + h * q_h + t * q_t, *kp = k + r * k_n + kh * k_h;
+                const float *vp = v + r * v_n + kh * v_h;
+                float *op = out + ((n * T + t) * H + h) * D;
+                switch (D) { /* the usual head sizes, unrolled by the compiler */
+                case 32: attend_one(qp, kp, vp, mp, op, p, S, 32, k_s, v_s, scale); break;
+                case 48: attend_one(qp, kp, vp, mp, op, p, S, 48, k_s, v_s, scale); break;
+                case 64: attend_one(qp, kp, vp, mp, op, p, S, 64, k_s, v_s, scale); break;
+                case 128: attend_one(qp, kp, vp, mp, op, p, S, 128, k_s, v_s, scale); break;
+                default: attend_one(qp, kp, vp, mp, op, p, S, D, k_s, v_s, scale);
+                }
+            }
+        }
     }
-
-/* The whole step: every (row, query, head) of q against its row's keys (see the top). */
-#define DEFINE_DECODE_ATTENTION(NAME, TYPE, ATTEND)                                                     \
-    int NAME(const float *q, const TYPE *k, const TYPE *v, const uint8_t *mask, float *out, int64_t N,  \
-             int64_t H, int64_t T, int64_t S, int64_t D, int64_t KV, int64_t group, int64_t q_n,        \
-             int64_t q_h, int64_t q_t, int64_t k_n, int64_t k_h, int64_t k_s, int64_t v_n, int64_t v_h, \
-             int64_t v_s, int64_t mask_n, float scale) {                                                \
-        float stack[STACK_KEYS];                                                                        \
-        float *p = S <= STACK_KEYS ? stack : malloc((size_t)S * sizeof(float));                         \
-        if (!p) return 1;                                                                               \
-        const int64_t heads_per_kv = H / KV;                                                            \
-        for (int64_t n = 0; n < N; n++) {                                                               \
-            const int64_t r = n / group;                                                                \
-            const uint8_t *mp = mask ? mask + r * mask_n : NULL;                                        \
-            for (int64_t t = 0; t < T; t++) {                                                           \
-                for (int64_t h = 0; h < H; h++) {                                                       \
-                    const int64_t kh = h / heads_per_kv;                                                \
-                    const float *qp = q + n * q_n + h * q_h + t * q_t;                                  \
-                    const TYPE *kp = k + r * k_n + kh * k_h, *vp = v + r * v_n + kh * v_h;              \
-                    float *op = out + ((n * T + t) * H + h) * D;                                        \
-                    switch (D) { /* the usual head sizes, unrolled by the compiler */                   \
-                    case 32: ATTEND(qp, kp, vp, mp, op, p, S, 32, k_s, v_s, scale); break;              \
-                    case 48: ATTEND(qp, kp, vp, mp, op, p, S, 48, k_s, v_s, scale); break;              \
-                    case 64: ATTEND(qp, kp, vp, mp, op, p, S, 64, k_s, v_s, scale); break;              \
-                    case 128: ATTEND(qp, kp, vp, mp, op, p, S, 128, k_s, v_s, scale); break;            \
-                    default: ATTEND(qp, kp, vp, mp, op, p, S, D, k_s, v_s, scale);                      \
-                    }                                                                                   \
-                }                                                                                       \
-            }                                                                                           \
-        }                                                                                               \
-        if (p != stack) free(p);                                                                        \
-        return 0;                                                                                       \
-    }
-
-DEFINE_ATTEND_ONE(attend_one_f32, float, LOAD_F32)
-DEFINE_ATTEND_ONE(attend_one_bf16, uint16_t, LOAD_BF16)
-/* float keys and values (q is always float) */
-DEFINE_DECODE_ATTENTION(tf_decode_attention, float, attend_one_f32)
-/* bf16 keys and values (a bf16 decoding's cache, read without a float copy of it) */
-DEFINE_DECODE_ATTENTION(tf_decode_attention_bf16, uint16_t, attend_one_bf16)
+    if (p != stack) free(p);
+    return 0;
+}
 
 /* What a beam-search step needs of the next-token logits, in one pass over each row:
  *

@@ -65,8 +65,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     """softmax(q k^T / sqrt(Dh)) v for the queries of a decoding step, through the C kernel.
 
     Args:
-        q: (N, H, T, Dh), unit stride over Dh (computed in float32); k, v: (N / group, KV, S, Dh),
-            both float32 or both bf16 (read as they are: a bf16 cache is not copied to float),
+        q: (N, H, T, Dh); k, v: (N / group, KV, S, Dh); float32 or bf16 (computed in float32: a bf16
+            cache is copied to float, which measured faster than reading it as bf16 in the loop),
             unit stride over Dh, H a multiple of KV (GQA); each row of k/v serves `group`
             consecutive rows of q.
         key_mask: bool (N / group, 1, 1, S), True = may attend, or None. No causal mask.
@@ -74,10 +74,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
         (N, T, H * Dh) float32, contiguous.
     """
     lib = _loaded()
-    q = q.float()
-    if not (k.dtype == v.dtype == torch.bfloat16):
-        k, v = k.float(), v.float()
-    kernel = lib.tf_decode_attention_bf16 if k.dtype == torch.bfloat16 else lib.tf_decode_attention
+    q, k, v = q.float(), k.float(), v.float()
     n, h, t, dh = q.shape
     kv, s = k.shape[1], k.shape[2]
     if k.shape != v.shape or k.shape[3] != dh:
@@ -94,7 +91,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
         if rows.stride(1) != 1:
             rows = rows.contiguous()
         mask, mask_n = rows.view(torch.uint8), rows.stride(0)
-    status = kernel(
+    status = lib.tf_decode_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else None, out.data_ptr(),
         n, h, t, s, dh, kv, group, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], mask_n, dh ** -0.5)
     if status != 0:
@@ -156,9 +153,8 @@ def _library() -> ctypes.CDLL | None:
         warn(f"could not build the native decoding kernels with {compiler} ({detail[0]}); "
              "CPU decoding stays on PyTorch's kernels")
         return None
-    for kernel in (lib.tf_decode_attention, lib.tf_decode_attention_bf16):
-        kernel.restype = ctypes.c_int
-        kernel.argtypes = [_PTR] * 5 + [_I64] * 17 + [ctypes.c_float]
+    lib.tf_decode_attention.restype = ctypes.c_int
+    lib.tf_decode_attention.argtypes = [_PTR] * 5 + [_I64] * 17 + [ctypes.c_float]
     lib.tf_logsumexp_block_max.restype = None
     lib.tf_logsumexp_block_max.argtypes = [_PTR] * 3 + [_I64] * 4
     lib.tf_gelu_.restype = None
