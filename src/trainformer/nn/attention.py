@@ -12,8 +12,9 @@ On the CPU, bf16 attention is computed in fp32 (`sdpa`): PyTorch's CPU
 flash-attention kernel is slower in bf16 than in fp32 at every length we
 train at (its backward 1.5-4x at T <= 256; `benchmarks/speed/bench_attention.py`).
 A decoding step's attention (one new query per row against the cache, or a
-source's beams against its memory) runs as two batched GEMMs where that
-kernel's per-head overhead dominates (`few_query_attention`).
+source's beams against its memory) runs in a small C kernel where it is built
+(`trainformer.nn.native`), else as two batched GEMMs where that kernel's
+per-head overhead dominates (`few_query_attention`).
 
 `reference_attention` is the plain softmax(QK^T / sqrt(Dh)) V the tests
 compare against.
@@ -60,9 +61,11 @@ FEW_QUERY_MIN_BLOCKS = 256  # rows x heads of 2..FEW_QUERY_MAX queries (a source
 FEW_QUERY_MIN_SCORES = 16  # queries x keys per block: below it PyTorch's small-matrix bmm loop is slow
 
 
-# The C kernel runs on one thread; it beats PyTorch's attention on one and on two threads at every
-# decoding shape measured (bench_head_kernels.py). With more threads it is taken only for small
-# steps (queries x head size x keys), where handing work to other threads does not pay anyway.
+# The C kernel runs on one thread. On one thread it beats PyTorch's attention at the decoding shapes
+# of bench_head_kernels.py but one (a source's 4 beams against 32-64 unpadded keys at 8-128 rows:
+# 0.8-1.0x SDPA), and it still beat SDPA on two threads when timed by hand. With more threads
+# (not measured: this machine has two cores) it is taken only for small steps (queries x head
+# size x keys), where handing work to other threads should not pay.
 NATIVE_MAX_THREADS = 2
 NATIVE_MAX_WORK = 1 << 20
 

@@ -5,9 +5,9 @@ decoding step. For a few rows against a (V, D) matrix, CPU GEMM kernels are
 slower than for the same product against a copy laid out for them:
 
 - on AVX-512 CPUs, oneDNN's linear with the weight prepacked once in its own
-  blocked layout: about 1.4x F.linear at 128 rows (batch 32 x beam 4) and more
-  at a few rows in fp32, 1.2x at 128 rows and more at a few under bf16 autocast
-  (prepacked bf16 weight);
+  blocked layout: in fp32 about 1.3x F.linear at 128 rows (batch 32 x beam 4)
+  and 1.7-2x at 8-32 rows; under bf16 autocast (prepacked bf16 weight) 1.16x at
+  128 rows and up to 1.8x at one row;
 - elsewhere, and for one fp32 row, the contiguous (D, V) transpose ``h @ W.T``,
   up to `TRANSPOSED_HEAD_ROWS` rows (plain F.linear above).
 
