@@ -62,8 +62,8 @@ FEW_QUERY_MIN_SCORES = 16  # queries x keys per block: below it PyTorch's small-
 
 
 # The C kernel runs on one thread. On one thread it beats PyTorch's attention at the decoding shapes
-# of bench_head_kernels.py but one (a source's 4 beams against 32-64 unpadded keys at 8-128 rows:
-# 0.8-1.0x SDPA), and it still beat SDPA on two threads when timed by hand. With more threads
+# of bench_head_kernels.py but one (a source's 4 beams against 32-64 keys at 8-128 rows:
+# 0.81-0.98x SDPA), and it still beat SDPA on two threads when timed by hand. With more threads
 # (not measured: this machine has two cores) it is taken only for small steps (queries x head
 # size x keys), where handing work to other threads should not pay.
 NATIVE_MAX_THREADS = 2
