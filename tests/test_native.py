@@ -203,3 +203,19 @@ def test_kernel_rejects_shapes_it_cannot_take_instead_of_crashing():
         native.decode_attention(torch.randn(3, 2, 1, 8), torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8), None, 2)
     with pytest.raises(ValueError, match="head size"):
         native.decode_attention(q, torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), None)
+
+
+@needs_kernel
+def test_with_several_threads_only_small_steps_take_the_kernels(monkeypatch):
+    assert native.pays(10 ** 7)  # one thread (the tests' setting): always
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert native.pays(native.SMALL_WORK) and not native.pays(native.SMALL_WORK + 1)
+    calls = _count_kernel_calls(monkeypatch)
+    m = _mha()
+    with torch.no_grad():
+        m(torch.randn(2, 1, 32), cache=LayerKV())  # a small step: the kernel
+        assert len(calls) == 1
+        kv = LayerKV()
+        kv.append(torch.randn(512, 4, 200, 8), torch.randn(512, 4, 200, 8))
+        m(torch.randn(512, 1, 32), cache=kv)  # a big one: PyTorch's multi-threaded kernels
+    assert len(calls) == 1

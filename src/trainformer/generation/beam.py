@@ -175,7 +175,7 @@ def next_candidates(logits: torch.Tensor, scores: torch.Tensor, n: int) -> tuple
     b, k, v = logits.shape
     block = math.gcd(v, _BLOCK)
     if (block < 8 or n * block >= k * v or logits.device.type != "cpu" or logits.dtype != torch.float32
-            or not native.available()):
+            or not native.pays(logits.numel())):
         return top_candidates(torch.log_softmax(logits, dim=-1), scores, n)
     lse, block_max = native.logsumexp_block_max(logits.view(b * k, v), block)  # (B k,), (B k, V / block)
     offsets = scores - lse.view(b, k)  # (B, k): each beam's score minus its row's log-normaliser

@@ -61,15 +61,6 @@ FEW_QUERY_MIN_BLOCKS = 256  # rows x heads of 2..FEW_QUERY_MAX queries (a source
 FEW_QUERY_MIN_SCORES = 16  # queries x keys per block: below it PyTorch's small-matrix bmm loop is slow
 
 
-# The C kernel runs on one thread. On one thread it beats PyTorch's attention at the decoding shapes
-# of bench_head_kernels.py but one (a source's 4 beams against 32-64 keys at 8-128 rows:
-# 0.81-0.98x SDPA), and it still beat SDPA on two threads when timed by hand. With more threads
-# (not measured: this machine has two cores) it is taken only for small steps (queries x head
-# size x keys), where handing work to other threads should not pay.
-NATIVE_MAX_THREADS = 2
-NATIVE_MAX_WORK = 1 << 20
-
-
 def few_query_pays(blocks: int, queries: int, keys: int) -> bool:
     """Whether `few_query_attention` beats SDPA on the CPU for `blocks` (row, head) pairs of
     `queries` queries against `keys` keys (see the thresholds above)."""
@@ -101,13 +92,15 @@ def _is_key_mask(mask: torch.Tensor | None, k: torch.Tensor) -> bool:
 def _native_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                   is_causal: bool, bf16_in_fp32: bool) -> bool:
     """A decoding step's attention on the CPU: a few queries per row, a key padding mask or none,
-    no gradient recorded, eager: the C kernel of `trainformer.nn.native`, where it is built.
-    bf16 inputs are computed in fp32, as `sdpa` does (unless a benchmark turned that off)."""
+    no gradient recorded, eager: the C kernel of `trainformer.nn.native`, where it is built and
+    pays (`native.pays`). bf16 inputs are computed in fp32, as `sdpa` does (unless a benchmark
+    turned that off). On one thread it beats PyTorch's attention at the decoding shapes of
+    bench_head_kernels.py but one (a source's 4 beams against 32-64 keys at 8-128 rows: 0.81-0.98x)."""
     return (q.device.type == "cpu" and not is_causal and q.shape[2] <= FEW_QUERY_MAX
             and native.takes(q, k, v) and (q.dtype == torch.float32 or bf16_in_fp32)
             and _is_key_mask(attn_mask, k) and _decoding(q, k, v)
-            and (torch.get_num_threads() <= NATIVE_MAX_THREADS or q.numel() * k.shape[2] <= NATIVE_MAX_WORK)
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and native.available())
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and native.pays(q.numel() * k.shape[2]))
 
 
 def few_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

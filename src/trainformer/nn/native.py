@@ -42,11 +42,21 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
 _enabled = True  # see `disabled`
+SMALL_WORK = 1 << 18  # see `pays`: a batch-1 or batch-4 beam step, not a batch of 32 x beam 4
 
 
 def available() -> bool:
     """Whether decoding uses the kernels: built and loaded (built now if they are not yet), not `disabled`."""
     return _enabled and _library() is not None
+
+
+def pays(work: int) -> bool:
+    """Whether a decoding step takes a kernel for `work` (multiply-adds or elements): where torch
+    runs one thread, always; where it runs several, only up to `SMALL_WORK`. The kernels run on one
+    thread: between PyTorch's multi-threaded operators their other threads sit idle (spinning), and
+    `trainformer serve` on 2 threads with its clients on the same 2 cores served a third fewer
+    sentences/s at 32 clients with them on big batches (benchmarks/speed/bench_serve.py)."""
+    return available() and (torch.get_num_threads() == 1 or work <= SMALL_WORK)
 
 
 @contextlib.contextmanager
