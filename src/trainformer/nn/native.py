@@ -53,9 +53,10 @@ def available() -> bool:
 def pays(work: int) -> bool:
     """Whether a decoding step takes a kernel for `work` (multiply-adds or elements): where torch
     runs one thread, always; where it runs several, only up to `SMALL_WORK`. The kernels run on one
-    thread: between PyTorch's multi-threaded operators their other threads sit idle (spinning), and
-    `trainformer serve` on 2 threads with its clients on the same 2 cores served a third fewer
-    sentences/s at 32 clients with them on big batches (benchmarks/speed/bench_serve.py)."""
+    thread, leaving torch's other threads idle (or spinning, under OpenMP's default wait policy)
+    between its multi-threaded operators: `trainformer serve` on 2 threads, its clients on the same
+    2 cores, served about a quarter fewer sentences/s at 32 clients with them on big batches
+    (benchmarks/speed/bench_serve.py), and as many as without them with this rule."""
     return available() and (torch.get_num_threads() == 1 or work <= SMALL_WORK)
 
 
