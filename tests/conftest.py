@@ -7,6 +7,13 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts on the one thread set above: a run inside a test that sets its own
+    (`train.threads`) does not carry it into the tests after it."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Caches go to a temp folder so tests never touch ~/.cache."""
     monkeypatch.setenv("TRAINFORMER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
