@@ -290,11 +290,11 @@ def test_tied_head_decoding_path_equals_the_linear_and_follows_weight_updates():
     with torch.no_grad():
         fast = emb.attend(h)  # decoding rows on the CPU: a cached copy of the weight
         assert emb.fast_head.applies(h, emb.weight)
-        layout = "onednn torch.float32" if onednn_prepacked_linear() else "transposed"
-        assert list(emb.fast_head._copies) == [layout]
+        layout = "onednn" if onednn_prepacked_linear() else "transposed"
+        assert list(emb.fast_head._copies) == [(layout, torch.float32)]
         torch.testing.assert_close(fast, F.linear(h, emb.weight))
         torch.testing.assert_close(emb.attend(h[:1]), F.linear(h[:1], emb.weight))  # one row: the transpose
-        assert "transposed" in emb.fast_head._copies
+        assert ("transposed", torch.float32) in emb.fast_head._copies
         emb.weight.mul_(2.0)  # an optimizer step or a load: the copy is rebuilt
         torch.testing.assert_close(emb.attend(h), F.linear(h, emb.weight))
         with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 decoding: bf16 logits, as autocast's linear

@@ -53,7 +53,13 @@ from trainformer.nn.attention import (
     few_query_attention,
     few_query_pays,
 )
-from trainformer.nn.cpu_head import TRANSPOSED_HEAD_ROWS, head_kernel, onednn_prepacked_linear
+from trainformer.nn.cpu_head import (
+    TRANSPOSED_HEAD_ROWS,
+    head_kernel,
+    onednn_linear,
+    onednn_pack,
+    onednn_prepacked_linear,
+)
 from trainformer.paths import REPO_ROOT
 from trainformer.rundir import machine_line, package_versions
 
@@ -102,8 +108,7 @@ def head_rows(d_model: int, vocabs: list[int], rounds: int) -> list[dict]:
     for vocab in vocabs:
         w = nn.Parameter(torch.randn(vocab, d_model) * 0.05)  # a parameter: autocast caches its bf16 copy
         wt = w.detach().t().contiguous()
-        packed = {dt: torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dt), None)
-                  for dt in (torch.float32, torch.bfloat16)} if onednn_prepacked_linear() else {}
+        packed = {dt: onednn_pack(w, dt) for dt in (torch.float32, torch.bfloat16)} if onednn_prepacked_linear() else {}
         for dtype in (torch.float32, torch.bfloat16):
             for n in ROWS + (2048,):
                 x = torch.randn(n, d_model)
@@ -112,8 +117,7 @@ def head_rows(d_model: int, vocabs: list[int], rounds: int) -> list[dict]:
                 if dtype == torch.float32:
                     fns["transposed"] = lambda x=x, wt=wt: x @ wt
                 if packed:
-                    fns["oneDNN prepacked"] = (lambda x=xd, p=packed[dtype]:
-                                               torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""))
+                    fns["oneDNN prepacked"] = lambda x=xd, p=packed[dtype]: onednn_linear(x, p)
                 with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
                     us = medians_us(fns, rounds)
                 picked = head_kernel(n, dtype)

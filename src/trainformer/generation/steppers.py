@@ -25,8 +25,8 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     weight again (half the time of a bf16 batch-1 step on the CPU).
 
     Only a model with a submodule in training mode is switched (and switched back): `train()`
-    sets the flag module by module through `nn.Module.__setattr__`, twice per call, which costs
-    milliseconds per decoding call on a model of a few hundred modules (batch-1 latency).
+    sets the flag module by module through `nn.Module.__setattr__`, twice per call, a visible
+    share of a batch-1 decoding call's time in profiles.
     """
     switched = [m for m in models if any(sub.training for sub in m.modules())]
     was_training = [m.training for m in switched]

@@ -259,8 +259,8 @@ class DynamicInt8Linear(AoDynamicLinear):
         if packed.dtype != torch.qint8 or self.version is None or self.version < 4:
             return super().forward(x)
         # What torch.ao's forward runs for these weights, without its per-call branches and
-        # dtype cast: a decoding step calls a few dozen of these, and at batch 1 that Python
-        # costs about as much as the int8 GEMM of a small layer.
+        # dtype cast: a decoding step calls a few dozen of these, and at batch 1 their Python
+        # is a visible share of a small layer's call.
         return torch.ops.quantized.linear_dynamic(x, packed._packed_params, reduce_range=True)
 
 

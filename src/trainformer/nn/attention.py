@@ -68,15 +68,11 @@ def few_query_pays(blocks: int, queries: int, keys: int) -> bool:
     return queries <= FEW_QUERY_MAX and blocks >= min_blocks and queries * keys >= FEW_QUERY_MIN_SCORES
 
 
-def _decoding(*tensors: torch.Tensor) -> bool:
-    """No gradient recorded: a decoding step, not training (whose step the thresholds were not
-    measured on: there SDPA's fused backward stays)."""
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-
-
 def _attend(q, k, v, attn_mask, is_causal, enable_gqa) -> torch.Tensor:
-    if (q.device.type == "cpu" and not is_causal and _is_key_mask(attn_mask, q) and _decoding(q, k, v)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+    # Outside autograd only: the thresholds were measured on decoding steps, and training keeps
+    # SDPA's fused backward.
+    if (q.device.type == "cpu" and not is_causal and _is_key_mask(attn_mask, q) and native.outside_autograd(q, k, v)
+            and not torch.is_autocast_enabled("cpu")
             and few_query_pays(q.shape[0] * q.shape[1], q.shape[2], k.shape[2])):
         return few_query_attention(q, k, v, attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
@@ -98,8 +94,7 @@ def _native_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     bench_head_kernels.py but one (a source's 4 beams against 32-64 keys at 8-128 rows: 0.81-0.98x)."""
     return (q.device.type == "cpu" and not is_causal and q.shape[2] <= FEW_QUERY_MAX
             and native.takes(q, k, v) and (q.dtype == torch.float32 or bf16_in_fp32)
-            and _is_key_mask(attn_mask, k) and _decoding(q, k, v)
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and _is_key_mask(attn_mask, k) and native.outside_autograd(q, k, v)
             and native.pays(q.numel() * k.shape[2]))
 
 

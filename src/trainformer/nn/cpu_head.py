@@ -22,6 +22,8 @@ import functools
 
 import torch
 
+from trainformer.nn import native
+
 TRANSPOSED_HEAD_ROWS = 256  # the transpose beats F.linear up to here (batch 64 x beam 4), not on larger GEMMs
 
 
@@ -32,6 +34,16 @@ def onednn_prepacked_linear() -> bool:
     return (torch.backends.mkldnn.is_available()
             and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def onednn_pack(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` (V, D) in `dtype`, laid out once in oneDNN's blocked format for `onednn_linear`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), None)
+
+
+def onednn_linear(h: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``h @ W.T`` through oneDNN, for W packed by `onednn_pack` (h in the packed dtype)."""
+    return torch.ops.mkldnn._linear_pointwise(h, packed, None, "none", [], "")
 
 
 def head_kernel(rows: int, dtype: torch.dtype) -> str:
@@ -53,19 +65,18 @@ class FastHead:
     def __init__(self, max_rows: int | None = None):
         self.max_rows = max_rows
         self._key: tuple | None = None  # the weight's version key of the copies below
-        self._copies: dict[str, torch.Tensor] = {}  # layout -> copy of the weight
+        self._copies: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # (layout, dtype) -> copy of the weight
 
     def applies(self, h: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether it takes `h` (..., D): on the CPU, no gradients, a plain fp32 weight (no tensor
+        """Whether it takes `h` (..., D): on the CPU, outside autograd, a plain fp32 weight (no tensor
         subclass), fp32 `h` without autocast or under bf16 autocast, at most `max_rows` rows."""
         return (
             h.device.type == "cpu"
-            and not torch.is_grad_enabled()
+            and native.outside_autograd(h, weight)
             and h.dtype == weight.dtype == torch.float32
             and type(weight) in (torch.Tensor, torch.nn.Parameter)
             and _autocast_dtype() in (None, torch.bfloat16)
             and not weight.is_inference()  # no version counter to tell when the copy is stale
-            and not torch.compiler.is_compiling()
             and (self.max_rows is None or h.numel() <= self.max_rows * h.shape[-1])
         )
 
@@ -74,25 +85,21 @@ class FastHead:
         dtype = _autocast_dtype() or torch.float32
         kernel = head_kernel(h.numel() // h.shape[-1], dtype)
         if kernel == "oneDNN prepacked":
-            packed = self._copy(weight, f"onednn {dtype}")
-            return torch.ops.mkldnn._linear_pointwise(h.to(dtype), packed, None, "none", [], "")
+            return onednn_linear(h.to(dtype), self._copy(weight, "onednn", dtype))
         if kernel == "transposed":
-            return h @ self._copy(weight, "transposed")  # (..., D) @ (D, V)
+            return h @ self._copy(weight, "transposed", dtype)  # (..., D) @ (D, V)
         return torch.nn.functional.linear(h, weight)  # under autocast: its own bf16 GEMM
 
-    def _copy(self, weight: torch.Tensor, layout: str) -> torch.Tensor:
-        """`weight` in `layout`, made on first use and again after the weight changes."""
+    def _copy(self, weight: torch.Tensor, layout: str, dtype: torch.dtype) -> torch.Tensor:
+        """`weight` in `layout` ("transposed" or "onednn") and `dtype`, made on first use and again
+        after the weight changes."""
         key = (weight._version, weight.data_ptr(), weight.device)
         if self._key != key:
             self._key, self._copies = key, {}
-        if layout not in self._copies:
+        if (layout, dtype) not in self._copies:
             w = weight.detach()
-            if layout == "transposed":
-                self._copies[layout] = w.t().contiguous()
-            else:
-                dtype = torch.bfloat16 if layout.endswith("bfloat16") else torch.float32
-                self._copies[layout] = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), None)
-        return self._copies[layout]
+            self._copies[layout, dtype] = w.t().contiguous() if layout == "transposed" else onednn_pack(w, dtype)
+        return self._copies[layout, dtype]
 
 
 def _autocast_dtype() -> torch.dtype | None:

@@ -14,9 +14,8 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 def _native_gelu(h: torch.Tensor) -> bool:
     """Outside autograd on the CPU in fp32 (decoding, evaluation): the C kernel's GELU, in place
     on the fresh up-projection (`trainformer.nn.native`, where it is built)."""
-    return (h.device.type == "cpu" and h.dtype == torch.float32 and not (torch.is_grad_enabled() and h.requires_grad)
-            and h.is_contiguous() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and native.pays(h.numel()))
+    return (h.device.type == "cpu" and h.dtype == torch.float32 and h.is_contiguous()
+            and native.outside_autograd(h) and native.pays(h.numel()))
 
 
 class FeedForward(nn.Module):

@@ -50,6 +50,13 @@ def available() -> bool:
     return _enabled and _library() is not None
 
 
+def outside_autograd(*tensors: torch.Tensor) -> bool:
+    """No gradient recorded for `tensors` and no graph being compiled or traced: where a step may take
+    a kernel that autograd and the tracers do not see (decoding, evaluation; not training)."""
+    return (not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
 def pays(work: int) -> bool:
     """Whether a decoding step takes a kernel for `work` (multiply-adds or elements): where torch
     runs one thread, always; where it runs several, only up to `SMALL_WORK`. The kernels run on one
@@ -77,7 +84,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
 
     Args:
         q: (N, H, T, Dh); k, v: (N / group, KV, S, Dh); float32 or bf16 (computed in float32: a bf16
-            cache is copied to float, which measured faster than reading it as bf16 in the loop),
+            cache is copied to float; a bf16 variant of the loop was slower, docs/experiments.md),
             unit stride over Dh, H a multiple of KV (GQA); each row of k/v serves `group`
             consecutive rows of q.
         key_mask: bool (N / group, 1, 1, S), True = may attend, or None. No causal mask.
