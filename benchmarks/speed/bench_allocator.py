@@ -4,8 +4,8 @@ glibc maps every block above its mmap threshold afresh and returns it when freed
 step's largest tensors (the logits and their gradient; at decoding, rows x vocabulary) are
 faulted in and zeroed again at every step. `trainformer.training.device.keep_freed_memory`,
 which a CPU training run's setup calls, turns that off; the decoding rows ask whether
-inference should do the same. Each block runs in a fresh process (the setting is process-wide and cannot be undone),
-variants alternating; the minor page faults of the timed part are read from that process's
+inference should do the same. Each block runs in a fresh process (the setting is
+process-wide and cannot be undone), variants alternating; the minor page faults of the timed part are read from that process's
 own counters. Medians.
 
 - training: blocks of 50 steps of each recipe (2 threads, the machine's default);
