@@ -170,7 +170,7 @@ def test_train_section_emits_each_row_as_it_is_measured(monkeypatch):
     peaks = {"measured": {"fp32": 2.0}, "spec": {"fp32": 3.0}}
     rows = suite._train(o, torch.device("cpu"), "fp32", peaks, emit=lambda r: calls.append(len(r)))
     assert calls == [1, 2] and [r["family"] for r in rows] == ["encoder", "decoder"]
-    assert rows[0]["args"][-4:] == (3.0, False, True, 2.0)  # spec peak for MFU, measured beside it
+    assert rows[0]["args"][-5:] == (3.0, False, True, 2.0, "sdpa")  # spec peak for MFU, measured beside it; peer attention
 
 
 def _fake_results() -> dict:

@@ -357,42 +357,83 @@ def test_init_statistics():
     assert layer.ffn.up.bias.abs().sum() == 0 and (layer.attn_norm.weight == 1).all()
 
 
-def test_cpu_bf16_attention_runs_in_fp32_under_autocast():
-    """bf16 q/k/v on the CPU: computed by the fp32 kernel (autocast paused), the result cast back,
-    with gradients; the switch off gives SDPA's own bf16 kernel."""
-    from trainformer.nn.attention import reference_attention, sdpa
+def test_cpu_bf16_attention_modes_under_autocast():
+    """bf16 q/k/v on the CPU: "auto" = the bf16 matmul path up to MATMUL_MAX_KEYS keys, "fp32" =
+    SDPA's fp32 kernel (autocast paused), the result cast back; "sdpa" = SDPA's own bf16 kernel.
+    All close to fp32 attention, with gradients."""
+    from trainformer.nn import attention
+    from trainformer.nn.attention import matmul_attention, sdpa
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, 7, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
     mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
     mask[0, ..., 4:] = False
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = sdpa(q, k, v, attn_mask=mask)
-        native = sdpa(q, k, v, attn_mask=mask, cpu_bf16_in_fp32=False)
-    assert y.dtype == native.dtype == torch.bfloat16
+        y = {mode: sdpa(q, k, v, attn_mask=mask, cpu_bf16=mode) for mode in attention.CPU_BF16}
+    assert all(t.dtype == torch.bfloat16 for t in y.values())
+    assert torch.equal(y["auto"], matmul_attention(q, k, v, mask))
     exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).bfloat16()
-    assert torch.equal(y, exact)
+    assert torch.equal(y["fp32"], exact)
     ref = reference_attention(q.float(), k.float(), v.float(), mask)
-    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(native.float(), ref, atol=3e-2, rtol=3e-2)
-    y.float().sum().backward()
+    torch.testing.assert_close(y["fp32"].float(), ref, atol=1e-2, rtol=1e-2)
+    for mode in ("auto", "sdpa"):
+        torch.testing.assert_close(y[mode].float(), ref, atol=3e-2, rtol=3e-2)
+    y["auto"].float().sum().backward()
     assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all()
+
+
+def test_cpu_bf16_attention_above_the_key_limit_runs_in_fp32(monkeypatch):
+    from trainformer.nn import attention
+
+    monkeypatch.setattr(attention, "MATMUL_MAX_KEYS", 6)
+    q, k, v = (torch.randn(2, 2, 7, 8).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention.sdpa(q, k, v, is_causal=True)
+    assert torch.equal(y, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16())
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+@pytest.mark.parametrize("masking", ["causal", "causal+padding", "per-query"])
+def test_matmul_attention_with_causal_and_query_masks_equals_reference(n_kv, masking):
+    """Training shapes (T queries per row): causal, causal with key padding, and a per-query
+    (B, 1, T, S) mask, GQA included; values and gradients equal plain attention."""
+    from trainformer.nn.attention import matmul_attention
+    from trainformer.nn.masks import causal_mask
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 6, 8, generator=g).requires_grad_()
+    k, v = (torch.randn(3, n_kv, 6, 8, generator=g).requires_grad_() for _ in range(2))
+    pad = _padding([6, 4, 2], 6)
+    if masking == "causal":
+        y = matmul_attention(q, k, v, is_causal=True)
+        ref = reference_attention(q, k, v, causal=True)
+    elif masking == "causal+padding":
+        y = matmul_attention(q, k, v, key_padding_mask(pad), is_causal=True)
+        ref = reference_attention(q, k, v, key_padding_mask(pad), causal=True)
+    else:
+        mask = causal_mask(6, 0, q.device, key_mask=pad)  # (B, 1, T, S)
+        y, ref = matmul_attention(q, k, v, mask), reference_attention(q, k, v, mask)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
+    w = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad((y * w).sum(), (q, k, v)),
+                         torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("n_kv", [4, 2, 1])
 @pytest.mark.parametrize("queries", [1, 4])
 @pytest.mark.parametrize("padded", [False, True])
-def test_few_query_attention_equals_reference(n_kv, queries, padded):
+def test_matmul_attention_equals_reference(n_kv, queries, padded):
     """The decoding step's batched-GEMM attention (a few queries per row, optional key
     padding mask) = plain attention, GQA included."""
-    from trainformer.nn.attention import few_query_attention
+    from trainformer.nn.attention import matmul_attention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(5, 4, queries, 8, generator=g)
     k, v = torch.randn(5, n_kv, 11, 8, generator=g), torch.randn(5, n_kv, 11, 8, generator=g)
     mask = key_padding_mask(_padding([11, 3, 7, 11, 1], 11)) if padded else None
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    y, ref = few_query_attention(q, k, v, mask), reference_attention(q, k, v, mask)
+    y, ref = matmul_attention(q, k, v, mask), reference_attention(q, k, v, mask)
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
     w = torch.randn_like(y)  # differentiable as well (the step dispatches to it only without autograd)
     grads = torch.autograd.grad((y * w).sum(), (q, k, v))
@@ -400,25 +441,25 @@ def test_few_query_attention_equals_reference(n_kv, queries, padded):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def _count_few_query_calls(monkeypatch) -> list[tuple[int, ...]]:
-    """Shapes (q, k) of every `few_query_attention` call from now on, with the C kernel off
+def _count_matmul_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """Shapes (q, k) of every `matmul_attention` call from now on, with the C kernel off
     (the path decoding takes where it cannot be built; tests/test_native.py covers it)."""
     import trainformer.nn.attention as attention
 
     monkeypatch.setattr(attention.native, "available", lambda: False)
     calls = []
-    real = attention.few_query_attention
-    monkeypatch.setattr(attention, "few_query_attention",
+    real = attention.matmul_attention
+    monkeypatch.setattr(attention, "matmul_attention",
                         lambda q, k, *a: calls.append((tuple(q.shape), tuple(k.shape))) or real(q, k, *a))
     return calls
 
 
 def test_cached_decoding_of_many_rows_takes_the_few_query_path_and_equals_full(monkeypatch):
     """Rows x heads and cached keys above the thresholds: the cached T=1 step goes through
-    `few_query_attention` (and not SDPA) and still equals the full causal pass."""
+    `matmul_attention` (and not SDPA) and still equals the full causal pass."""
     import trainformer.nn.attention as attention
 
-    calls = _count_few_query_calls(monkeypatch)
+    calls = _count_matmul_calls(monkeypatch)
     m = _mha()
     b = attention.ONE_QUERY_MIN_BLOCKS // H
     steps = attention.FEW_QUERY_MIN_SCORES + 2
@@ -433,11 +474,11 @@ def test_cached_decoding_of_many_rows_takes_the_few_query_path_and_equals_full(m
 
 def test_shared_cross_attention_of_many_sources_takes_the_few_query_path_with_padding(monkeypatch):
     """A source's beams over its padded memory (shared cross K/V, one block of `beam` queries):
-    above the thresholds the step takes `few_query_attention` with the key mask and equals
+    above the thresholds the step takes `matmul_attention` with the key mask and equals
     each beam attending alone through SDPA."""
     import trainformer.nn.attention as attention
 
-    calls = _count_few_query_calls(monkeypatch)
+    calls = _count_matmul_calls(monkeypatch)
     m, beam = _mha(cross=True), 4
     sources, s = attention.FEW_QUERY_MIN_BLOCKS // H, 7  # 4 queries x 7 keys: above the scores threshold
     memory = torch.randn(sources, s, D)

@@ -125,7 +125,7 @@ def test_a_failing_build_is_one_line_and_the_switch_turns_it_off(fresh_library, 
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
     assert not native.available()
     err = capsys.readouterr().err.strip()
-    assert err.startswith("trainformer: warning: could not build the native decoding kernels with false")
+    assert err.startswith("trainformer: warning: could not build the native CPU kernels with false")
     assert len(err.splitlines()) == 1
     native._library.cache_clear()
     monkeypatch.delenv("CC")

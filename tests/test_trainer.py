@@ -98,13 +98,23 @@ def test_loss_sums_in_fp32_and_ignores_padding():
     assert torch.allclose(cross_entropy_sum(logits, labels, 0.1)[0], manual, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["C", "PyTorch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_blockwise_training_loss_equals_autograd_cross_entropy(dtype, eps, monkeypatch):
-    """The CPU training loss (gradient written in the forward, row block by row block) gives
-    the loss and logit gradients of autograd's F.cross_entropy; blocks of 3 rows over 11 rows
-    leave a partial last block, and ignored rows get no gradient."""
+def test_blockwise_training_loss_equals_autograd_cross_entropy(dtype, eps, kernel, monkeypatch):
+    """The CPU training loss (gradient written in the forward: by the C kernel, rows split over
+    2 threads, or by PyTorch ops row block by row block) gives the loss and logit gradients of
+    autograd's F.cross_entropy; blocks of 3 rows over 11 rows leave a partial last block, and
+    ignored rows get no gradient."""
+    from trainformer.nn import native
+
     monkeypatch.setattr("trainformer.training.loss.ROWS_PER_BLOCK", 3)
+    monkeypatch.setattr(native, "PARALLEL_MIN_WORK", 0)
+    torch.set_num_threads(2)  # conftest resets it
+    if kernel == "C" and not native.available():
+        pytest.skip("no C compiler")
+    if kernel == "PyTorch":
+        monkeypatch.setattr(native, "_enabled", False)
     torch.manual_seed(0)
     base = (torch.randn(11, 50) * 3).to(dtype)
     labels = torch.randint(0, 50, (11,))
@@ -112,7 +122,7 @@ def test_blockwise_training_loss_equals_autograd_cross_entropy(dtype, eps, monke
     ours, ref = base.clone().requires_grad_(), base.clone().requires_grad_()
     total, n = cross_entropy_sum(ours, labels, eps)
     expected = F.cross_entropy(ref.float(), labels, reduction="sum", label_smoothing=eps, ignore_index=-100)
-    (total / n).backward()
+    (total / n).backward(retain_graph=True)
     (expected / n).backward()
     torch.testing.assert_close(total, expected, atol=1e-4, rtol=1e-5)
     assert ours.grad.dtype == dtype and not ours.grad[[2, 7]].any()
@@ -120,6 +130,20 @@ def test_blockwise_training_loss_equals_autograd_cross_entropy(dtype, eps, monke
     torch.testing.assert_close(ours.grad.float(), ref.grad.float(), atol=tol, rtol=0)
     with torch.no_grad():  # evaluation takes the plain path: same number
         torch.testing.assert_close(cross_entropy_sum(base, labels, eps)[0], expected.detach(), atol=1e-4, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        total.backward()  # the saved gradient was scaled in place: no second backward, even retained
+
+
+def test_training_loss_rejects_a_label_outside_the_vocabulary():
+    """A label past the vocabulary is an error naming it and its row (the C kernel checks what
+    it would otherwise write out of bounds; PyTorch's gather raises its own)."""
+    from trainformer.nn import native
+
+    if not native.available():
+        pytest.skip("no C compiler")
+    labels = torch.tensor([1, -100, 50, 3])
+    with pytest.raises(ValueError, match="label 50 of row 2 is not a class of the 50 logits"):
+        cross_entropy_sum(torch.randn(4, 50, requires_grad=True), labels)
 
 
 def test_weight_decay_only_on_matrices():

@@ -1,11 +1,13 @@
-"""bf16 attention on the CPU: PyTorch's SDPA kernels against fp32, alone and in a recipe's step.
+"""bf16 attention on the CPU: our kernels against PyTorch's SDPA, alone and in a recipe's step.
 
-Part 1 (kernels): forward+backward and forward-only time of
-`F.scaled_dot_product_attention` on bf16 q/k/v of (B, 4, T, Dh) with a padding
-mask and ~4k tokens per call, for the default bf16 kernel (flash), the math
-kernel, and the inputs upcast to fp32 (what `trainformer.nn.attention.sdpa`
-does). Part 2 (steps): the trainer's own step on each recipe's batch stream
-(its precision: bf16 on CPUs with native bf16), the upcast on and off in
+Part 1 (kernels): forward+backward and forward-only time of attention on bf16
+q/k/v of (B, 4, T, Dh) with ~4k query tokens per call, with a padding mask
+(every other row half padding) and causal, for SDPA's default bf16 kernel
+(flash), its math kernel, the inputs upcast to fp32 (``cpu_bf16="fp32"`` of
+`trainformer.nn.attention.sdpa`) and two bf16 batched GEMMs around a softmax
+(`matmul_attention`, what ``"auto"`` takes up to ``MATMUL_MAX_KEYS`` keys).
+Part 2 (steps): the trainer's own step on each recipe's batch stream (its
+precision: bf16 on CPUs with native bf16), ``"auto"`` and ``"fp32"`` in
 alternating blocks. Variants are interleaved in one process after a warm-up;
 medians are reported.
 
@@ -34,25 +36,31 @@ from trainformer.bench.recipe_steps import (
 )
 from trainformer.bench.timing import interleaved, timed
 from trainformer.errors import run_script
-from trainformer.nn.attention import MultiHeadAttention
+from trainformer.nn.attention import MATMUL_MAX_KEYS, MultiHeadAttention, matmul_attention
 from trainformer.paths import REPO_ROOT
 
-KERNELS = ("bf16 flash", "bf16 math", "fp32 upcast")
+KERNELS = ("bf16 flash", "bf16 math", "fp32 upcast", "bf16 matmul")
 
 
-def attention_call(kernel: str, t: int, dh: int, backward: bool, tokens: int = 4096, heads: int = 4) -> Callable:
-    """One SDPA call (and its backward) on fresh bf16 tensors of ~`tokens` query tokens."""
+def attention_call(kernel: str, t: int, dh: int, backward: bool, causal: bool, tokens: int = 4096,
+                   heads: int = 4) -> Callable:
+    """One attention call (and its backward) on fresh bf16 tensors of ~`tokens` query tokens."""
     b = max(1, tokens // t)
     q, k, v = (torch.randn(b, heads, t, dh, dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
-    mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
-    mask[::2, ..., t // 2:] = False  # every other row half padding
+    mask = None
+    if not causal:
+        mask = torch.ones(b, 1, 1, t, dtype=torch.bool)
+        mask[::2, ..., t // 2:] = False  # every other row half padding
 
     def run() -> None:
         if kernel == "fp32 upcast":
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).bfloat16()
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                               is_causal=causal).bfloat16()
+        elif kernel == "bf16 matmul":
+            y = matmul_attention(q, k, v, mask, is_causal=causal)
         else:
             with sdpa_kernel(SDPBackend.MATH if kernel == "bf16 math" else SDPBackend.FLASH_ATTENTION):
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         if backward:
             y.float().sum().backward()
 
@@ -69,30 +77,32 @@ def median_seconds(fns: dict[str, Callable[[], None]], rounds: int, warmup: int 
 def bench_kernels(rounds: int) -> list[dict]:
     rows = []
     for backward in (True, False):
-        for dh in (32, 64):
-            for t in (8, 16, 32, 64, 128, 256, 512):
-                fns = {k: attention_call(k, t, dh, backward) for k in KERNELS}
-                ms = {k: round(v * 1e3, 2) for k, v in median_seconds(fns, rounds).items()}
-                rows.append({"backward": backward, "head_dim": dh, "T": t, "ms": ms})
-                print(f"{'fwd+bwd' if backward else 'fwd'} Dh={dh} T={t}: {ms}", flush=True)
+        for causal in (False, True):
+            for dh in (32, 64):
+                for t in (8, 16, 32, 64, 128, 256, 512):
+                    fns = {k: attention_call(k, t, dh, backward, causal) for k in KERNELS}
+                    ms = {k: round(v * 1e3, 2) for k, v in median_seconds(fns, rounds).items()}
+                    rows.append({"backward": backward, "causal": causal, "head_dim": dh, "T": t, "ms": ms})
+                    print(f"{'fwd+bwd' if backward else 'fwd'} {'causal' if causal else 'padding'} "
+                          f"Dh={dh} T={t}: {ms}", flush=True)
     return rows
 
 
-def set_upcast(model: torch.nn.Module, upcast: bool) -> None:
+def set_mode(model: torch.nn.Module, mode: str) -> None:
     for m in model.modules():
         if isinstance(m, MultiHeadAttention):
-            m.cpu_bf16_in_fp32 = upcast
+            m.cpu_bf16 = mode
 
 
 def bench_steps(recipes: list[str], rounds: int, out: Path, steps: int = 25) -> list[dict]:
-    """The trainer's own `train_step` on the recipe's batch stream, upcast on and off in
-    alternating blocks of `steps` steps (`bench.recipe_steps.alternating_blocks`)."""
+    """The trainer's own `train_step` on the recipe's batch stream, ``cpu_bf16`` "auto" and "fp32"
+    in alternating blocks of `steps` steps (`bench.recipe_steps.alternating_blocks`)."""
     rows = []
     for recipe in recipes:
         trainer = recipe_trainer(recipe, out)
         model = trainer.module
-        variants = {"upcast to fp32": lambda m=model: set_upcast(m, True),
-                    "SDPA as is": lambda m=model: set_upcast(m, False)}
+        variants = {"auto (bf16 matmul)": lambda m=model: set_mode(m, "auto"),
+                    "fp32 upcast": lambda m=model: set_mode(m, "fp32")}
         rows.append({"recipe": recipe, **alternating_blocks(trainer, variants, rounds, steps)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -101,12 +111,14 @@ def bench_steps(recipes: list[str], rounds: int, out: Path, steps: int = 25) -> 
 def markdown(result: dict) -> str:
     lines = ["# bf16 attention on the CPU", "", f"Machine: {result['machine']}; torch {result['versions']['torch']}, "
              f"{result['threads']} threads; {result['date']}.", "",
-             "## Kernels (ms per call, ~4k query tokens, 4 heads, padding mask; median of "
-             f"{result['rounds']})", "", "| pass | Dh | T | " + " | ".join(KERNELS) + " | best |",
-             "|---|---|---|" + "---|" * (len(KERNELS) + 1)]
+             "## Kernels (ms per call, ~4k query tokens, 4 heads; median of "
+             f"{result['rounds']})", "", f"\"auto\" takes bf16 matmul up to {MATMUL_MAX_KEYS} keys, fp32 upcast above.",
+             "", "| pass | mask | Dh | T | " + " | ".join(KERNELS) + " | best |",
+             "|---|---|---|---|" + "---|" * (len(KERNELS) + 1)]
     for r in result["kernels"]:
         best = min(r["ms"], key=r["ms"].get)
-        lines.append(f"| {'fwd+bwd' if r['backward'] else 'fwd'} | {r['head_dim']} | {r['T']} | "
+        lines.append(f"| {'fwd+bwd' if r['backward'] else 'fwd'} | {'causal' if r['causal'] else 'padding'} | "
+                     f"{r['head_dim']} | {r['T']} | "
                      + " | ".join(f"{r['ms'][k]:.2f}" for k in KERNELS) + f" | {best} |")
     lines += ["", *steps_markdown(result["steps"], "attention")]
     return "\n".join(lines) + "\n"

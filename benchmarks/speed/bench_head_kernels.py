@@ -14,7 +14,7 @@ choices `trainformer` makes there:
 - fp32 attention of a step: self-attention (one query per row against the cached keys)
   and cross-attention (a source's beams, `--beam` queries per row, against its memory,
   with and without a key padding mask), each ending in the (rows, queries, heads x Dh)
-  layout the output projection takes: SDPA, two batched GEMMs (`nn.attention.few_query_attention`,
+  layout the output projection takes: SDPA, two batched GEMMs (`nn.attention.matmul_attention`,
   taken from ``ONE_QUERY_MIN_BLOCKS`` rows x heads with one query, ``FEW_QUERY_MIN_BLOCKS``
   with up to ``FEW_QUERY_MAX``, and ``FEW_QUERY_MIN_SCORES`` queries x keys, where the C
   kernel is not built), and the C kernel (`nn.native`, decoding's pick where it is built).
@@ -50,8 +50,8 @@ from trainformer.nn.attention import (
     FEW_QUERY_MIN_BLOCKS,
     FEW_QUERY_MIN_SCORES,
     ONE_QUERY_MIN_BLOCKS,
-    few_query_attention,
     few_query_pays,
+    matmul_attention,
 )
 from trainformer.nn.cpu_head import (
     TRANSPOSED_HEAD_ROWS,
@@ -150,7 +150,7 @@ def attention_rows(d_model: int, n_heads: int, keys: list[int], beam: int, round
                     mask = torch.ones(n, 1, 1, n_keys, dtype=torch.bool)
                     mask[::2, ..., n_keys - max(1, n_keys // 4):] = False
                 fns = {"SDPA": lambda q=q, k=k, v=v, m=mask: to_rows(F.scaled_dot_product_attention(q, k, v, attn_mask=m)),
-                       "2 bmm": lambda q=q, k=k, v=v, m=mask: to_rows(few_query_attention(q, k, v, m))}
+                       "2 bmm": lambda q=q, k=k, v=v, m=mask: to_rows(matmul_attention(q, k, v, m))}
                 if native.available():
                     fns["C kernel"] = lambda q=q, k=k, v=v, m=mask: native.decode_attention(q, k, v, m)
                 us = medians_us(fns, rounds)

@@ -76,20 +76,24 @@ def ours(family: str, s: Shape) -> torch.nn.Module:
     return build_model(cfg)
 
 
-def theirs(family: str, s: Shape) -> torch.nn.Module:
-    """The randomly initialised Hugging Face peer of `family` at shape `s` (SDPA attention)."""
+PEER_ATTENTION = ("sdpa", "eager")  # HF's `attn_implementation`: its default, and its matmul-softmax-matmul
+
+
+def theirs(family: str, s: Shape, attention: str = "sdpa") -> torch.nn.Module:
+    """The randomly initialised Hugging Face peer of `family` at shape `s` (`attention`: one of
+    PEER_ATTENTION, HF's ``attn_implementation``)."""
     import transformers as T
 
     if family == "decoder":
         cfg = T.GPT2Config(n_layer=s.layers, n_embd=s.d, n_head=s.heads, n_inner=s.d_ff, vocab_size=s.vocab,
                            n_positions=s.seq, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                            activation_function="gelu", bos_token_id=0, eos_token_id=0)
-        return T.GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
+        return T.GPT2LMHeadModel._from_config(cfg, attn_implementation=attention)
     if family == "encoder":
         cfg = T.BertConfig(num_hidden_layers=s.layers, hidden_size=s.d, num_attention_heads=s.heads,
                            intermediate_size=s.d_ff, vocab_size=s.vocab, max_position_embeddings=s.seq,
                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
-        return T.BertForMaskedLM._from_config(cfg, attn_implementation="sdpa")
+        return T.BertForMaskedLM._from_config(cfg, attn_implementation=attention)
     cfg = T.MarianConfig(encoder_layers=s.layers, decoder_layers=s.layers, d_model=s.d,
                          encoder_attention_heads=s.heads, decoder_attention_heads=s.heads,
                          encoder_ffn_dim=s.d_ff, decoder_ffn_dim=s.d_ff, vocab_size=s.vocab,
@@ -97,7 +101,7 @@ def theirs(family: str, s: Shape) -> torch.nn.Module:
                          activation_dropout=0.0, activation_function="gelu", scale_embedding=True,
                          pad_token_id=0, decoder_start_token_id=0, eos_token_id=1, bos_token_id=1,
                          forced_eos_token_id=1)
-    return T.MarianMTModel._from_config(cfg, attn_implementation="sdpa")
+    return T.MarianMTModel._from_config(cfg, attn_implementation=attention)
 
 
 def forward_fn(family: str, is_ours: bool, model, x: torch.Tensor):
@@ -135,9 +139,10 @@ def make_step(family: str, is_ours: bool, model, x, y, device, precision: str = 
     return step
 
 
-def _build(family: str, which: str, s: Shape, device: torch.device, compile: bool) -> torch.nn.Module:
+def _build(family: str, which: str, s: Shape, device: torch.device, compile: bool,
+           peer_attention: str = "sdpa") -> torch.nn.Module:
     torch.manual_seed(0)
-    model = (ours if which == "ours" else theirs)(family, s).to(device).train()
+    model = (ours(family, s) if which == "ours" else theirs(family, s, peer_attention)).to(device).train()
     return torch.compile(model) if compile else model
 
 
@@ -149,14 +154,14 @@ def _batch(s: Shape, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def step_memory(family: str, which: str, shape: dict, device: str, precision: str, compile: bool,
-                rss=None) -> dict:
+                rss=None, peer_attention: str = "sdpa") -> dict:
     """Peak memory (MB) of training steps of one model, above the built model and batch.
 
     Module-level so `run_isolated` can run it in a fresh process on CPU.
     Two steps, so AdamW's state (created on the first) is included.
     """
     dev, s = torch.device(device), Shape(**shape)
-    model = _build(family, which, s, dev, compile)
+    model = _build(family, which, s, dev, compile, peer_attention)
     x, y = _batch(s, dev)
     step = make_step(family, which == "ours", model, x, y, dev, precision)
     with PeakMemory(dev, rss) as mem:
@@ -167,13 +172,14 @@ def step_memory(family: str, which: str, shape: dict, device: str, precision: st
 
 def bench_family(
     family: str, s: Shape, steps: int, warmup: int, device: torch.device, precision: str, peak: float,
-    compile: bool = False, memory: bool = False, measured_peak: float | None = None,
+    compile: bool = False, memory: bool = False, measured_peak: float | None = None, peer_attention: str = "sdpa",
 ) -> dict:
     """Interleaved training steps of ours vs HF for `family`: medians, min/max, tokens/s, MFU, memory.
 
     Args:
         s: the shared shape; batches are (s.batch, s.seq) random ids.
         peak: FLOP/s for MFU (measured GEMM peak or GPU spec).
+        peer_attention: the HF peer's attention implementation (PEER_ATTENTION).
         measured_peak: where `peak` is a spec-sheet figure, the GEMM peak measured in this
             run; each side then also gets ``mfu_measured`` against it.
         memory: also measure each model's step memory. CUDA: one extra step each, above
@@ -181,13 +187,14 @@ def bench_family(
             model in a fresh process (`step_memory`), so AdamW's state is included.
     """
     x, y = _batch(s, device)
-    models = {k: _build(family, k, s, device, compile) for k in ("ours", "hf")}
+    models = {k: _build(family, k, s, device, compile, peer_attention) for k in ("ours", "hf")}
     runs = {k: make_step(family, k == "ours", m, x, y, device, precision) for k, m in models.items()}
     warm: dict[str, list[float]] = {}
     times = interleaved(runs, steps, warmup, warm)
     flops = train_flops(family, s)
     tokens = s.batch * s.seq * (2 if family == "encoder_decoder" else 1)
-    out = {"family": family, "flops_per_step": flops, "tokens_per_step": tokens, "compiled": compile}
+    out = {"family": family, "flops_per_step": flops, "tokens_per_step": tokens, "compiled": compile,
+           "peer_attention": peer_attention}
     for k, m in models.items():
         stats = summarize(times[k])
         tps = tokens / stats["median_s"]
@@ -205,6 +212,6 @@ def bench_family(
         del models, runs
         for k in ("ours", "hf"):
             kwargs = dict(family=family, which=k, shape=asdict(s), device=str(device),
-                          precision=precision, compile=compile)
+                          precision=precision, compile=compile, peer_attention=peer_attention)
             out[k].update(run_isolated(step_memory, kwargs, device))
     return out

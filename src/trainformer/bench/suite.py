@@ -38,6 +38,7 @@ class Options:
     train_models: tuple[str, ...] | None = None  # None: the three families (+ gpt2-small on CUDA)
     train_batch: int | None = None  # sequences per training step for every model (None: each shape's)
     allocator: str = "default"  # "keep-freed": `keep_freed_memory` for the whole process (CPU)
+    peer_attention: str = "sdpa"  # the HF peers' attn_implementation in the training step (sdpa: HF's default)
     notes: list[str] = field(default_factory=list)
 
 
@@ -86,7 +87,8 @@ def _train(o: Options, dev: torch.device, prec: str, peaks: dict,
     rows: list[dict] = []
     for label, family, shape in train_models(o, dev):
         print(f"bench: train {label} ...", flush=True)
-        r = bench_family(family, shape, steps, warmup, dev, prec, peak, o.compile, memory, measured)
+        r = bench_family(family, shape, steps, warmup, dev, prec, peak, o.compile, memory, measured,
+                         o.peer_attention)
         rows.append({**r, "family": label, "shape": shape.__dict__})
         emit(rows)
     return rows
@@ -167,6 +169,9 @@ def run_suite(o: Options, on_update: Callable[[dict], None] | None = None) -> di
         o.notes.append("torch.compile applied to the training-step models (section train) only")
     o.notes.extend(_allocator_notes(o.allocator, dev))
     results["options"]["allocator"] = o.allocator
+    results["options"]["peer_attention"] = o.peer_attention
+    if o.peer_attention != "sdpa":
+        o.notes.append(f"HF peers' attention in the training step: {o.peer_attention} (HF's default: sdpa)")
     peaks: dict = {}
     if "peak" in o.only or "train" in o.only:
         peaks = _guarded("peak", lambda: measure_peaks(dev, o.quick))

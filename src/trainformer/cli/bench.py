@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--allocator", choices=("default", "keep-freed"), default="default",
                    help="CPU memory allocator of the whole process, ours and the peers alike: glibc's "
                    "default, or freed memory kept for reuse as trainformer's CPU training runs set it")
+    p.add_argument("--peer-attention", choices=("sdpa", "eager"), default="sdpa",
+                   help="the HF peers' attn_implementation in the training step: sdpa (HF's default) or "
+                   "eager (its matmul-softmax-matmul, as ours runs bf16 attention on the CPU)")
     p.set_defaults(func=run)
 
 
@@ -45,7 +48,7 @@ def run(args) -> int:
     opts = Options(quick=args.quick, only=parse_only(args.only), device=args.device,
                    precision=args.precision, compile=args.compile,
                    train_models=parse_train_models(args.train_models), train_batch=args.train_batch or None,
-                   allocator=args.allocator)
+                   allocator=args.allocator, peer_attention=args.peer_attention)
     results = run_suite(opts, on_update=lambda r: write_report(r, args.out))
     paths = write_report(results, args.out)
     print(markdown(results))

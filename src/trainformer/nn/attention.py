@@ -8,13 +8,15 @@ incremental KV cache. Attention-probability dropout is deliberately absent:
 ``dropout_p > 0`` pushes CPU SDPA onto a ~9x slower kernel, so dropout is
 applied to the residual branch instead (see `EncoderLayer`).
 
-On the CPU, bf16 attention is computed in fp32 (`sdpa`): PyTorch's CPU
-flash-attention kernel is slower in bf16 than in fp32 at every length we
-train at (its backward 1.5-4x at T <= 256; `benchmarks/speed/bench_attention.py`).
+On the CPU, bf16 attention over up to `MATMUL_MAX_KEYS` keys is two bf16
+batched GEMMs around a softmax with the scores materialised (`matmul_attention`),
+and longer ones are computed in fp32 (`sdpa`): PyTorch's CPU flash-attention
+kernel pays a fixed cost per (row, head) block and is slower in bf16 than in
+fp32 at every length we train at (`benchmarks/speed/bench_attention.py`).
 A decoding step's attention (one new query per row against the cache, or a
 source's beams against its memory) runs in a small C kernel where it is built
-(`trainformer.nn.native`), else as two batched GEMMs where that kernel's
-per-head overhead dominates (`few_query_attention`).
+(`trainformer.nn.native`), else as the same two batched GEMMs where that kernel's
+per-head overhead dominates (`few_query_pays`).
 
 `reference_attention` is the plain softmax(QK^T / sqrt(Dh)) V the tests
 compare against.
@@ -35,17 +37,26 @@ from trainformer.nn.embedding import apply_rotary
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 
+CPU_BF16 = ("auto", "fp32", "sdpa")  # how bf16 attention runs on the CPU; see `sdpa`
+MATMUL_MAX_KEYS = 256  # bf16 on the CPU: `matmul_attention` up to this many keys, fp32 SDPA above
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
-         is_causal: bool = False, enable_gqa: bool = False, cpu_bf16_in_fp32: bool = True) -> torch.Tensor:
+         is_causal: bool = False, enable_gqa: bool = False, cpu_bf16: str = "auto") -> torch.Tensor:
     """`F.scaled_dot_product_attention` of q (B, H, T, Dh), k, v (B, KV, S, Dh) -> (B, H, T, Dh).
 
-    With `cpu_bf16_in_fp32`, bf16 inputs on the CPU are computed in fp32 and the
-    result cast back (the fp32 kernel is the faster one there); autocast, which
-    would cast them back to bf16, is paused for the call. Elsewhere SDPA runs as given.
+    bf16 inputs on the CPU, by `cpu_bf16`:
+        "auto": `matmul_attention` in bf16 up to `MATMUL_MAX_KEYS` keys (its scores take
+            B H T S bf16 values, kept for the backward), "fp32" above;
+        "fp32": computed by SDPA in fp32 and cast back;
+        "sdpa": SDPA's own bf16 kernel (benchmarks compare against it).
+    Autocast, which would cast the inputs again, is paused for the call. Elsewhere SDPA runs as given.
     """
-    if not cpu_bf16_in_fp32 or q.device.type != "cpu" or q.dtype != torch.bfloat16:
+    if cpu_bf16 == "sdpa" or q.device.type != "cpu" or q.dtype != torch.bfloat16:
         return _attend(q, k, v, attn_mask, is_causal, enable_gqa)
     with torch.autocast("cpu", enabled=False):
+        if cpu_bf16 == "auto" and k.shape[2] <= MATMUL_MAX_KEYS and _heads_shared(attn_mask):
+            return matmul_attention(q, k, v, attn_mask, is_causal)
         y = _attend(q.float(), k.float(), v.float(), attn_mask, is_causal, enable_gqa)
     return y.to(torch.bfloat16)
 
@@ -54,7 +65,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.
 # or a source's beams as one block of a few queries against its encoder memory (cross-
 # attention). PyTorch's CPU SDPA kernel pays a fixed cost per (batch row, head); two
 # batched GEMMs pay less once there are many such blocks and enough keys, and more below
-# that (benchmarks/speed/bench_head_kernels.py, rows "attention").
+# that (benchmarks/speed/bench_head_kernels.py, rows "attention"): `matmul_attention` there.
 FEW_QUERY_MAX = 8  # queries per (row, head) block
 ONE_QUERY_MIN_BLOCKS = 128  # rows x heads, one query each (a self-attention step)
 FEW_QUERY_MIN_BLOCKS = 256  # rows x heads of 2..FEW_QUERY_MAX queries (a source's beams)
@@ -62,7 +73,7 @@ FEW_QUERY_MIN_SCORES = 16  # queries x keys per block: below it PyTorch's small-
 
 
 def few_query_pays(blocks: int, queries: int, keys: int) -> bool:
-    """Whether `few_query_attention` beats SDPA on the CPU for `blocks` (row, head) pairs of
+    """Whether `matmul_attention` beats SDPA on the CPU for `blocks` (row, head) pairs of
     `queries` queries against `keys` keys (see the thresholds above)."""
     min_blocks = ONE_QUERY_MIN_BLOCKS if queries == 1 else FEW_QUERY_MIN_BLOCKS
     return queries <= FEW_QUERY_MAX and blocks >= min_blocks and queries * keys >= FEW_QUERY_MIN_SCORES
@@ -74,45 +85,59 @@ def _attend(q, k, v, attn_mask, is_causal, enable_gqa) -> torch.Tensor:
     if (q.device.type == "cpu" and not is_causal and _is_key_mask(attn_mask, q) and native.outside_autograd(q, k, v)
             and not torch.is_autocast_enabled("cpu")
             and few_query_pays(q.shape[0] * q.shape[1], q.shape[2], k.shape[2])):
-        return few_query_attention(q, k, v, attn_mask)
+        return matmul_attention(q, k, v, attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                           enable_gqa=enable_gqa)
 
 
 def _is_key_mask(mask: torch.Tensor | None, k: torch.Tensor) -> bool:
-    """None, or a bool key padding mask (B, 1, 1, S) of k's batch (what `few_query_attention` takes)."""
+    """None, or a bool key padding mask (B, 1, 1, S) of k's batch (no query or head dimension)."""
     return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == k.shape[0]
                             and mask.shape[1] == mask.shape[2] == 1)
 
 
 def _native_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                  is_causal: bool, bf16_in_fp32: bool) -> bool:
+                  is_causal: bool, cpu_bf16: str) -> bool:
     """A decoding step's attention on the CPU: a few queries per row, a key padding mask or none,
     no gradient recorded, eager: the C kernel of `trainformer.nn.native`, where it is built and
-    pays (`native.pays`). bf16 inputs are computed in fp32, as `sdpa` does (unless a benchmark
-    turned that off). On one thread it beats PyTorch's attention at the decoding shapes of
+    pays (`native.pays`). bf16 inputs are computed in fp32 (unless a benchmark asked for SDPA's
+    own bf16 kernel). On one thread it beats PyTorch's attention at the decoding shapes of
     bench_head_kernels.py but one (a source's 4 beams against 32-64 keys at 8-128 rows: 0.81-0.98x)."""
     return (q.device.type == "cpu" and not is_causal and q.shape[2] <= FEW_QUERY_MAX
-            and native.takes(q, k, v) and (q.dtype == torch.float32 or bf16_in_fp32)
+            and native.takes(q, k, v) and (q.dtype == torch.float32 or cpu_bf16 != "sdpa")
             and _is_key_mask(attn_mask, k) and native.outside_autograd(q, k, v)
             and native.pays(q.numel() * k.shape[2]))
 
 
-def few_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh)) v for a few queries per row, as two batched GEMMs.
+def _heads_shared(mask: torch.Tensor | None) -> bool:
+    """None, or a bool mask whose head dimension (if any) is 1 (what `matmul_attention` takes)."""
+    return mask is None or (mask.dtype == torch.bool and (mask.dim() < 4 or mask.shape[1] == 1))
 
-    q (B, H, T, Dh), k, v (B, KV, S, Dh) with H a multiple of KV -> (B, H, T, Dh);
-    key_mask: bool (B, 1, 1, S), True = may attend, or None. No causal mask: every
-    query sees every key. The query heads that share a key/value head (GQA) and
-    their queries form one (H / KV * T, Dh) block.
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                     is_causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v as two batched GEMMs in q's dtype, the scores materialised.
+
+    q (B, H, T, Dh), k, v (B, KV, S, Dh) with H a multiple of KV -> (B, H, T, Dh).
+    attn_mask: bool, True = may attend, broadcastable to (B, 1, T, S) (no per-head
+    mask), or None; is_causal: query i sees keys j <= i (top-left, as SDPA's). The
+    query heads that share a key/value head (GQA) and their queries form one
+    (H / KV * T, Dh) block. The softmax runs in q's dtype (PyTorch's bf16 softmax
+    accumulates in fp32); a row with nothing to attend to is NaN. Differentiable.
     """
     b, h, t, dh = q.shape
-    kv = k.shape[1]
-    q = q.reshape(b, kv, h // kv * t, dh)  # (B, KV, g T, Dh)
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(dh ** -0.5)  # (B, KV, g T, S)
-    if key_mask is not None:
-        scores.masked_fill_(~key_mask, float("-inf"))
+    kv, s = k.shape[1], k.shape[2]
+    g = h // kv
+    mask = attn_mask
+    if is_causal:
+        causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()  # (T, S)
+        mask = causal if mask is None else mask & causal
+    q = (q * dh ** -0.5).reshape(b, kv, g * t, dh)  # (B, KV, g T, Dh)
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, KV, g T, S)
+    if mask is not None:
+        if g > 1 and mask.shape[-2] > 1:  # per-query rows: one copy per head of the group
+            mask = mask.repeat(*(1,) * (mask.dim() - 2), g, 1)  # (..., g T, S)
+        scores.masked_fill_(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v).view(b, h, t, dh)
 
 
@@ -144,7 +169,7 @@ class MultiHeadAttention(nn.Module):
         else:
             self.qkv = nn.Linear(d_model, q_dim + 2 * kv_dim, bias=bias)
         self.out = nn.Linear(q_dim, d_model, bias=bias)
-        self.cpu_bf16_in_fp32 = True  # see `sdpa`; a benchmark turns it off to compare
+        self.cpu_bf16 = "auto"  # see `sdpa`; benchmarks set the other `CPU_BF16` modes to compare
 
     def forward(
         self,
@@ -173,14 +198,14 @@ class MultiHeadAttention(nn.Module):
         else:
             q, k, v = self._self_qkv(x, rope, cache)
         group = cache.group if cache is not None else 1
-        if _native_takes(q, k, v, attn_mask, is_causal, self.cpu_bf16_in_fp32):
+        if _native_takes(q, k, v, attn_mask, is_causal, self.cpu_bf16):
             y = native.decode_attention(q, k, v, attn_mask, group)  # (B, T, H*Dh) float32
             return self.out(y if q.dtype == torch.float32 else y.to(q.dtype))
         b, h, t, dh = q.shape
         if group > 1:  # the queries of `group` rows that share one row of k/v, as one block
             q = q.view(b // group, group, h, t, dh).transpose(1, 2).reshape(b // group, h, group * t, dh)
         y = sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads,
-                 cpu_bf16_in_fp32=self.cpu_bf16_in_fp32)  # (B / g, H, g T, Dh)
+                 cpu_bf16=self.cpu_bf16)  # (B / g, H, g T, Dh)
         y = y.view(b // group, h, group, t, dh).permute(0, 2, 3, 1, 4)  # (B / g, g, T, H, Dh)
         return self.out(y.reshape(b, t, -1))  # (B, T, H*Dh) -> (B, T, D)
 

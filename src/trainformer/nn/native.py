@@ -1,5 +1,6 @@
-"""The C kernels of a CPU decoding step (decode_kernels.c), built on first use.
+"""The C kernels of the CPU's hot paths (cpu_kernels.c), built on first use.
 
+A decoding step:
 - `decode_attention`: a decoding step attends a few queries per row (one new
   token, or a source's beams) to a few dozen cached keys. PyTorch's CPU
   attention kernels pay a fixed cost per (row, head) block that dominates at
@@ -10,11 +11,17 @@
   of a `log_softmax` over the whole (rows, vocabulary) matrix and a max over its blocks.
 - `gelu_`: the feed-forward's GELU in place, on glibc's vector erf.
 
+Training:
+- `softmax_xent`: the label-smoothed cross-entropy of (rows, vocabulary) logits
+  and its gradient, one pass per row (upcast, max, exponentials, the gradient
+  written in the logits' dtype), rows split over torch's threads.
+
 The source is compiled once per machine with the system's C compiler (``$CC``,
 else ``cc`` / ``gcc``) for this CPU (``-march=native``) into
 ``~/.cache/trainformer/native`` (``$TRAINFORMER_CACHE``), and called through
-`ctypes`. Without a compiler, or with ``TRAINFORMER_NATIVE=0``, decoding keeps
-PyTorch's kernels (same results up to float rounding); `available()` says which.
+`ctypes` (which releases the GIL, so Python threads can run a kernel side by side).
+Without a compiler, or with ``TRAINFORMER_NATIVE=0``, PyTorch's kernels run
+instead (same results up to float rounding); `available()` says which.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,7 +44,7 @@ import torch
 from trainformer.paths import cache_dir
 from trainformer.textio import warn
 
-SOURCE = Path(__file__).with_name("decode_kernels.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-std=c99", "-shared", "-fPIC"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -46,7 +54,7 @@ SMALL_WORK = 1 << 18  # see `pays`: a batch-1 or batch-4 beam step, not a batch 
 
 
 def available() -> bool:
-    """Whether decoding uses the kernels: built and loaded (built now if they are not yet), not `disabled`."""
+    """Whether the kernels are used: built and loaded (built now if they are not yet), not `disabled`."""
     return _enabled and _library() is not None
 
 
@@ -69,7 +77,7 @@ def pays(work: int) -> bool:
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Decoding on PyTorch's kernels inside the block (benchmarks compare both in one process)."""
+    """PyTorch's kernels inside the block (benchmarks compare both in one process)."""
     global _enabled
     before, _enabled = _enabled, False
     try:
@@ -140,6 +148,56 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def softmax_xent(logits: torch.Tensor, labels: torch.Tensor, eps: float, ignore_index: int = -100
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label-smoothed cross-entropy of logits (N, V) and its gradient (N, V).
+
+    ``F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=eps,
+    ignore_index=ignore_index)`` and the gradient of that sum, in the logits' dtype
+    (float32 or bf16; statistics in float32). Rows are split over torch's threads.
+
+    Raises:
+        ValueError: a label that is neither a class of V nor `ignore_index`.
+    """
+    lib = _loaded()
+    n, v = logits.shape
+    if (logits.dtype not in (torch.float32, torch.bfloat16) or logits.stride(1) != 1
+            or logits.device.type != "cpu"):
+        raise ValueError("softmax_xent takes CPU float32 or bf16 (N, V) logits with unit stride over V")
+    labels = labels.to(torch.int64).contiguous()
+    grad, losses = torch.empty(n, v, dtype=logits.dtype), torch.empty(n)
+    args = (logits.data_ptr(), logits.stride(0), int(logits.dtype == torch.bfloat16), labels.data_ptr(),
+            ignore_index, eps, grad.data_ptr(), losses.data_ptr())
+    statuses = _split_rows(lambda lo, hi: lib.tf_softmax_xent(*args, lo, hi, v), n, n * v)
+    bad = [s for s in statuses if s != 0]
+    if bad and min(bad) < 0:
+        raise MemoryError(f"softmax_xent: no memory for a row of {v} floats")
+    if bad:
+        row = min(bad) - 1
+        raise ValueError(f"label {labels[row].item()} of row {row} is not a class of the {v} logits "
+                         f"(nor {ignore_index}, ignored)")
+    return losses.sum(), grad
+
+
+PARALLEL_MIN_WORK = 1 << 20  # elements: below this a kernel runs on the calling thread alone
+
+
+def _split_rows(run: Callable[[int, int], int], rows: int, work: int) -> list[int]:
+    """`run(lo, hi)` over row ranges covering [0, rows), one per torch thread (the calling thread
+    takes the first) where `work` is big enough to pay for the hand-off; their return values."""
+    parts = min(torch.get_num_threads(), rows) if work >= PARALLEL_MIN_WORK else 1
+    if parts <= 1:
+        return [run(0, rows)]
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    futures = [_pool(parts - 1).submit(run, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    return [run(bounds[0], bounds[1])] + [f.result() for f in futures]
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trainformer-native")
+
+
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the tensors fit `decode_attention`: on the CPU, float32 or bf16, unit stride over the last
     dimension."""
@@ -150,7 +208,7 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def _loaded() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
-        raise RuntimeError("the native decoding kernels are not available (see trainformer.nn.native)")
+        raise RuntimeError("the native CPU kernels are not available (see trainformer.nn.native)")
     return lib
 
 
@@ -161,15 +219,15 @@ def _library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        warn("no C compiler found ($CC, cc, gcc): CPU decoding stays on PyTorch's kernels")
+        warn("no C compiler found ($CC, cc, gcc): the CPU kernels stay PyTorch's")
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as e:
         stderr = getattr(e, "stderr", None) or b""
         detail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [str(e)]
-        warn(f"could not build the native decoding kernels with {compiler} ({detail[0]}); "
-             "CPU decoding stays on PyTorch's kernels")
+        warn(f"could not build the native CPU kernels with {compiler} ({detail[0]}); "
+             "the CPU kernels stay PyTorch's")
         return None
     lib.tf_decode_attention.restype = ctypes.c_int
     lib.tf_decode_attention.argtypes = [_PTR] * 5 + [_I64] * 17 + [ctypes.c_float]
@@ -177,6 +235,8 @@ def _library() -> ctypes.CDLL | None:
     lib.tf_logsumexp_block_max.argtypes = [_PTR] * 3 + [_I64] * 4
     lib.tf_gelu_.restype = None
     lib.tf_gelu_.argtypes = [_PTR, _I64]
+    lib.tf_softmax_xent.restype = _I64
+    lib.tf_softmax_xent.argtypes = [_PTR, _I64, ctypes.c_int, _PTR, _I64, ctypes.c_float, _PTR, _PTR, _I64, _I64, _I64]
     return lib
 
 
@@ -187,7 +247,7 @@ def _build(compiler: str) -> Path:
     that does not link, without them."""
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-    target = cache_dir("native") / f"decode_kernels-{key}.so"
+    target = cache_dir("native") / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: atomic

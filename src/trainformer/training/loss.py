@@ -1,12 +1,13 @@
 """The token-level loss every task uses: label-smoothed cross-entropy, summed in fp32.
 
-On the CPU, training computes it with `SoftmaxCrossEntropy`: row blocks of the
-logits are upcast, and the gradient (softmax minus the smoothed target) is
-written during the forward pass, in the logits' dtype. Autograd's
-``F.cross_entropy`` instead keeps an fp32 copy of all logits and its
-log-softmax, and reads them again in three backward passes (log-softmax,
-the upcast, the loss); the block version is 2-3x faster on the logits of a
-recipe's batch and holds half the memory in bf16
+On the CPU, training computes it with `SoftmaxCrossEntropy`: the gradient
+(softmax minus the smoothed target) is written during the forward pass, in the
+logits' dtype, by the C kernel `trainformer.nn.native.softmax_xent` (one pass
+per row, rows split over torch's threads) where it is built, else by PyTorch
+ops on row blocks upcast 128 at a time. Autograd's ``F.cross_entropy`` instead
+keeps an fp32 copy of all logits and its log-softmax, and reads them again in
+three backward passes (log-softmax, the upcast, the loss); the block version is
+2-3x faster on the logits of a recipe's batch and holds half the memory in bf16
 (``python benchmarks/speed/bench_loss.py``). Elsewhere (CUDA, no gradient)
 ``F.cross_entropy`` runs as it is.
 """
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from trainformer.data.batching import IGNORE_INDEX  # labels of padding / tokens that carry no loss
+from trainformer.nn import native
 
 ROWS_PER_BLOCK = 128  # logits rows upcast at a time: a (128, V) fp32 block stays in cache
 BLOCKWISE_ON_CPU = True  # a benchmark switches it off to compare
@@ -61,19 +63,28 @@ class SoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
-        grad = torch.empty_like(logits)  # (N, V)
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for start in range(0, logits.shape[0], ROWS_PER_BLOCK):
-            rows = slice(start, start + ROWS_PER_BLOCK)
-            loss, grad[rows] = _block(logits[rows].float(), labels[rows], eps)
-            total += loss
+        if logits.dtype in (torch.float32, torch.bfloat16) and logits.stride(1) == 1 and native.available():
+            total, grad = native.softmax_xent(logits, labels, eps, IGNORE_INDEX)  # (), (N, V)
+        else:
+            total, grad = _blockwise(logits, labels, eps)
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None
+        (grad,) = ctx.saved_tensors  # a second backward (retain_graph) fails here: scaled in place below
+        return grad.mul_(grad_out), None, None
+
+
+def _blockwise(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`SoftmaxCrossEntropy`'s forward in PyTorch ops, `ROWS_PER_BLOCK` rows upcast at a time."""
+    grad = torch.empty_like(logits)  # (N, V)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], ROWS_PER_BLOCK):
+        rows = slice(start, start + ROWS_PER_BLOCK)
+        loss, grad[rows] = _block(logits[rows].float(), labels[rows], eps)
+        total += loss
+    return total, grad
 
 
 def _block(x: torch.Tensor, labels: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

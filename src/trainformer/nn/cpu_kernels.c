@@ -1,6 +1,8 @@
-/* Kernels of a CPU decoding step. Attention: a few queries per row against its cached keys.
+/* C kernels of the CPU's hot paths: a decoding step (attention, log-sum-exp, GELU) and the
+ * training loss (softmax cross-entropy and its gradient). Built by trainformer/nn/native.py
+ * with the system's C compiler on first use.
  *
- * Built by trainformer/nn/native.py with the system's C compiler on first use.
+ * Attention: a few queries per row against its cached keys.
  * PyTorch's attention kernels pay a fixed cost per (row, head) block, which
  * dominates at decoding shapes (one query, a few to a few dozen keys, 48-64
  * dimensions): here each block is two short loops over its keys.
@@ -17,6 +19,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #ifdef TF_VECTOR_MATH /* glibc's vector expf and erff (libmvec), 16 lanes at a time */
 #pragma omp declare simd notinbranch
@@ -129,4 +132,88 @@ void tf_logsumexp_block_max(const float *logits, float *lse, float *block_max, i
 void tf_gelu_(float *x, int64_t n) {
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
+}
+
+/* bf16 <-> float: a bf16 is the top half of a float's bits; rounding to nearest even, as torch. */
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Label-smoothed softmax cross-entropy of rows [lo, hi) and its gradient, one pass per row:
+ *
+ *   p = softmax(x[n]),  t = (1 - eps) onehot(label[n]) + eps / V
+ *   loss[n] = -sum(t * log p) = (1 - eps)(lse - x[label]) + eps (lse - mean(x))
+ *   grad[n] = p - t              (loss[n] = 0 and grad[n] = 0 where label[n] = ignore)
+ *
+ * x: (N, V) logits, row stride `ld`, unit stride over V, float32 (bf16 = 0) or bf16 (bf16 = 1);
+ * grad: contiguous (N, V) in x's dtype; loss: (N,) float32; buf: V floats of scratch.
+ * Returns 0, or 1 + the first row whose label is neither in [0, V) nor `ignore`.
+ */
+int64_t tf_softmax_xent(const void *x, int64_t ld, int bf16, const int64_t *labels, int64_t ignore, float eps,
+                        void *grad, float *loss, int64_t lo, int64_t hi, int64_t V) {
+    float *buf = malloc((size_t)V * sizeof(float));
+    if (!buf) return -1;
+    for (int64_t n = lo; n < hi; n++) {
+        const int64_t label = labels[n];
+        if (label == ignore) {
+            memset((char *)grad + n * V * (bf16 ? 2 : 4), 0, (size_t)V * (bf16 ? 2 : 4));
+            loss[n] = 0.0f;
+            continue;
+        }
+        if (label < 0 || label >= V) {
+            free(buf);
+            return n + 1;
+        }
+        float m = -INFINITY, sum_x = 0.0f;
+        if (bf16) {
+            const uint16_t *row = (const uint16_t *)x + n * ld;
+#pragma omp simd reduction(max : m) reduction(+ : sum_x)
+            for (int64_t w = 0; w < V; w++) {
+                const float f = bf16_to_float(row[w]);
+                buf[w] = f;
+                m = f > m ? f : m;
+                sum_x += f;
+            }
+        } else {
+            const float *row = (const float *)x + n * ld;
+#pragma omp simd reduction(max : m) reduction(+ : sum_x)
+            for (int64_t w = 0; w < V; w++) {
+                buf[w] = row[w];
+                m = row[w] > m ? row[w] : m;
+                sum_x += row[w];
+            }
+        }
+        const float target = buf[label];
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t w = 0; w < V; w++) {
+            buf[w] = expf(buf[w] - m);
+            total += buf[w];
+        }
+        const float lse = m + logf(total);
+        loss[n] = (1.0f - eps) * (lse - target) + (eps != 0.0f ? eps * (lse - sum_x / (float)V) : 0.0f);
+        const float inv = 1.0f / total, floor_t = eps / (float)V;
+        buf[label] -= (1.0f - eps) * total; /* p[label] - (1 - eps), before the scaling by 1 / total */
+        if (bf16) {
+            uint16_t *g = (uint16_t *)grad + n * V;
+#pragma omp simd
+            for (int64_t w = 0; w < V; w++) g[w] = float_to_bf16(buf[w] * inv - floor_t);
+        } else {
+            float *g = (float *)grad + n * V;
+#pragma omp simd
+            for (int64_t w = 0; w < V; w++) g[w] = buf[w] * inv - floor_t;
+        }
+    }
+    free(buf);
+    return 0;
 }
