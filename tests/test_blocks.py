@@ -382,14 +382,21 @@ def test_cpu_bf16_attention_modes_under_autocast():
     assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad).all()
 
 
-def test_cpu_bf16_attention_above_the_key_limit_runs_in_fp32(monkeypatch):
+@pytest.mark.parametrize("grad", [True, False])
+def test_cpu_bf16_attention_above_the_key_limits_runs_in_fp32(grad, monkeypatch):
+    """Above MATMUL_MAX_KEYS keys (and, forward only with small heads, above
+    MATMUL_MAX_KEYS_FORWARD_SMALL_HEADS) bf16 attention is the fp32 kernel's."""
     from trainformer.nn import attention
 
-    monkeypatch.setattr(attention, "MATMUL_MAX_KEYS", 6)
-    q, k, v = (torch.randn(2, 2, 7, 8).bfloat16() for _ in range(3))
+    monkeypatch.setattr(attention, "MATMUL_MAX_KEYS", 8 if grad else 100)
+    monkeypatch.setattr(attention, "MATMUL_MAX_KEYS_FORWARD_SMALL_HEADS", 6)
+    q, k, v = (torch.randn(2, 2, 7, 8).bfloat16().requires_grad_(grad) for _ in range(3))
+    fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = attention.sdpa(q, k, v, is_causal=True)
-    assert torch.equal(y, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16())
+        assert attention.matmul_pays(q, k) == grad  # 7 keys: under 8 with a gradient, over 6 without
+        assert torch.equal(attention.sdpa(q, k, v, is_causal=True), fp32) != grad
+        monkeypatch.setattr(attention, "MATMUL_MAX_KEYS", 6)
+        assert torch.equal(attention.sdpa(q, k, v, is_causal=True), fp32)
 
 
 @pytest.mark.parametrize("n_kv", [4, 2, 1])

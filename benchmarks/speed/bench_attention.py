@@ -5,7 +5,7 @@ q/k/v of (B, 4, T, Dh) with ~4k query tokens per call, with a padding mask
 (every other row half padding) and causal, for SDPA's default bf16 kernel
 (flash), its math kernel, the inputs upcast to fp32 (``cpu_bf16="fp32"`` of
 `trainformer.nn.attention.sdpa`) and two bf16 batched GEMMs around a softmax
-(`matmul_attention`, what ``"auto"`` takes up to ``MATMUL_MAX_KEYS`` keys).
+(`matmul_attention`, what ``"auto"`` takes where `matmul_pays`).
 Part 2 (steps): the trainer's own step on each recipe's batch stream (its
 precision: bf16 on CPUs with native bf16), ``"auto"`` and ``"fp32"`` in
 alternating blocks. Variants are interleaved in one process after a warm-up;
@@ -36,7 +36,12 @@ from trainformer.bench.recipe_steps import (
 )
 from trainformer.bench.timing import interleaved, timed
 from trainformer.errors import run_script
-from trainformer.nn.attention import MATMUL_MAX_KEYS, MultiHeadAttention, matmul_attention
+from trainformer.nn.attention import (
+    MATMUL_MAX_KEYS,
+    MATMUL_MAX_KEYS_FORWARD_SMALL_HEADS,
+    MultiHeadAttention,
+    matmul_attention,
+)
 from trainformer.paths import REPO_ROOT
 
 KERNELS = ("bf16 flash", "bf16 math", "fp32 upcast", "bf16 matmul")
@@ -112,7 +117,8 @@ def markdown(result: dict) -> str:
     lines = ["# bf16 attention on the CPU", "", f"Machine: {result['machine']}; torch {result['versions']['torch']}, "
              f"{result['threads']} threads; {result['date']}.", "",
              "## Kernels (ms per call, ~4k query tokens, 4 heads; median of "
-             f"{result['rounds']})", "", f"\"auto\" takes bf16 matmul up to {MATMUL_MAX_KEYS} keys, fp32 upcast above.",
+             f"{result['rounds']})", "", f"\"auto\" (`matmul_pays`) takes bf16 matmul up to {MATMUL_MAX_KEYS} keys (forward only with head dim "
+             f"below 64: up to {MATMUL_MAX_KEYS_FORWARD_SMALL_HEADS}), fp32 upcast above.",
              "", "| pass | mask | Dh | T | " + " | ".join(KERNELS) + " | best |",
              "|---|---|---|---|" + "---|" * (len(KERNELS) + 1)]
     for r in result["kernels"]:

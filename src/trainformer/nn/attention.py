@@ -10,7 +10,7 @@ applied to the residual branch instead (see `EncoderLayer`).
 
 On the CPU, bf16 attention over up to `MATMUL_MAX_KEYS` keys is two bf16
 batched GEMMs around a softmax with the scores materialised (`matmul_attention`),
-and longer ones are computed in fp32 (`sdpa`): PyTorch's CPU flash-attention
+and longer ones are computed in fp32 (`sdpa`, `matmul_pays`): PyTorch's CPU flash-attention
 kernel pays a fixed cost per (row, head) block and is slower in bf16 than in
 fp32 at every length we train at (`benchmarks/speed/bench_attention.py`).
 A decoding step's attention (one new query per row against the cache, or a
@@ -38,7 +38,19 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 CPU_BF16 = ("auto", "fp32", "sdpa")  # how bf16 attention runs on the CPU; see `sdpa`
-MATMUL_MAX_KEYS = 256  # bf16 on the CPU: `matmul_attention` up to this many keys, fp32 SDPA above
+# bf16 on the CPU: `matmul_attention` up to this many keys, fp32 SDPA above
+# (benchmarks/speed/bench_attention.py: forward+backward 1.1-1.9x the fp32 kernel at 8-512 keys;
+# forward only 1.2-2.0x with head dim 64, but 0.8-0.9x from 256 keys with head dim 32).
+MATMUL_MAX_KEYS = 512
+MATMUL_MAX_KEYS_FORWARD_SMALL_HEADS = 128  # forward only (no gradient), head dim below 64
+
+
+def matmul_pays(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether bf16 attention of q (B, H, T, Dh) over k (B, KV, S, Dh) takes `matmul_attention` on the CPU."""
+    keys = k.shape[2]
+    if q.shape[-1] < 64 and native.outside_autograd(q, k):
+        return keys <= MATMUL_MAX_KEYS_FORWARD_SMALL_HEADS
+    return keys <= MATMUL_MAX_KEYS
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
@@ -46,8 +58,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.
     """`F.scaled_dot_product_attention` of q (B, H, T, Dh), k, v (B, KV, S, Dh) -> (B, H, T, Dh).
 
     bf16 inputs on the CPU, by `cpu_bf16`:
-        "auto": `matmul_attention` in bf16 up to `MATMUL_MAX_KEYS` keys (its scores take
-            B H T S bf16 values, kept for the backward), "fp32" above;
+        "auto": `matmul_attention` in bf16 where it is the faster (`matmul_pays`: up to
+            `MATMUL_MAX_KEYS` keys; its scores take B H T S bf16 values, kept for the
+            backward), "fp32" elsewhere;
         "fp32": computed by SDPA in fp32 and cast back;
         "sdpa": SDPA's own bf16 kernel (benchmarks compare against it).
     Autocast, which would cast the inputs again, is paused for the call. Elsewhere SDPA runs as given.
@@ -55,7 +68,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.
     if cpu_bf16 == "sdpa" or q.device.type != "cpu" or q.dtype != torch.bfloat16:
         return _attend(q, k, v, attn_mask, is_causal, enable_gqa)
     with torch.autocast("cpu", enabled=False):
-        if cpu_bf16 == "auto" and k.shape[2] <= MATMUL_MAX_KEYS and _heads_shared(attn_mask):
+        if cpu_bf16 == "auto" and matmul_pays(q, k) and _heads_shared(attn_mask):
             return matmul_attention(q, k, v, attn_mask, is_causal)
         y = _attend(q.float(), k.float(), v.float(), attn_mask, is_causal, enable_gqa)
     return y.to(torch.bfloat16)
