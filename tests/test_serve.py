@@ -628,6 +628,26 @@ def test_api_key(models):
     assert exposure_warning("localhost", None) is None and exposure_warning("::1", None) is None
 
 
+def test_a_request_let_in_before_the_signal_is_answered_while_draining(models, monkeypatch):
+    """SIGTERM between the gate and the model's queue: the request the gate let in is still
+    answered (200); a POST after it is refused at the gate (503 shutting_down)."""
+    from trainformer.serve import app as app_module
+
+    app = build_app(specs(models, "tr"), ServeSettings(device="cpu"))
+    state = app.state.serve
+    looked_up = app_module.served_model
+
+    def signal_arrives_now(*args):
+        state.draining = True  # what the SIGTERM handler sets
+        return looked_up(*args)
+
+    monkeypatch.setattr(app_module, "served_model", signal_arrives_now)
+    with LiveServer(app) as live:
+        first = live.post("/v1/translate", {"model": "tr", "texts": ["red cat ."]})
+        assert first.status_code == 200 and first.json()["translations"] == ["rouge chat ."]
+        assert_error(live.post("/v1/translate", {"model": "tr", "texts": ["red cat ."]}), 503, "shutting_down")
+
+
 def heavy_translation() -> dict:
     """A request that keeps the tiny translator busy for a while (about 1 s on one core)."""
     rng = random.Random(0)

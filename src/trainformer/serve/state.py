@@ -78,8 +78,10 @@ def served_model(state: ServerState, name: str, engine_kind: str, endpoint: str)
 
 
 def submit(state: ServerState, m: Served, job: Job) -> None:
-    if state.draining:
-        raise APIError(503, "the server is shutting down", "shutting_down")
+    """Queue `job` on its model's batcher. Not refused while draining: the gate (`app.Gate`)
+    refuses POSTs that arrive after the signal, and a request it let in before the signal is
+    answered even if its handler reaches this point after it (the batcher refuses only once
+    it stops, after uvicorn has waited for the requests in flight)."""
     m.batcher.submit(job)
 
 
