@@ -33,7 +33,7 @@ from trainformer.serve.batching import Job, as_api_error
 from trainformer.serve.engines import GenJob
 from trainformer.serve.errors import APIError
 from trainformer.serve.schemas import ChatRequest, CompletionRequest, read_json
-from trainformer.serve.state import ServerState, answer, served_model, submit, within
+from trainformer.serve.state import ServerState, answer, served_model, within
 
 FINGERPRINT = f"trainformer-{__version__}"
 
@@ -118,7 +118,7 @@ async def _respond(state: ServerState, req: ChatRequest | CompletionRequest, cha
         return JSONResponse(reply.full(gen), headers=headers)
     events: asyncio.Queue = asyncio.Queue()
     job = make(req, loop, on_event=events.put_nowait)
-    submit(state, m, job)
+    m.batcher.submit(job)  # queued even while draining: see `answer`
     deadline = loop.time() + state.settings.timeout_s
     # Wait for the first event before answering, so a timeout or a failure before any
     # token is still a JSON error with its status, not a broken stream.

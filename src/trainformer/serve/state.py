@@ -77,14 +77,6 @@ def served_model(state: ServerState, name: str, engine_kind: str, endpoint: str)
     return m
 
 
-def submit(state: ServerState, m: Served, job: Job) -> None:
-    """Queue `job` on its model's batcher. Not refused while draining: the gate (`app.Gate`)
-    refuses POSTs that arrive after the signal, and a request it let in before the signal is
-    answered even if its handler reaches this point after it (the batcher refuses only once
-    it stops, after uvicorn has waited for the requests in flight)."""
-    m.batcher.submit(job)
-
-
 def timeout_error(state: ServerState) -> APIError:
     return APIError(504, f"no answer within {state.settings.timeout_s:g} s (--timeout)", "timeout")
 
@@ -103,6 +95,8 @@ async def within(state: ServerState, job: Job, awaitable, seconds: float) -> Any
 
 
 async def answer(state: ServerState, m: Served, job: Job) -> Any:
-    """Queue `job` and wait for its result, at most ``timeout_s``."""
-    submit(state, m, job)
+    """Queue `job` and wait for its result, at most ``timeout_s``. Not refused while draining: the
+    gate (`app.Gate`) refuses POSTs that arrive after the signal, and a request it let in before
+    is answered (the batcher refuses only once it stops, after uvicorn's wait for requests in flight)."""
+    m.batcher.submit(job)
     return await within(state, job, job.future, state.settings.timeout_s)
