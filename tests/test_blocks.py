@@ -383,19 +383,18 @@ def test_cpu_bf16_attention_modes_under_autocast():
 
 
 @pytest.mark.parametrize("grad", [True, False])
-def test_cpu_bf16_attention_above_the_key_limits_runs_in_fp32(grad, monkeypatch):
-    """Above MATMUL_MAX_KEYS keys (and, forward only with small heads, above
-    MATMUL_MAX_KEYS_FORWARD_SMALL_HEADS) bf16 attention is the fp32 kernel's."""
+def test_cpu_bf16_attention_above_the_key_limit_runs_in_fp32(grad, monkeypatch):
+    """Above MATMUL_MAX_KEYS keys bf16 attention is the fp32 kernel's, with or without gradients."""
     from trainformer.nn import attention
 
-    monkeypatch.setattr(attention, "MATMUL_MAX_KEYS", 8 if grad else 100)
-    monkeypatch.setattr(attention, "MATMUL_MAX_KEYS_FORWARD_SMALL_HEADS", 6)
     q, k, v = (torch.randn(2, 2, 7, 8).bfloat16().requires_grad_(grad) for _ in range(3))
     fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert attention.matmul_pays(q, k) == grad  # 7 keys: under 8 with a gradient, over 6 without
-        assert torch.equal(attention.sdpa(q, k, v, is_causal=True), fp32) != grad
+        monkeypatch.setattr(attention, "MATMUL_MAX_KEYS", 7)
+        assert attention.matmul_pays(q, k)
+        assert not torch.equal(attention.sdpa(q, k, v, is_causal=True), fp32)
         monkeypatch.setattr(attention, "MATMUL_MAX_KEYS", 6)
+        assert not attention.matmul_pays(q, k)
         assert torch.equal(attention.sdpa(q, k, v, is_causal=True), fp32)
 
 
@@ -425,6 +424,38 @@ def test_matmul_attention_with_causal_and_query_masks_equals_reference(n_kv, mas
     for got, want in zip(torch.autograd.grad((y * w).sum(), (q, k, v)),
                          torch.autograd.grad((ref * w).sum(), (q, k, v))):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("needs", ["q", "k", "v", "kv"])
+def test_matmul_attention_gradients_of_some_inputs(needs):
+    """The backward computes only the gradients asked for, each equal to plain attention's."""
+    from trainformer.nn.attention import matmul_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
+    mask = key_padding_mask(_padding([5, 3], 5))
+    wanted = [t.requires_grad_() for name, t in zip("qkv", (q, k, v)) if name in needs]
+    y, ref = matmul_attention(q, k, v, mask, is_causal=True), reference_attention(q, k, v, mask, causal=True)
+    w = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad((y * w).sum(), wanted), torch.autograd.grad((ref * w).sum(), wanted)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (1, 6, 6), (1, 1, 6, 6), (1, 1, 1, 6)])
+def test_matmul_attention_with_a_mask_shared_by_the_batch(shape):
+    """A mask without a batch dimension (or of batch 1) is one bias for every row, added by the
+    GEMM with the causal one."""
+    from trainformer.nn import attention
+    from trainformer.nn.attention import matmul_attention
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(3, 4, 6, 8, generator=g) for _ in range(3))
+    mask = torch.rand(shape, generator=g) > 0.3
+    mask[..., 0] = True  # every query sees at least key 0
+    assert attention._heads_shared(mask)
+    y = matmul_attention(q, k, v, mask, is_causal=True)
+    torch.testing.assert_close(y, reference_attention(q, k, v, mask, causal=True), atol=1e-6, rtol=1e-5)
+    assert not attention._heads_shared(torch.ones(4, 6, 6, dtype=torch.bool))  # (H, T, S): a mask per head
 
 
 @pytest.mark.parametrize("n_kv", [4, 2, 1])

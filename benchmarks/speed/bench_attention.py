@@ -38,7 +38,6 @@ from trainformer.bench.timing import interleaved, timed
 from trainformer.errors import run_script
 from trainformer.nn.attention import (
     MATMUL_MAX_KEYS,
-    MATMUL_MAX_KEYS_FORWARD_SMALL_HEADS,
     MultiHeadAttention,
     matmul_attention,
 )
@@ -117,8 +116,7 @@ def markdown(result: dict) -> str:
     lines = ["# bf16 attention on the CPU", "", f"Machine: {result['machine']}; torch {result['versions']['torch']}, "
              f"{result['threads']} threads; {result['date']}.", "",
              "## Kernels (ms per call, ~4k query tokens, 4 heads; median of "
-             f"{result['rounds']})", "", f"\"auto\" (`matmul_pays`) takes bf16 matmul up to {MATMUL_MAX_KEYS} keys (forward only with head dim "
-             f"below 64: up to {MATMUL_MAX_KEYS_FORWARD_SMALL_HEADS}), fp32 upcast above.",
+             f"{result['rounds']})", "", f"\"auto\" (`matmul_pays`) takes bf16 matmul up to {MATMUL_MAX_KEYS} keys, fp32 upcast above.",
              "", "| pass | mask | Dh | T | " + " | ".join(KERNELS) + " | best |",
              "|---|---|---|---|" + "---|" * (len(KERNELS) + 1)]
     for r in result["kernels"]:

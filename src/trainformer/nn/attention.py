@@ -38,19 +38,15 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 CPU_BF16 = ("auto", "fp32", "sdpa")  # how bf16 attention runs on the CPU; see `sdpa`
-# bf16 on the CPU: `matmul_attention` up to this many keys, fp32 SDPA above
-# (benchmarks/speed/bench_attention.py: forward+backward 1.1-1.9x the fp32 kernel at 8-512 keys;
-# forward only 1.2-2.0x with head dim 64, but 0.8-0.9x from 256 keys with head dim 32).
+# bf16 on the CPU: `matmul_attention` up to this many keys, fp32 SDPA above (the longest
+# measured: benchmarks/speed/bench_attention.py, faster than the fp32 kernel at 8-512 keys,
+# head dim 32 and 64, forward and forward+backward, padded and causal).
 MATMUL_MAX_KEYS = 512
-MATMUL_MAX_KEYS_FORWARD_SMALL_HEADS = 128  # forward only (no gradient), head dim below 64
 
 
 def matmul_pays(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether bf16 attention of q (B, H, T, Dh) over k (B, KV, S, Dh) takes `matmul_attention` on the CPU."""
-    keys = k.shape[2]
-    if q.shape[-1] < 64 and native.outside_autograd(q, k):
-        return keys <= MATMUL_MAX_KEYS_FORWARD_SMALL_HEADS
-    return keys <= MATMUL_MAX_KEYS
+    return k.shape[2] <= MATMUL_MAX_KEYS
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
@@ -123,8 +119,10 @@ def _native_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
 
 
 def _heads_shared(mask: torch.Tensor | None) -> bool:
-    """None, or a bool mask whose head dimension (if any) is 1 (what `matmul_attention` takes)."""
-    return mask is None or (mask.dtype == torch.bool and (mask.dim() < 4 or mask.shape[1] == 1))
+    """None, or a bool mask of at most 4 dimensions whose head dimension, the second of
+    (B, H, T, S) after broadcasting, is 1 (what `matmul_attention` takes)."""
+    return mask is None or (mask.dtype == torch.bool and mask.dim() <= 4
+                            and ((1,) * (4 - mask.dim()) + tuple(mask.shape))[1] == 1)
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -133,25 +131,85 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
 
     q (B, H, T, Dh), k, v (B, KV, S, Dh) with H a multiple of KV -> (B, H, T, Dh).
     attn_mask: bool, True = may attend, broadcastable to (B, 1, T, S) (no per-head
-    mask), or None; is_causal: query i sees keys j <= i (top-left, as SDPA's). The
-    query heads that share a key/value head (GQA) and their queries form one
-    (H / KV * T, Dh) block. The softmax runs in q's dtype (PyTorch's bf16 softmax
-    accumulates in fp32); a row with nothing to attend to is NaN. Differentiable.
+    mask, `_heads_shared`), or None; is_causal: query i sees keys j <= i (top-left, as
+    SDPA's). The query heads that share a key/value head (GQA) and their queries form
+    one (H / KV * T, Dh) block. Masks are additive biases: one shared by every row of
+    the batch (the causal mask) is added by the scores' GEMM itself, a per-row
+    one (key padding) in place after it. The softmax runs in q's dtype (PyTorch's
+    bf16 softmax accumulates in fp32); a row with nothing to attend to is NaN.
+    Differentiable, with its own backward (`_MatmulAttention`).
     """
     b, h, t, dh = q.shape
     kv, s = k.shape[1], k.shape[2]
     g = h // kv
-    mask = attn_mask
-    if is_causal:
-        causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()  # (T, S)
-        mask = causal if mask is None else mask & causal
-    q = (q * dh ** -0.5).reshape(b, kv, g * t, dh)  # (B, KV, g T, Dh)
-    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, KV, g T, S)
-    if mask is not None:
-        if g > 1 and mask.shape[-2] > 1:  # per-query rows: one copy per head of the group
-            mask = mask.repeat(*(1,) * (mask.dim() - 2), g, 1)  # (..., g T, S)
-        scores.masked_fill_(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), v).view(b, h, t, dh)
+    shared, per_row = _score_biases(attn_mask, is_causal, g, t, s, q.dtype, q.device)
+    q3, k3, v3 = q.reshape(b * kv, g * t, dh), k.reshape(b * kv, s, dh), v.reshape(b * kv, s, dh)
+    args = (q3, k3, v3, shared, per_row, dh ** -0.5)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        y = _MatmulAttention.apply(*args)
+    else:
+        y = torch.bmm(_probabilities(*args[:2], *args[3:]), v3)
+    return y.view(b, h, t, dh)  # (B KV, g T, Dh) is (B, H, T, Dh) in memory
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, shared: torch.Tensor | None, per_row: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
+    """softmax(scale q k^T + biases): q (N, M, Dh), k (N, S, Dh) -> (N, M, S); `shared` broadcasts
+    to (M, S), `per_row` to (B, 1, M, S) over the (B, N / B, M, S) view of the scores."""
+    if shared is None:  # beta=0: the scalar is not read, the GEMM writes alpha q k^T
+        scores = torch.baddbmm(q.new_zeros(()), q, k.transpose(1, 2), beta=0, alpha=scale)
+    else:
+        scores = torch.baddbmm(shared, q, k.transpose(1, 2), alpha=scale)  # (N, M, S)
+    if per_row is not None:
+        scores.view(per_row.shape[0], -1, *scores.shape[1:]).add_(per_row)
+    return torch.softmax(scores, dim=-1)
+
+
+class _MatmulAttention(torch.autograd.Function):
+    """`matmul_attention` on 3-D blocks with a backward that never touches the masks: where
+    a bias is -inf the probability is 0, and so is the softmax's gradient there."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, shared, per_row, scale):  # q (N, M, Dh), k, v (N, S, Dh)
+        p = _probabilities(q, k, shared, per_row, scale)  # (N, M, S)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale = scale
+        return torch.bmm(p, v)  # (N, M, Dh)
+
+    @staticmethod
+    def backward(ctx, dy):  # dy (N, M, Dh)
+        q, k, v, p = ctx.saved_tensors
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dv = torch.bmm(p.transpose(1, 2), dy) if need_v else None  # (N, S, Dh)
+        dq = dk = None
+        if need_q or need_k:
+            ds = torch._softmax_backward_data(torch.bmm(dy, v.transpose(1, 2)), p, -1, p.dtype)  # (N, M, S)
+            dq = torch.bmm(ds, k).mul_(ctx.scale) if need_q else None
+            dk = torch.bmm(ds.transpose(1, 2), q).mul_(ctx.scale) if need_k else None
+        return dq, dk, dv, None, None, None
+
+
+def _score_biases(mask: torch.Tensor | None, is_causal: bool, groups: int, t: int, s: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The masks of `matmul_attention` as additive 0 / -inf biases over its (B KV, g T, S) scores:
+    (shared (g T | 1, S) or None, per_row (B, 1, g T | 1, S) or None)."""
+    shared = _causal_bias(t, s, groups, dtype, device) if is_causal else None
+    if mask is None:
+        return shared, None
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (Bm, 1, Tm, S)
+    if groups > 1 and m.shape[-2] > 1:  # per-query rows: one copy per head of the group
+        m = m.repeat(1, 1, groups, 1)  # (Bm, 1, g T, S)
+    bias = torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, float("-inf"))
+    if m.shape[0] > 1:
+        return shared, bias
+    bias = bias[0, 0]  # (g T | 1, S), the same for every row
+    return (bias if shared is None else shared + bias), None
+
+
+def _causal_bias(t: int, s: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(groups T, S): 0 where query i (of each of `groups` heads) may see key j <= i, else -inf."""
+    allowed = torch.ones(t, s, dtype=torch.bool, device=device).tril()
+    return torch.zeros(t, s, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf")).repeat(groups, 1)
 
 
 class MultiHeadAttention(nn.Module):
