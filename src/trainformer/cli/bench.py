@@ -10,6 +10,8 @@ from trainformer.errors import UserError
 
 
 def add_parser(sub) -> None:
+    from trainformer.bench.models import PEER_ATTENTION
+
     p = sub.add_parser("bench", help="measure speed against Hugging Face peers; writes JSON, Markdown, plots")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in about a minute or two")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default bench_out/)")
@@ -27,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--allocator", choices=("default", "keep-freed"), default="default",
                    help="CPU memory allocator of the whole process, ours and the peers alike: glibc's "
                    "default, or freed memory kept for reuse as trainformer's CPU training runs set it")
-    p.add_argument("--peer-attention", choices=("sdpa", "eager"), default="sdpa",
+    p.add_argument("--peer-attention", choices=PEER_ATTENTION, default="sdpa",
                    help="the HF peers' attn_implementation in the training step: sdpa (HF's default) or "
                    "eager (its matmul-softmax-matmul, as ours runs bf16 attention on the CPU)")
     p.set_defaults(func=run)
