@@ -161,8 +161,7 @@ def softmax_xent(logits: torch.Tensor, labels: torch.Tensor, eps: float, ignore_
     """
     lib = _loaded()
     n, v = logits.shape
-    if (logits.dtype not in (torch.float32, torch.bfloat16) or logits.stride(1) != 1
-            or logits.device.type != "cpu"):
+    if not xent_takes(logits):
         raise ValueError("softmax_xent takes CPU float32 or bf16 (N, V) logits with unit stride over V")
     labels = labels.to(torch.int64).contiguous()
     grad, losses = torch.empty(n, v, dtype=logits.dtype), torch.empty(n)
@@ -177,6 +176,11 @@ def softmax_xent(logits: torch.Tensor, labels: torch.Tensor, eps: float, ignore_
         raise ValueError(f"label {labels[row].item()} of row {row} is not a class of the {v} logits "
                          f"(nor {ignore_index}, ignored)")
     return losses.sum(), grad
+
+
+def xent_takes(logits: torch.Tensor) -> bool:
+    """Whether `softmax_xent` takes these (N, V) logits: CPU float32 or bf16, unit stride over V."""
+    return logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.stride(1) == 1
 
 
 PARALLEL_MIN_WORK = 1 << 20  # elements: below this a kernel runs on the calling thread alone

@@ -63,7 +63,7 @@ class SoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
-        if logits.dtype in (torch.float32, torch.bfloat16) and logits.stride(1) == 1 and native.available():
+        if native.xent_takes(logits) and native.available():
             total, grad = native.softmax_xent(logits, labels, eps, IGNORE_INDEX)  # (), (N, V)
         else:
             total, grad = _blockwise(logits, labels, eps)
